@@ -1,0 +1,2 @@
+//! Placeholder; replaced by the kernels implementation.
+#![no_std]
