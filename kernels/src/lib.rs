@@ -1,2 +1,658 @@
-//! Placeholder; replaced by the kernels implementation.
+//! Explicitly vectorized, bit-exact Adam row-update primitives with runtime CPU dispatch.
+//!
+//! `lazyadam-kernels` is the numeric core of `lazyadam`: it updates one *row* at a time (a
+//! slice of parameters with its Adam moments and its gradient), with per-step coefficients
+//! precomputed by the caller. It knows nothing of optimizers, steps or tensors.
+//!
+//! * `#![no_std]`, no allocation. The default `std` feature only adds run-time CPU detection
+//!   through `std::is_x86_feature_detected!`; without it, x86-64 detection uses CPUID (via
+//!   `raw-cpuid`) and XGETBV, and other targets use the compile-time features of the portable
+//!   path.
+//! * Storage in `f32`, [`f16`](struct@f16) or [`bf16`], chosen independently for the parameters, the
+//!   gradients and the moments (`m`, `v` and `vhat` share one type). Compute is always `f32`.
+//! * Paths ([`Isa`]): the scalar reference, a portable path on `wide` (the vector path of
+//!   every non-x86 target; NEON on aarch64), AVX2+FMA+F16C (x86-64-v3) and AVX-512 F/BW/DQ/VL
+//!   (x86-64-v4). The best supported one is detected once and cached.
+//!
+//! # Numerics contract
+//!
+//! Every path performs, per element, exactly the IEEE `f32` operations below in this order,
+//! without fused multiply-adds, so every path is bit-identical to the scalar reference for
+//! every input (subnormals, infinities and NaN included; NaN payloads aside):
+//!
+//! ```text
+//! g  = G::to_f32(grad[i])
+//! if scale != 1.0 { g = g * scale }
+//! if let Some(c) = clip { g = if g > c { c } else if g < -c { -c } else { g } }
+//! if negate { g = -g }
+//! m0 = M::to_f32(m[i]);  v0 = M::to_f32(v[i])
+//! if m_pre_decay != 1.0 { m0 = m0 * m_pre_decay }
+//! if v_pre_decay != 1.0 { v0 = v0 * v_pre_decay }
+//! m1 = beta1*m0 + one_minus_beta1*g
+//! v1 = beta2*v0 + one_minus_beta2*(g*g)
+//! amsgrad: vh1 = if vh0 >= v1 { vh0 } else { v1 };  d = vh1   else d = v1
+//! p0 = P::to_f32(param[i]);  if weight_decay != 0.0 { p0 = p0 - weight_decay*p0 }
+//! p1 = p0 - (lr_t*m1) / (sqrt(d) + epsilon)
+//! m[i] = M::from_f32(m1); v[i] = M::from_f32(v1); vhat[i] = M::from_f32(vh1); param[i] = round(p1)
+//! ```
+//!
+//! Loads widen exactly; stores round to nearest, ties to even (as `half`'s `from_f32`), or,
+//! for `f16`/`bf16` parameters, stochastically ([`Rounding::Stochastic`]).
+//!
+//! f16 moments are fragile: `(1-beta2)*g*g` underflows f16 for small gradients and the update
+//! then explodes. Prefer `f32` or `bf16` moments.
+//!
+//! # Example
+//!
+//! ```
+//! use lazyadam_kernels::{AdamCoeffs, Kernels, f16};
+//!
+//! let k = Kernels::best();
+//! // Step 1 of Adam with lr = 0.001: lr_t = lr * sqrt(1 - beta2) / (1 - beta1).
+//! let (lr, b1, b2) = (0.001f32, 0.9f32, 0.999f32);
+//! let lr_t = lr * (1.0 - b2).sqrt() / (1.0 - b1);
+//! let c = AdamCoeffs::new(lr_t, b1, b2, 1e-7);
+//!
+//! let mut param = vec![f16::from_f32(1.0); 5];
+//! let mut m = vec![0.0f32; 5];
+//! let mut v = vec![0.0f32; 5];
+//! let grad = vec![f16::from_f32(0.5); 5];
+//! k.adam_row(&c, &mut param, &mut m, &mut v, &grad)?;
+//! assert!(param[0].to_f32() < 1.0);
+//!
+//! // Every supported path gives the same bits.
+//! for isa in lazyadam_kernels::Isa::supported() {
+//!     let mut p2 = vec![f16::from_f32(1.0); 5];
+//!     let (mut m2, mut v2) = (vec![0.0f32; 5], vec![0.0f32; 5]);
+//!     Kernels::new(isa)?.adam_row(&c, &mut p2, &mut m2, &mut v2, &grad)?;
+//!     assert_eq!(p2, param);
+//! }
+//!
+//! // Mismatched lengths are an error, and nothing is written.
+//! let mut short = vec![0.0f32; 4];
+//! assert!(k.adam_row(&c, &mut param, &mut short, &mut v, &grad).is_err());
+//! # Ok::<(), lazyadam_kernels::KernelError>(())
+//! ```
 #![no_std]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub use half::{bf16, f16};
+
+mod arch;
+mod detect;
+mod scalar;
+mod simd;
+
+use core::fmt;
+
+/// A storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16 ([`f16`](struct@f16)).
+    F16,
+    /// bfloat16 ([`bf16`]).
+    BF16,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    ///
+    /// ```
+    /// assert_eq!(lazyadam_kernels::DType::BF16.size_bytes(), 2);
+    /// ```
+    pub const fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The conventional name: `"float32"`, `"float16"` or `"bfloat16"`.
+    ///
+    /// ```
+    /// assert_eq!(lazyadam_kernels::DType::F16.name(), "float16");
+    /// ```
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+mod sealed {
+    /// Seals [`Element`](super::Element) and carries crate-internal helpers.
+    pub trait Sealed {
+        /// From the 16 raw bits of an f16/bf16 (not used for f32).
+        fn from_bits16(bits: u16) -> Self;
+        /// Finite (neither infinite nor NaN).
+        fn finite_elem(self) -> bool;
+    }
+}
+
+/// A storage element: `f32`, [`f16`](struct@f16) or [`bf16`] (sealed).
+///
+/// ```
+/// use lazyadam_kernels::{Element, bf16};
+/// assert_eq!(<bf16 as Element>::from_f32(1.0).to_f32(), 1.0);
+/// ```
+pub trait Element:
+    Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static + sealed::Sealed
+{
+    /// The storage type tag.
+    const DTYPE: DType;
+    /// Exact widening to f32.
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest, ties to even (same bits as `half`'s `from_f32`).
+    fn from_f32(x: f32) -> Self;
+}
+
+impl sealed::Sealed for f32 {
+    #[inline(always)]
+    fn from_bits16(bits: u16) -> Self {
+        f32::from_bits(u32::from(bits) << 16)
+    }
+    #[inline(always)]
+    fn finite_elem(self) -> bool {
+        self.to_bits() & 0x7F80_0000 != 0x7F80_0000
+    }
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl sealed::Sealed for f16 {
+    #[inline(always)]
+    fn from_bits16(bits: u16) -> Self {
+        f16::from_bits(bits)
+    }
+    #[inline(always)]
+    fn finite_elem(self) -> bool {
+        self.to_bits() & 0x7C00 != 0x7C00
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl sealed::Sealed for bf16 {
+    #[inline(always)]
+    fn from_bits16(bits: u16) -> Self {
+        bf16::from_bits(bits)
+    }
+    #[inline(always)]
+    fn finite_elem(self) -> bool {
+        self.to_bits() & 0x7F80 != 0x7F80
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // Exact widening; NaN keeps its payload bits (half would also set the quiet bit).
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// A kernel path (instruction set).
+///
+/// ```
+/// use lazyadam_kernels::Isa;
+/// assert!(Isa::Scalar.is_supported());
+/// assert!(Isa::best().is_supported());
+/// for isa in Isa::supported() {
+///     println!("{}", isa.name());
+/// }
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// The scalar reference: plain per-element code, the definition of the results.
+    Scalar,
+    /// Portable SIMD on `wide` with the compile-time target features (NEON on aarch64, SSE2
+    /// on baseline x86-64). Always supported.
+    Portable,
+    /// x86-64-v3: AVX2, FMA and F16C (FMA instructions are never used; see the contract).
+    Avx2,
+    /// x86-64-v4: AVX-512 F/BW/DQ/VL (plus the AVX2 set).
+    Avx512,
+}
+
+impl Isa {
+    /// Every path, from the reference to the widest.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    /// Whether this machine can run the path (`Scalar` and `Portable` always can).
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar | Isa::Portable => true,
+            Isa::Avx2 => detect::has_avx2(),
+            Isa::Avx512 => detect::has_avx512(),
+        }
+    }
+
+    /// The best supported path: detected on first use, then cached.
+    pub fn best() -> Isa {
+        detect::best()
+    }
+
+    /// The supported paths, in the order of [`Isa::ALL`].
+    pub fn supported() -> impl Iterator<Item = Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.is_supported())
+    }
+
+    /// Short name: `"scalar"`, `"portable"`, `"avx2"` or `"avx512"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The transform applied to every gradient element on load: scale, then clip, then negate.
+///
+/// ```
+/// use lazyadam_kernels::{GradTransform, Kernels};
+/// let t = GradTransform { scale: 2.0, clip: Some(3.0), negate: true };
+/// let mut dst = [0.0f32; 3];
+/// Kernels::best().load_row(&mut dst, &[1.0f32, 2.0, -5.0], &t)?;
+/// assert_eq!(dst, [-2.0, -3.0, 3.0]);
+/// # Ok::<(), lazyadam_kernels::KernelError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradTransform {
+    /// Multiplier (skipped when exactly 1.0): the clipnorm factor or a loss-scale unscale.
+    pub scale: f32,
+    /// Clamp to `[-c, c]` after the scale; NaN stays NaN.
+    pub clip: Option<f32>,
+    /// Maximize: `g = -g`, applied last.
+    pub negate: bool,
+}
+
+impl Default for GradTransform {
+    /// The identity: scale 1.0, no clip, no negation.
+    fn default() -> Self {
+        GradTransform {
+            scale: 1.0,
+            clip: None,
+            negate: false,
+        }
+    }
+}
+
+/// How f32 results are stored into parameters.
+///
+/// `Stochastic`: element `i` of the row uses the random bits `hash(seed, offset + i)`, so the
+/// result is reproducible and independent of the path, of chunking and of threads. A value is
+/// rounded to one of its two neighbours in the storage type, away from zero with probability
+/// proportional to its distance from the lower-magnitude neighbour (unbiased). It applies to
+/// parameter stores of `f16`/`bf16` only; `f32` stores are exact and moments always round to
+/// nearest-even. NaN rounds as with `NearestEven`; `f16` magnitudes of 65536 and above become
+/// infinity. The hash is splitmix64: `mix(mix(seed) + (offset + i) * 0x9E3779B97F4A7C15)`,
+/// whose top bits are compared with the bits that the rounding drops.
+///
+/// ```
+/// use lazyadam_kernels::{Kernels, Rounding, bf16};
+/// let k = Kernels::best();
+/// let src = [1.0f32 + 1.0 / 512.0; 64]; // a quarter of a bf16 step above 1.0
+/// let mut a = [bf16::ZERO; 64];
+/// let mut b = [bf16::ZERO; 64];
+/// let r = Rounding::Stochastic { seed: 7, offset: 0 };
+/// k.store_row(&mut a, &src, r)?;
+/// k.store_row(&mut b, &src, r)?;
+/// assert_eq!(a, b); // reproducible
+/// assert!(a.iter().all(|x| x.to_f32() == 1.0 || x.to_f32() == 1.0078125));
+/// # Ok::<(), lazyadam_kernels::KernelError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// Round to nearest, ties to even.
+    #[default]
+    NearestEven,
+    /// Seeded stochastic rounding; element `i` uses the random bits of index `offset + i`.
+    Stochastic {
+        /// The seed.
+        seed: u64,
+        /// The index of the row's first element in the caller's numbering (e.g. its flat
+        /// offset in the tensor), so that rows and chunks get distinct random bits.
+        offset: u64,
+    },
+}
+
+/// The per-step coefficients of one Adam row update.
+///
+/// ```
+/// use lazyadam_kernels::AdamCoeffs;
+/// let c = AdamCoeffs::new(0.001, 0.9, 0.999, 1e-7);
+/// assert_eq!(c.one_minus_beta1, 1.0 - 0.9f32);
+/// assert_eq!(c.weight_decay, 0.0);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamCoeffs {
+    /// The bias-corrected step size, `lr * sqrt(1 - beta2^t) / (1 - beta1^t)`.
+    pub lr_t: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// `1 - beta1` (as the caller wants it rounded).
+    pub one_minus_beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// `1 - beta2`.
+    pub one_minus_beta2: f32,
+    /// Added to `sqrt(v)` in the denominator.
+    pub epsilon: f32,
+    /// Decoupled weight decay (AdamW): `p = p - weight_decay*p` before the Adam step; 0.0
+    /// skips it.
+    pub weight_decay: f32,
+    /// Catch-up decay of `m` before the update (`m = m * m_pre_decay`); 1.0 skips it.
+    pub m_pre_decay: f32,
+    /// Catch-up decay of `v` before the update; 1.0 skips it. `vhat` is not decayed.
+    pub v_pre_decay: f32,
+    /// The gradient transform.
+    pub grad: GradTransform,
+    /// How parameters are stored.
+    pub rounding: Rounding,
+}
+
+impl AdamCoeffs {
+    /// Coefficients with the complements `1 - beta` and every optional part neutral (no
+    /// weight decay, no pre-decay, identity gradient transform, nearest-even rounding).
+    pub fn new(lr_t: f32, beta1: f32, beta2: f32, epsilon: f32) -> Self {
+        AdamCoeffs {
+            lr_t,
+            beta1,
+            one_minus_beta1: 1.0 - beta1,
+            beta2,
+            one_minus_beta2: 1.0 - beta2,
+            epsilon,
+            weight_decay: 0.0,
+            m_pre_decay: 1.0,
+            v_pre_decay: 1.0,
+            grad: GradTransform::default(),
+            rounding: Rounding::NearestEven,
+        }
+    }
+}
+
+/// Errors of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// A slice's length differs from the first slice's; nothing was written.
+    LengthMismatch {
+        /// Which slice (`"m"`, `"v"`, `"vhat"`, `"grad"`, `"src"`).
+        what: &'static str,
+        /// The length of the first slice (`param` or `dst`).
+        expected: usize,
+        /// The length of `what`.
+        got: usize,
+    },
+    /// The path is not supported by this machine.
+    UnsupportedIsa(Isa),
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelError::LengthMismatch {
+                what,
+                expected,
+                got,
+            } => write!(
+                f,
+                "length mismatch: `{what}` has {got} elements, expected {expected}"
+            ),
+            KernelError::UnsupportedIsa(isa) => {
+                write!(f, "kernel path `{isa}` is not supported by this CPU")
+            }
+        }
+    }
+}
+
+impl core::error::Error for KernelError {}
+
+/// A handle on one kernel path. `Copy` and cheap; obtain it once and keep it.
+///
+/// A `Kernels` value can only be made for a path the machine supports, so its methods are
+/// safe to call.
+///
+/// ```
+/// use lazyadam_kernels::{Isa, Kernels, KernelError};
+/// let k = Kernels::new(Isa::Scalar)?;
+/// assert_eq!(k.isa(), Isa::Scalar);
+/// assert_eq!(Kernels::best().isa(), Isa::best());
+/// # Ok::<(), KernelError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    isa: Isa,
+}
+
+#[inline]
+fn check(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+impl Kernels {
+    /// The best supported path ([`Isa::best`]).
+    pub fn best() -> Kernels {
+        Kernels { isa: Isa::best() }
+    }
+
+    /// The given path, or `Err(UnsupportedIsa)` if this machine cannot run it.
+    pub fn new(isa: Isa) -> Result<Kernels, KernelError> {
+        if isa.is_supported() {
+            Ok(Kernels { isa })
+        } else {
+            Err(KernelError::UnsupportedIsa(isa))
+        }
+    }
+
+    /// The path of this handle.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// One Adam row update (see the crate docs for the exact operations).
+    ///
+    /// All slices must have the same length, else `Err(LengthMismatch)` and nothing is
+    /// written.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{AdamCoeffs, Kernels, bf16};
+    /// let c = AdamCoeffs::new(0.01, 0.9, 0.999, 1e-7);
+    /// let mut p = [1.0f32; 3];
+    /// let (mut m, mut v) = ([bf16::ZERO; 3], [bf16::ZERO; 3]);
+    /// Kernels::best().adam_row(&c, &mut p, &mut m, &mut v, &[1.0f32, -1.0, 0.0])?;
+    /// assert!(p[0] < 1.0 && p[1] > 1.0 && p[2] == 1.0);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn adam_row<P: Element, G: Element, M: Element>(
+        &self,
+        c: &AdamCoeffs,
+        param: &mut [P],
+        m: &mut [M],
+        v: &mut [M],
+        grad: &[G],
+    ) -> Result<(), KernelError> {
+        let n = param.len();
+        check("m", n, m.len())?;
+        check("v", n, v.len())?;
+        check("grad", n, grad.len())?;
+        arch::adam_row::<P, G, M, false>(self.isa, c, param, m, v, &mut [], grad);
+        Ok(())
+    }
+
+    /// AMSGrad: `vhat = max(vhat, v_new)` (as `if vhat >= v { vhat } else { v }`), and the
+    /// denominator uses `vhat`.
+    ///
+    /// All slices must have the same length, else `Err(LengthMismatch)` and nothing is
+    /// written.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{AdamCoeffs, Kernels};
+    /// let c = AdamCoeffs::new(0.01, 0.9, 0.999, 1e-7);
+    /// let (mut p, mut m, mut v, mut vh) = ([1.0f32], [0.0f32], [0.0f32], [4.0f32]);
+    /// Kernels::best().adam_row_amsgrad(&c, &mut p, &mut m, &mut v, &mut vh, &[1.0f32])?;
+    /// assert_eq!(vh[0], 4.0);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn adam_row_amsgrad<P: Element, G: Element, M: Element>(
+        &self,
+        c: &AdamCoeffs,
+        param: &mut [P],
+        m: &mut [M],
+        v: &mut [M],
+        vhat: &mut [M],
+        grad: &[G],
+    ) -> Result<(), KernelError> {
+        let n = param.len();
+        check("m", n, m.len())?;
+        check("v", n, v.len())?;
+        check("vhat", n, vhat.len())?;
+        check("grad", n, grad.len())?;
+        arch::adam_row::<P, G, M, true>(self.isa, c, param, m, v, vhat, grad);
+        Ok(())
+    }
+
+    /// `dst[i] = transform(src[i])` into an f32 row. Lengths must match (else `Err`, nothing
+    /// written).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels, f16};
+    /// let mut dst = [0.0f32; 2];
+    /// Kernels::best().load_row(&mut dst, &[f16::ONE, f16::NEG_ONE], &GradTransform::default())?;
+    /// assert_eq!(dst, [1.0, -1.0]);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn load_row<G: Element>(
+        &self,
+        dst: &mut [f32],
+        src: &[G],
+        t: &GradTransform,
+    ) -> Result<(), KernelError> {
+        check("src", dst.len(), src.len())?;
+        arch::load_row::<G, false>(self.isa, dst, src, t);
+        Ok(())
+    }
+
+    /// `dst[i] = dst[i] + transform(src[i])` (duplicate-id summation). Lengths must match
+    /// (else `Err`, nothing written).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels};
+    /// let mut dst = [1.0f32; 2];
+    /// Kernels::best().accumulate_row(&mut dst, &[1.0f32, 2.0], &GradTransform::default())?;
+    /// assert_eq!(dst, [2.0, 3.0]);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn accumulate_row<G: Element>(
+        &self,
+        dst: &mut [f32],
+        src: &[G],
+        t: &GradTransform,
+    ) -> Result<(), KernelError> {
+        check("src", dst.len(), src.len())?;
+        arch::load_row::<G, true>(self.isa, dst, src, t);
+        Ok(())
+    }
+
+    /// Sum of `transform(src[i])^2` in f64, the same on every path: element `i` is added to
+    /// accumulator `i % 8` as `(x as f64) * (x as f64)`, and the result is
+    /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels};
+    /// let s = Kernels::best().sum_squares(&[3.0f32, 4.0], &GradTransform::default());
+    /// assert_eq!(s, 25.0);
+    /// ```
+    pub fn sum_squares<G: Element>(&self, src: &[G], t: &GradTransform) -> f64 {
+        arch::sum_squares(self.isa, src, t)
+    }
+
+    /// Whether every element is finite (no infinity, no NaN).
+    ///
+    /// ```
+    /// use lazyadam_kernels::Kernels;
+    /// let k = Kernels::best();
+    /// assert!(k.all_finite(&[1.0f32, -0.0]));
+    /// assert!(!k.all_finite(&[1.0f32, f32::NAN]));
+    /// ```
+    pub fn all_finite<G: Element>(&self, src: &[G]) -> bool {
+        arch::all_finite(self.isa, src)
+    }
+
+    /// `dst[i] = round(src[i])` with the given rounding. Lengths must match (else `Err`,
+    /// nothing written).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{Kernels, Rounding, f16};
+    /// let mut dst = [f16::ZERO; 2];
+    /// Kernels::best().store_row(&mut dst, &[1.0f32, 65504.0], Rounding::NearestEven)?;
+    /// assert_eq!(dst, [f16::ONE, f16::MAX]);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn store_row<P: Element>(
+        &self,
+        dst: &mut [P],
+        src: &[f32],
+        r: Rounding,
+    ) -> Result<(), KernelError> {
+        check("src", dst.len(), src.len())?;
+        arch::store_row(self.isa, dst, src, r);
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! The portable path: `wide` vectors with the compile-time target features.
+//!
+//! f16 conversions are branch-free integer/float bit manipulations (exact widening through a
+//! power-of-two multiply; narrowing with round-to-nearest-even through an integer carry, or a
+//! float add for the subnormal range), matching `half`'s results bit for bit.
+
+use wide::{f32x8, f64x4, u32x8};
+
+use crate::simd::Simd;
+
+/// The portable token (no run-time requirement).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Portable;
+
+#[inline(always)]
+fn u16x8_to_u32(p: [u16; 8]) -> u32x8 {
+    u32x8::new([
+        u32::from(p[0]),
+        u32::from(p[1]),
+        u32::from(p[2]),
+        u32::from(p[3]),
+        u32::from(p[4]),
+        u32::from(p[5]),
+        u32::from(p[6]),
+        u32::from(p[7]),
+    ])
+}
+
+#[inline(always)]
+fn u32x8_to_u16(x: u32x8) -> [u16; 8] {
+    let a = x.to_array();
+    [
+        a[0] as u16,
+        a[1] as u16,
+        a[2] as u16,
+        a[3] as u16,
+        a[4] as u16,
+        a[5] as u16,
+        a[6] as u16,
+        a[7] as u16,
+    ]
+}
+
+/// bf16 narrowing on f32 bits: round to nearest-even; NaN -> high half with the quiet bit.
+#[inline(always)]
+pub(crate) fn bf16_bits_from_f32_bits(b: u32x8) -> u32x8 {
+    let abs = b & u32x8::splat(0x7FFF_FFFF);
+    let nan = abs.simd_gt(u32x8::splat(0x7F80_0000));
+    let lsb = (b >> 16) & u32x8::splat(1);
+    let rounded = (b + u32x8::splat(0x7FFF) + lsb) >> 16;
+    let quiet = (b >> 16) | u32x8::splat(0x40);
+    nan.select(quiet, rounded)
+}
+
+/// f16 bits -> f32 bits (exact), NaN quieted as F16C and `half` do.
+#[inline(always)]
+fn f16_bits_to_f32(h: u32x8) -> f32x8 {
+    let sign = (h & u32x8::splat(0x8000)) << 16;
+    let em = (h & u32x8::splat(0x7FFF)) << 13;
+    // Finite values: reinterpret the exponent/mantissa and rescale by 2^112 (exact, also for
+    // f16 subnormals, which become f32 subnormals before the multiply).
+    let scaled = f32x8::from_bits(em) * f32x8::splat(f32::from_bits((127 + 112) << 23));
+    let exp_all = (h & u32x8::splat(0x7C00)).simd_eq(u32x8::splat(0x7C00));
+    let man = h & u32x8::splat(0x03FF);
+    let is_nan = exp_all & !man.simd_eq(u32x8::splat(0));
+    let special = u32x8::splat(0x7F80_0000) | (man << 13) | (is_nan & u32x8::splat(0x0040_0000));
+    let bits = exp_all.select(special, scaled.to_bits());
+    f32x8::from_bits(bits | sign)
+}
+
+/// f32 -> f16 bits, round to nearest-even (as F16C and `half`).
+#[inline(always)]
+fn f32_to_f16_bits(x: f32x8) -> u32x8 {
+    let b = x.to_bits();
+    let sign = (b >> 16) & u32x8::splat(0x8000);
+    let a = b & u32x8::splat(0x7FFF_FFFF);
+    // Inf / NaN / overflow (>= 65536).
+    let big = a.simd_gt(u32x8::splat(0x477F_FFFF));
+    let nan = a.simd_gt(u32x8::splat(0x7F80_0000));
+    let nan_bits = u32x8::splat(0x7E00) | ((a >> 13) & u32x8::splat(0x03FF));
+    let big_bits = nan.select(nan_bits, u32x8::splat(0x7C00));
+    // Subnormal / zero result (< 2^-14): align the 10 mantissa bits at the bottom with an
+    // RNE float add of 0.5 (whose ulp is 2^-24, the f16 subnormal quantum).
+    let small = u32x8::splat(0x3880_0000).simd_gt(a);
+    let magic = f32x8::splat(0.5);
+    let small_bits = (f32x8::from_bits(a) + magic).to_bits() - magic.to_bits();
+    // Normal: rebias and round to nearest-even with an integer carry.
+    let odd = (a >> 13) & u32x8::splat(1);
+    let normal_bits = (a + u32x8::splat(0xC800_0FFF) + odd) >> 13;
+    let r = big.select(big_bits, small.select(small_bits, normal_bits));
+    r | sign
+}
+
+#[inline(always)]
+fn f32x8_to_f64(x: f32x8) -> (f64x4, f64x4) {
+    let a = x.to_array();
+    (
+        f64x4::new([
+            f64::from(a[0]),
+            f64::from(a[1]),
+            f64::from(a[2]),
+            f64::from(a[3]),
+        ]),
+        f64x4::new([
+            f64::from(a[4]),
+            f64::from(a[5]),
+            f64::from(a[6]),
+            f64::from(a[7]),
+        ]),
+    )
+}
+
+// SAFETY: the portable token needs nothing from the CPU beyond the compile-time features.
+unsafe impl Simd for Portable {
+    type F = f32x8;
+    type Acc = (f64x4, f64x4);
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    fn splat(self, x: f32) -> f32x8 {
+        f32x8::splat(x)
+    }
+    #[inline(always)]
+    fn add(self, a: f32x8, b: f32x8) -> f32x8 {
+        a + b
+    }
+    #[inline(always)]
+    fn sub(self, a: f32x8, b: f32x8) -> f32x8 {
+        a - b
+    }
+    #[inline(always)]
+    fn mul(self, a: f32x8, b: f32x8) -> f32x8 {
+        a * b
+    }
+    #[inline(always)]
+    fn div(self, a: f32x8, b: f32x8) -> f32x8 {
+        a / b
+    }
+    #[inline(always)]
+    fn sqrt(self, a: f32x8) -> f32x8 {
+        #[cfg(any(
+            target_feature = "sse",
+            all(target_arch = "aarch64", target_feature = "neon"),
+            target_feature = "simd128"
+        ))]
+        {
+            // A hardware square root, correctly rounded.
+            a.sqrt()
+        }
+        #[cfg(not(any(
+            target_feature = "sse",
+            all(target_arch = "aarch64", target_feature = "neon"),
+            target_feature = "simd128"
+        )))]
+        {
+            // wide's fallback may not be correctly rounded without std: do it per lane.
+            f32x8::new(a.to_array().map(crate::scalar::sqrt_f32))
+        }
+    }
+    #[inline(always)]
+    fn neg(self, a: f32x8) -> f32x8 {
+        a ^ f32x8::splat(-0.0)
+    }
+    #[inline(always)]
+    fn clip(self, g: f32x8, c: f32x8, nc: f32x8) -> f32x8 {
+        let t = g.simd_lt(nc).select(nc, g);
+        g.simd_gt(c).select(c, t)
+    }
+    #[inline(always)]
+    fn ge_select(self, a: f32x8, b: f32x8) -> f32x8 {
+        a.simd_ge(b).select(a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn load_f32(self, p: *const f32) -> f32x8 {
+        // SAFETY: the caller guarantees 8 readable f32.
+        f32x8::new(unsafe { p.cast::<[f32; 8]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store_f32(self, p: *mut f32, x: f32x8) {
+        // SAFETY: the caller guarantees 8 writable f32.
+        unsafe { p.cast::<[f32; 8]>().write_unaligned(x.to_array()) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> f32x8 {
+        // SAFETY: the caller guarantees 8 readable u16.
+        let h = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        f16_bits_to_f32(u16x8_to_u32(h))
+    }
+    #[inline(always)]
+    unsafe fn store_f16(self, p: *mut u16, x: f32x8) {
+        let h = u32x8_to_u16(f32_to_f16_bits(x));
+        // SAFETY: the caller guarantees 8 writable u16.
+        unsafe { p.cast::<[u16; 8]>().write_unaligned(h) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> f32x8 {
+        // SAFETY: the caller guarantees 8 readable u16.
+        let h = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        f32x8::from_bits(u16x8_to_u32(h) << 16)
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, p: *mut u16, x: f32x8) {
+        let h = u32x8_to_u16(bf16_bits_from_f32_bits(x.to_bits()));
+        // SAFETY: the caller guarantees 8 writable u16.
+        unsafe { p.cast::<[u16; 8]>().write_unaligned(h) }
+    }
+
+    #[inline(always)]
+    fn acc_zero(self) -> (f64x4, f64x4) {
+        (f64x4::splat(0.0), f64x4::splat(0.0))
+    }
+    #[inline(always)]
+    fn acc_add_squares(self, acc: (f64x4, f64x4), x: f32x8) -> (f64x4, f64x4) {
+        let (lo, hi) = f32x8_to_f64(x);
+        (acc.0 + lo * lo, acc.1 + hi * hi)
+    }
+    #[inline(always)]
+    fn acc_to_array(self, acc: (f64x4, f64x4)) -> [f64; 8] {
+        let (a, b) = (acc.0.to_array(), acc.1.to_array());
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    }
+}

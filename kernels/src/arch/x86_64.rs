@@ -1,0 +1,323 @@
+//! x86-64 tokens: AVX2+FMA+F16C (x86-64-v3) and AVX-512 F/BW/DQ/VL (x86-64-v4).
+//!
+//! No FMA instruction is used (the numerics contract is plain multiply and add). f16 uses
+//! the F16C conversions (`vcvtph2ps` / `vcvtps2ph` with round-to-nearest-even), bf16 integer
+//! shifts and a round-to-nearest-even integer carry.
+
+use core::arch::x86_64::*;
+
+use crate::simd::Simd;
+
+/// Token proving AVX2 + FMA + F16C are available.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// # Safety
+    ///
+    /// The CPU must support AVX2, FMA and F16C (and the OS the YMM state).
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        Avx2(())
+    }
+}
+
+/// Token proving AVX-512 F/BW/DQ/VL (and the AVX2 set) are available.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512(());
+
+impl Avx512 {
+    /// # Safety
+    ///
+    /// The CPU must support AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C (and the OS the ZMM
+    /// state).
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        Avx512(())
+    }
+}
+
+/// Round to nearest-even for the F16C store (imm8 bits 1:0 = 00, bit 2 = 0: not MXCSR.RC).
+const RNE: i32 = _MM_FROUND_TO_NEAREST_INT;
+/// Round to nearest-even, exceptions suppressed, for the AVX-512 `vcvtps2ph`.
+const RNE_SAE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// SAFETY: an `Avx2` value only exists when the CPU supports AVX2+FMA+F16C (its constructor
+// is unsafe with that contract), which is all the methods below use.
+unsafe impl Simd for Avx2 {
+    type F = __m256;
+    type Acc = (__m256d, __m256d);
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sub(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sqrt(self, a: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_sqrt_ps(a) }
+    }
+    #[inline(always)]
+    fn neg(self, a: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_xor_ps(a, _mm256_set1_ps(-0.0)) }
+    }
+    #[inline(always)]
+    fn clip(self, g: __m256, c: __m256, nc: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe {
+            let t = _mm256_blendv_ps(g, nc, _mm256_cmp_ps::<_CMP_LT_OQ>(g, nc));
+            _mm256_blendv_ps(t, c, _mm256_cmp_ps::<_CMP_GT_OQ>(g, c))
+        }
+    }
+    #[inline(always)]
+    fn ge_select(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available (token).
+        unsafe { _mm256_blendv_ps(b, a, _mm256_cmp_ps::<_CMP_GE_OQ>(a, b)) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_f32(self, p: *const f32) -> __m256 {
+        // SAFETY: AVX is available (token); the caller guarantees 8 readable f32.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store_f32(self, p: *mut f32, x: __m256) {
+        // SAFETY: AVX is available (token); the caller guarantees 8 writable f32.
+        unsafe { _mm256_storeu_ps(p, x) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> __m256 {
+        // SAFETY: F16C is available (token); the caller guarantees 8 readable u16.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn store_f16(self, p: *mut u16, x: __m256) {
+        // SAFETY: F16C is available (token); the caller guarantees 8 writable u16.
+        unsafe { _mm_storeu_si128(p.cast(), _mm256_cvtps_ph::<RNE>(x)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> __m256 {
+        // SAFETY: AVX2 is available (token); the caller guarantees 8 readable u16.
+        unsafe {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, p: *mut u16, x: __m256) {
+        // SAFETY: AVX2 is available (token); the caller guarantees 8 writable u16.
+        unsafe {
+            let b = _mm256_castps_si256(x);
+            // NaN lanes (unordered with themselves): all ones.
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            let hi = _mm256_srli_epi32::<16>(b);
+            let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                _mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)),
+                lsb,
+            ));
+            let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+            let r = _mm256_blendv_epi8(rounded, quiet, nan);
+            // Every lane is in 0..=0xFFFF, so the unsigned-saturating pack is exact.
+            let packed =
+                _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+            _mm_storeu_si128(p.cast(), packed);
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch<T>(self, p: *const T) {
+        // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
+    #[inline(always)]
+    fn acc_zero(self) -> (__m256d, __m256d) {
+        // SAFETY: AVX is available (token).
+        unsafe { (_mm256_setzero_pd(), _mm256_setzero_pd()) }
+    }
+    #[inline(always)]
+    fn acc_add_squares(self, acc: (__m256d, __m256d), x: __m256) -> (__m256d, __m256d) {
+        // SAFETY: AVX is available (token).
+        unsafe {
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
+            (
+                _mm256_add_pd(acc.0, _mm256_mul_pd(lo, lo)),
+                _mm256_add_pd(acc.1, _mm256_mul_pd(hi, hi)),
+            )
+        }
+    }
+    #[inline(always)]
+    fn acc_to_array(self, acc: (__m256d, __m256d)) -> [f64; 8] {
+        let mut out = [0.0f64; 8];
+        // SAFETY: AVX is available (token); `out` holds 8 f64.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), acc.0);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), acc.1);
+        }
+        out
+    }
+}
+
+// SAFETY: an `Avx512` value only exists when the CPU supports AVX-512 F/BW/DQ/VL plus the AVX2
+// set (its constructor is unsafe with that contract), which is all the methods below use.
+unsafe impl Simd for Avx512 {
+    type F = __m512;
+    type Acc = __m512d;
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sub(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn sqrt(self, a: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_sqrt_ps(a) }
+    }
+    #[inline(always)]
+    fn neg(self, a: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe {
+            _mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(a),
+                _mm512_set1_epi32(i32::MIN),
+            ))
+        }
+    }
+    #[inline(always)]
+    fn clip(self, g: __m512, c: __m512, nc: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe {
+            let t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(g, nc), g, nc);
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(g, c), t, c)
+        }
+    }
+    #[inline(always)]
+    fn ge_select(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, b), b, a) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_f32(self, p: *const f32) -> __m512 {
+        // SAFETY: AVX-512F is available (token); the caller guarantees 16 readable f32.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store_f32(self, p: *mut f32, x: __m512) {
+        // SAFETY: AVX-512F is available (token); the caller guarantees 16 writable f32.
+        unsafe { _mm512_storeu_ps(p, x) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(self, p: *const u16) -> __m512 {
+        // SAFETY: AVX-512F is available (token); the caller guarantees 16 readable u16.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn store_f16(self, p: *mut u16, x: __m512) {
+        // SAFETY: AVX-512F is available (token); the caller guarantees 16 writable u16.
+        unsafe { _mm256_storeu_si256(p.cast(), _mm512_cvtps_ph::<RNE_SAE>(x)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(self, p: *const u16) -> __m512 {
+        // SAFETY: AVX-512F is available (token); the caller guarantees 16 readable u16.
+        unsafe {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, p: *mut u16, x: __m512) {
+        // SAFETY: AVX-512F is available (token); the caller guarantees 16 writable u16.
+        unsafe {
+            let b = _mm512_castps_si512(x);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            let hi = _mm512_srli_epi32::<16>(b);
+            let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                _mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                lsb,
+            ));
+            // NaN lanes: the high half with the quiet bit, in one masked OR.
+            let r = _mm512_mask_or_epi32(rounded, nan, hi, _mm512_set1_epi32(0x40));
+            // Every lane is in 0..=0xFFFF: the truncating narrow is exact.
+            _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(r));
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch<T>(self, p: *const T) {
+        // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
+    #[inline(always)]
+    fn acc_zero(self) -> __m512d {
+        // SAFETY: AVX-512F is available (token).
+        unsafe { _mm512_setzero_pd() }
+    }
+    #[inline(always)]
+    fn acc_add_squares(self, acc: __m512d, x: __m512) -> __m512d {
+        // SAFETY: AVX-512F/DQ are available (token).
+        unsafe {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+            let hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(x));
+            // Lanes 0..8 first, then 8..16: element j still goes to accumulator j % 8 in order.
+            let acc = _mm512_add_pd(acc, _mm512_mul_pd(lo, lo));
+            _mm512_add_pd(acc, _mm512_mul_pd(hi, hi))
+        }
+    }
+    #[inline(always)]
+    fn acc_to_array(self, acc: __m512d) -> [f64; 8] {
+        let mut out = [0.0f64; 8];
+        // SAFETY: AVX-512F is available (token); `out` holds 8 f64.
+        unsafe { _mm512_storeu_pd(out.as_mut_ptr(), acc) };
+        out
+    }
+}

@@ -1,0 +1,183 @@
+//! Run-time CPU feature detection, done once and cached.
+
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::Isa;
+
+/// 0: not yet detected; otherwise `1 + index in Isa::ALL` of the best path.
+static BEST: AtomicU8 = AtomicU8::new(0);
+
+/// The best supported path, detected on first use and cached.
+#[inline]
+pub(crate) fn best() -> Isa {
+    match BEST.load(Ordering::Relaxed) {
+        0 => {
+            let isa = detect_best();
+            BEST.store(encode(isa), Ordering::Relaxed);
+            isa
+        }
+        k => decode(k),
+    }
+}
+
+const fn encode(isa: Isa) -> u8 {
+    match isa {
+        Isa::Scalar => 1,
+        Isa::Portable => 2,
+        Isa::Avx2 => 3,
+        Isa::Avx512 => 4,
+    }
+}
+
+const fn decode(k: u8) -> Isa {
+    match k {
+        1 => Isa::Scalar,
+        3 => Isa::Avx2,
+        4 => Isa::Avx512,
+        _ => Isa::Portable,
+    }
+}
+
+fn detect_best() -> Isa {
+    if has_avx512() {
+        Isa::Avx512
+    } else if has_avx2() {
+        Isa::Avx2
+    } else {
+        Isa::Portable
+    }
+}
+
+/// 0: unknown, 1: no, 2: yes.
+static AVX2: AtomicU8 = AtomicU8::new(0);
+/// 0: unknown, 1: no, 2: yes.
+static AVX512: AtomicU8 = AtomicU8::new(0);
+
+fn cached(cell: &AtomicU8, f: fn() -> bool) -> bool {
+    match cell.load(Ordering::Relaxed) {
+        0 => {
+            let yes = f();
+            cell.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
+        }
+        k => k == 2,
+    }
+}
+
+/// AVX2 + FMA + F16C usable (CPU and OS).
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    cached(&AVX2, detect_avx2)
+}
+
+/// AVX-512 F/BW/DQ/VL (and AVX2 + FMA + F16C) usable (CPU and OS).
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    cached(&AVX512, detect_avx512)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512() -> bool {
+    false
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn detect_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn detect_avx512() -> bool {
+    detect_avx2()
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+fn detect_avx2() -> bool {
+    if cfg!(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        return true;
+    }
+    nostd::features().avx2
+}
+
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+fn detect_avx512() -> bool {
+    if cfg!(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512dq",
+        target_feature = "avx512vl"
+    )) {
+        return true;
+    }
+    nostd::features().avx512
+}
+
+/// Detection without std: CPUID through raw-cpuid, OS support through XGETBV.
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+mod nostd {
+    use raw_cpuid::CpuId;
+
+    pub(super) struct Features {
+        pub(super) avx2: bool,
+        pub(super) avx512: bool,
+    }
+
+    /// Reads XCR0.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support XSAVE and the OS must have enabled it (CPUID.1:ECX.OSXSAVE).
+    #[target_feature(enable = "xsave")]
+    unsafe fn xcr0() -> u64 {
+        // SAFETY: the caller guarantees OSXSAVE, which makes XGETBV(0) valid.
+        unsafe { core::arch::x86_64::_xgetbv(0) }
+    }
+
+    pub(super) fn features() -> Features {
+        let cpuid = CpuId::new();
+        let Some(fi) = cpuid.get_feature_info() else {
+            return Features {
+                avx2: false,
+                avx512: false,
+            };
+        };
+        if !(fi.has_oxsave() && fi.has_avx() && fi.has_fma() && fi.has_f16c()) {
+            return Features {
+                avx2: false,
+                avx512: false,
+            };
+        }
+        // SAFETY: OSXSAVE is set (checked just above), so XGETBV is available and enabled.
+        let xcr0 = unsafe { xcr0() };
+        // XMM (bit 1) and YMM (bit 2) state enabled by the OS.
+        let os_avx = xcr0 & 0b110 == 0b110;
+        // Opmask (5), ZMM_Hi256 (6), Hi16_ZMM (7).
+        let os_avx512 = os_avx && xcr0 & 0b1110_0000 == 0b1110_0000;
+        let ext = cpuid.get_extended_feature_info();
+        let avx2 = os_avx && ext.as_ref().is_some_and(|e| e.has_avx2());
+        let avx512 = avx2
+            && os_avx512
+            && ext.as_ref().is_some_and(|e| {
+                e.has_avx512f() && e.has_avx512bw() && e.has_avx512dq() && e.has_avx512vl()
+            });
+        Features { avx2, avx512 }
+    }
+}

@@ -1,0 +1,592 @@
+//! The generic vector implementation, instantiated once per ISA.
+//!
+//! Each ISA provides a zero-sized token implementing [`Simd`]; the functions here are written
+//! once against that trait and are `#[inline(always)]`, so that each ISA's
+//! `#[target_feature]` entry points (in `arch/`) get a fully inlined copy compiled for their
+//! instruction set. The operations are exactly those of the scalar reference, lane by lane.
+//!
+//! Tails (the last `len % LANES` elements) are copied into zero-padded stack buffers, run
+//! through the same vector step, and copied back: same operations, so the same bits, and
+//! nothing is ever read or written outside the given slices.
+
+use crate::{AdamCoeffs, DType, Element, GradTransform, Rounding, scalar};
+
+/// The widest vector, in f32 lanes (AVX-512).
+pub(crate) const MAX_LANES: usize = 16;
+
+/// Rows at least this long get software prefetching (they are unlikely to be in cache).
+const PREFETCH_MIN: usize = 1 << 16;
+
+/// The prefetch distance, in elements.
+const PREFETCH_ELEMS: usize = 2048;
+
+/// The vector operations a path provides. `LANES` is 8 or 16 (a multiple of 8, so that the
+/// sum-of-squares lanes line up).
+///
+/// # Safety
+///
+/// A value of an implementing type may only exist if the CPU supports the instructions its
+/// methods use; the methods rely on that.
+pub(crate) unsafe trait Simd: Copy {
+    /// A vector of `LANES` f32.
+    type F: Copy;
+    /// Eight f64 sum-of-squares accumulators.
+    type Acc: Copy;
+    /// f32 lanes per vector.
+    const LANES: usize;
+
+    /// Broadcast.
+    fn splat(self, x: f32) -> Self::F;
+    /// `a + b`.
+    fn add(self, a: Self::F, b: Self::F) -> Self::F;
+    /// `a - b`.
+    fn sub(self, a: Self::F, b: Self::F) -> Self::F;
+    /// `a * b`.
+    fn mul(self, a: Self::F, b: Self::F) -> Self::F;
+    /// `a / b`.
+    fn div(self, a: Self::F, b: Self::F) -> Self::F;
+    /// Correctly rounded square root.
+    fn sqrt(self, a: Self::F) -> Self::F;
+    /// Sign flip (also of zeros and NaN), as scalar `-x`.
+    fn neg(self, a: Self::F) -> Self::F;
+    /// `if g > c { c } else if g < nc { nc } else { g }` (NaN compares false).
+    fn clip(self, g: Self::F, c: Self::F, nc: Self::F) -> Self::F;
+    /// `if a >= b { a } else { b }` (NaN compares false).
+    fn ge_select(self, a: Self::F, b: Self::F) -> Self::F;
+
+    /// Loads `LANES` f32.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for reading `LANES` f32 (no alignment required).
+    unsafe fn load_f32(self, p: *const f32) -> Self::F;
+    /// Stores `LANES` f32.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for writing `LANES` f32 (no alignment required).
+    unsafe fn store_f32(self, p: *mut f32, x: Self::F);
+    /// Loads `LANES` f16 (raw bits), widening exactly.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for reading `LANES` u16 (no alignment required).
+    unsafe fn load_f16(self, p: *const u16) -> Self::F;
+    /// Stores `LANES` f16 rounded to nearest-even (NaN as `half`: quiet bit set, payload
+    /// truncated).
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for writing `LANES` u16 (no alignment required).
+    unsafe fn store_f16(self, p: *mut u16, x: Self::F);
+    /// Loads `LANES` bf16 (raw bits), widening exactly (a shift).
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for reading `LANES` u16 (no alignment required).
+    unsafe fn load_bf16(self, p: *const u16) -> Self::F;
+    /// Stores `LANES` bf16 rounded to nearest-even, with `half`'s NaN handling.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be valid for writing `LANES` u16 (no alignment required).
+    unsafe fn store_bf16(self, p: *mut u16, x: Self::F);
+
+    /// Hints that the cache line holding `p` will be read soon (no-op where unsupported).
+    /// Never faults, whatever the address.
+    #[inline(always)]
+    fn prefetch<T>(self, p: *const T) {
+        let _ = p;
+    }
+
+    /// Zeroed accumulators.
+    fn acc_zero(self) -> Self::Acc;
+    /// Adds the squares (in f64) of the `LANES` elements: lane `j` goes to accumulator
+    /// `j % 8`, in lane order.
+    fn acc_add_squares(self, acc: Self::Acc, x: Self::F) -> Self::Acc;
+    /// The eight accumulators.
+    fn acc_to_array(self, acc: Self::Acc) -> [f64; 8];
+}
+
+/// Loads `LANES` elements of type `E`.
+///
+/// # Safety
+///
+/// `p` must be valid for reading `S::LANES` elements.
+#[inline(always)]
+unsafe fn load<S: Simd, E: Element>(s: S, p: *const E) -> S::F {
+    // SAFETY: f16 and bf16 are `repr(transparent)` over u16; the caller guarantees the range.
+    unsafe {
+        match E::DTYPE {
+            DType::F32 => s.load_f32(p.cast()),
+            DType::F16 => s.load_f16(p.cast()),
+            DType::BF16 => s.load_bf16(p.cast()),
+        }
+    }
+}
+
+/// Stores `LANES` elements of type `E`, rounding to nearest-even.
+///
+/// # Safety
+///
+/// `p` must be valid for writing `S::LANES` elements.
+#[inline(always)]
+unsafe fn store<S: Simd, E: Element>(s: S, p: *mut E, x: S::F) {
+    // SAFETY: f16 and bf16 are `repr(transparent)` over u16; the caller guarantees the range.
+    unsafe {
+        match E::DTYPE {
+            DType::F32 => s.store_f32(p.cast(), x),
+            DType::F16 => s.store_f16(p.cast(), x),
+            DType::BF16 => s.store_bf16(p.cast(), x),
+        }
+    }
+}
+
+/// The gradient transform with its constants broadcast once.
+#[derive(Clone, Copy)]
+struct Transform<F> {
+    scale: Option<F>,
+    clip: Option<(F, F)>,
+    negate: bool,
+}
+
+impl<F: Copy> Transform<F> {
+    #[inline(always)]
+    fn new<S: Simd<F = F>>(s: S, t: &GradTransform) -> Self {
+        Transform {
+            scale: if t.scale != 1.0 {
+                Some(s.splat(t.scale))
+            } else {
+                None
+            },
+            clip: t.clip.map(|c| (s.splat(c), s.splat(-c))),
+            negate: t.negate,
+        }
+    }
+
+    #[inline(always)]
+    fn apply<S: Simd<F = F>>(&self, s: S, mut g: F) -> F {
+        if let Some(k) = self.scale {
+            g = s.mul(g, k);
+        }
+        if let Some((c, nc)) = self.clip {
+            g = s.clip(g, c, nc);
+        }
+        if self.negate {
+            g = s.neg(g);
+        }
+        g
+    }
+}
+
+/// Broadcast Adam coefficients.
+#[derive(Clone, Copy)]
+struct Coeffs<F> {
+    t: Transform<F>,
+    lr_t: F,
+    beta1: F,
+    omb1: F,
+    beta2: F,
+    omb2: F,
+    eps: F,
+    wd: Option<F>,
+    m_pre: Option<F>,
+    v_pre: Option<F>,
+    /// Stochastic rounding of the parameters: (key, offset).
+    sr: Option<(u64, u64)>,
+}
+
+impl<F: Copy> Coeffs<F> {
+    /// No optional part is active (the common case, compiled without them).
+    #[inline(always)]
+    fn is_plain(&self) -> bool {
+        self.t.scale.is_none()
+            && self.t.clip.is_none()
+            && !self.t.negate
+            && self.wd.is_none()
+            && self.m_pre.is_none()
+            && self.v_pre.is_none()
+            && self.sr.is_none()
+    }
+
+    #[inline(always)]
+    fn new<S: Simd<F = F>, P: Element>(s: S, c: &AdamCoeffs) -> Self {
+        let opt = |x: f32, neutral: f32| if x != neutral { Some(s.splat(x)) } else { None };
+        Coeffs {
+            t: Transform::new(s, &c.grad),
+            lr_t: s.splat(c.lr_t),
+            beta1: s.splat(c.beta1),
+            omb1: s.splat(c.one_minus_beta1),
+            beta2: s.splat(c.beta2),
+            omb2: s.splat(c.one_minus_beta2),
+            eps: s.splat(c.epsilon),
+            wd: opt(c.weight_decay, 0.0),
+            m_pre: opt(c.m_pre_decay, 1.0),
+            v_pre: opt(c.v_pre_decay, 1.0),
+            sr: match c.rounding {
+                Rounding::Stochastic { seed, offset } if P::DTYPE != DType::F32 => {
+                    Some((scalar::sr_key(seed), offset))
+                }
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Stores parameters, with stochastic rounding per lane when asked. `index` is the row index
+/// of lane 0.
+///
+/// # Safety
+///
+/// `p` must be valid for writing `S::LANES` elements.
+#[inline(always)]
+unsafe fn store_param<S: Simd, P: Element>(
+    s: S,
+    p: *mut P,
+    x: S::F,
+    sr: Option<(u64, u64)>,
+    index: usize,
+) {
+    match sr {
+        None => {
+            // SAFETY: forwarded from the caller.
+            unsafe { store::<S, P>(s, p, x) }
+        }
+        Some((key, offset)) => {
+            let mut buf = [0.0f32; MAX_LANES];
+            // SAFETY: `buf` holds MAX_LANES >= LANES f32; `p` is valid for LANES elements.
+            unsafe {
+                s.store_f32(buf.as_mut_ptr(), x);
+                for (j, &xj) in buf.iter().enumerate().take(S::LANES) {
+                    *p.add(j) = scalar::round_to::<P>(xj, key, offset, index + j, true);
+                }
+            }
+        }
+    }
+}
+
+/// One vector step of Adam on `LANES` elements at the given pointers; `index` is the row
+/// index of lane 0. With `PLAIN`, the optional parts (all neutral, checked by the caller)
+/// are compiled out.
+///
+/// # Safety
+///
+/// Every pointer must be valid for `S::LANES` elements (`vh` only if `AMS`), and the
+/// mutable ones must not alias each other or `g`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn adam_step<
+    S: Simd,
+    P: Element,
+    G: Element,
+    M: Element,
+    const AMS: bool,
+    const PLAIN: bool,
+>(
+    s: S,
+    k: &Coeffs<S::F>,
+    p: *mut P,
+    m: *mut M,
+    v: *mut M,
+    vh: *mut M,
+    g: *const G,
+    index: usize,
+) {
+    // SAFETY: the caller guarantees every pointer is valid for LANES elements.
+    unsafe {
+        let mut g = load::<S, G>(s, g);
+        let mut m0 = load::<S, M>(s, m);
+        let mut v0 = load::<S, M>(s, v);
+        if !PLAIN {
+            g = k.t.apply(s, g);
+            if let Some(d) = k.m_pre {
+                m0 = s.mul(m0, d);
+            }
+            if let Some(d) = k.v_pre {
+                v0 = s.mul(v0, d);
+            }
+        }
+        let m1 = s.add(s.mul(k.beta1, m0), s.mul(k.omb1, g));
+        let v1 = s.add(s.mul(k.beta2, v0), s.mul(k.omb2, s.mul(g, g)));
+        let d = if AMS {
+            let vh1 = s.ge_select(load::<S, M>(s, vh), v1);
+            store::<S, M>(s, vh, vh1);
+            vh1
+        } else {
+            v1
+        };
+        let mut p0 = load::<S, P>(s, p);
+        if !PLAIN && let Some(wd) = k.wd {
+            p0 = s.sub(p0, s.mul(wd, p0));
+        }
+        let p1 = s.sub(p0, s.div(s.mul(k.lr_t, m1), s.add(s.sqrt(d), k.eps)));
+        store::<S, M>(s, m, m1);
+        store::<S, M>(s, v, v1);
+        if PLAIN {
+            store::<S, P>(s, p, p1);
+        } else {
+            store_param::<S, P>(s, p, p1, k.sr, index);
+        }
+    }
+}
+
+/// Copies `src` into the start of `buf` (the rest keeps its default value).
+#[inline(always)]
+fn pad<E: Element>(src: &[E]) -> [E; MAX_LANES] {
+    let mut buf = [E::default(); MAX_LANES];
+    buf[..src.len()].copy_from_slice(src);
+    buf
+}
+
+/// Adam over a row. `vhat` is used iff `AMS`; every slice has `param.len()` elements (checked
+/// by the caller; `vhat` may be empty when `!AMS`).
+#[inline(always)]
+pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: bool>(
+    s: S,
+    c: &AdamCoeffs,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: &mut [M],
+    grad: &[G],
+) {
+    let k = Coeffs::new::<S, P>(s, c);
+    if k.is_plain() {
+        adam_body::<S, P, G, M, AMS, true>(s, &k, param, m, v, vhat, grad)
+    } else {
+        adam_body::<S, P, G, M, AMS, false>(s, &k, param, m, v, vhat, grad)
+    }
+}
+
+/// The row loop of [`adam_row`].
+#[inline(always)]
+fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
+    s: S,
+    k: &Coeffs<S::F>,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: &mut [M],
+    grad: &[G],
+) {
+    let n = param.len();
+    assert!(m.len() == n && v.len() == n && grad.len() == n && (!AMS || vhat.len() == n));
+    let w = S::LANES;
+    let body = n - n % w;
+    let prefetch = n >= PREFETCH_MIN && P::DTYPE != crate::DType::F32;
+    let mut i = 0;
+    // Two independent vectors per iteration (more work in flight for the long-latency
+    // square root and division).
+    while i + 2 * w <= body {
+        for j in [i, i + w] {
+            if prefetch {
+                // Long rows stream from memory: prefetch each stream a fixed distance ahead.
+                // The addresses are hints computed with wrapping arithmetic; they may lie
+                // past the end of the slices, which prefetching tolerates.
+                let ahead = j + PREFETCH_ELEMS;
+                s.prefetch(param.as_ptr().wrapping_add(ahead));
+                s.prefetch(m.as_ptr().wrapping_add(ahead));
+                s.prefetch(v.as_ptr().wrapping_add(ahead));
+                s.prefetch(grad.as_ptr().wrapping_add(ahead));
+                if AMS {
+                    s.prefetch(vhat.as_ptr().wrapping_add(ahead));
+                }
+            }
+            // SAFETY: j + LANES <= n, the length of every slice (asserted above); distinct
+            // `&mut` slices do not alias. When !AMS `vhat` is never dereferenced.
+            unsafe {
+                adam_step::<S, P, G, M, AMS, PLAIN>(
+                    s,
+                    k,
+                    param.as_mut_ptr().add(j),
+                    m.as_mut_ptr().add(j),
+                    v.as_mut_ptr().add(j),
+                    if AMS {
+                        vhat.as_mut_ptr().add(j)
+                    } else {
+                        vhat.as_mut_ptr()
+                    },
+                    grad.as_ptr().add(j),
+                    j,
+                );
+            }
+        }
+        i += 2 * w;
+    }
+    // At most one vector left before the tail (prefetching is pointless this close to the end).
+    while i < body {
+        // SAFETY: i + LANES <= n, the length of every slice (asserted above); distinct
+        // `&mut` slices do not alias. When !AMS `vhat` is never dereferenced.
+        unsafe {
+            adam_step::<S, P, G, M, AMS, PLAIN>(
+                s,
+                k,
+                param.as_mut_ptr().add(i),
+                m.as_mut_ptr().add(i),
+                v.as_mut_ptr().add(i),
+                if AMS {
+                    vhat.as_mut_ptr().add(i)
+                } else {
+                    vhat.as_mut_ptr()
+                },
+                grad.as_ptr().add(i),
+                i,
+            );
+        }
+        i += w;
+    }
+    if i < n {
+        let r = n - i;
+        let mut bp = pad(&param[i..]);
+        let mut bm = pad(&m[i..]);
+        let mut bv = pad(&v[i..]);
+        let mut bvh = if AMS {
+            pad(&vhat[i..])
+        } else {
+            [M::default(); MAX_LANES]
+        };
+        let bg = pad(&grad[i..]);
+        // SAFETY: the buffers hold MAX_LANES >= LANES elements each and are distinct locals.
+        unsafe {
+            adam_step::<S, P, G, M, AMS, PLAIN>(
+                s,
+                k,
+                bp.as_mut_ptr(),
+                bm.as_mut_ptr(),
+                bv.as_mut_ptr(),
+                bvh.as_mut_ptr(),
+                bg.as_ptr(),
+                i,
+            );
+        }
+        param[i..].copy_from_slice(&bp[..r]);
+        m[i..].copy_from_slice(&bm[..r]);
+        v[i..].copy_from_slice(&bv[..r]);
+        if AMS {
+            vhat[i..].copy_from_slice(&bvh[..r]);
+        }
+    }
+}
+
+/// `dst = transform(src)` (or `dst += ...` when `ACC`); equal lengths checked by the caller.
+#[inline(always)]
+pub(crate) fn load_row<S: Simd, G: Element, const ACC: bool>(
+    s: S,
+    dst: &mut [f32],
+    src: &[G],
+    t: &GradTransform,
+) {
+    let n = dst.len();
+    assert!(src.len() == n);
+    let w = S::LANES;
+    let t = Transform::new(s, t);
+    let body = n - n % w;
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + LANES <= n, the length of both slices.
+        unsafe { load_step::<S, G, ACC>(s, &t, dst.as_mut_ptr().add(i), src.as_ptr().add(i)) };
+        i += w;
+    }
+    if i < n {
+        let r = n - i;
+        let mut bd = pad(&dst[i..]);
+        let bs = pad(&src[i..]);
+        // SAFETY: both buffers hold MAX_LANES >= LANES elements.
+        unsafe { load_step::<S, G, ACC>(s, &t, bd.as_mut_ptr(), bs.as_ptr()) };
+        dst[i..].copy_from_slice(&bd[..r]);
+    }
+}
+
+/// One vector step of `load_row`.
+///
+/// # Safety
+///
+/// `d` and `x` must be valid for `S::LANES` elements.
+#[inline(always)]
+unsafe fn load_step<S: Simd, G: Element, const ACC: bool>(
+    s: S,
+    t: &Transform<S::F>,
+    d: *mut f32,
+    x: *const G,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let g = t.apply(s, load::<S, G>(s, x));
+        let r = if ACC { s.add(s.load_f32(d), g) } else { g };
+        s.store_f32(d, r);
+    }
+}
+
+/// Sum of squares with the contract's lane assignment.
+#[inline(always)]
+pub(crate) fn sum_squares<S: Simd, G: Element>(s: S, src: &[G], t: &GradTransform) -> f64 {
+    let n = src.len();
+    let w = S::LANES;
+    let tr = Transform::new(s, t);
+    let body = n - n % w;
+    let mut acc = s.acc_zero();
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + LANES <= n.
+        let x = unsafe { load::<S, G>(s, src.as_ptr().add(i)) };
+        acc = s.acc_add_squares(acc, tr.apply(s, x));
+        i += w;
+    }
+    let mut a = s.acc_to_array(acc);
+    // LANES is a multiple of 8, so lane (i % 8) continues correctly in the scalar tail.
+    scalar::sum_squares_into(&mut a, &src[i..], t, i);
+    scalar::reduce8(&a)
+}
+
+/// Every element finite: integer tests on the raw bits, in blocks so that the compiler
+/// vectorizes each block with the path's instruction set.
+#[inline(always)]
+pub(crate) fn all_finite<G: Element>(src: &[G]) -> bool {
+    const BLOCK: usize = 64;
+    let mut chunks = src.chunks_exact(BLOCK);
+    for chunk in &mut chunks {
+        let mut bad = false;
+        for &x in chunk {
+            bad |= !x.finite_elem();
+        }
+        if bad {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|x| x.finite_elem())
+}
+
+/// `dst = round(src)`; equal lengths checked by the caller.
+#[inline(always)]
+pub(crate) fn store_row<S: Simd, P: Element>(s: S, dst: &mut [P], src: &[f32], r: Rounding) {
+    let n = dst.len();
+    assert!(src.len() == n);
+    let w = S::LANES;
+    let sr = match r {
+        Rounding::Stochastic { seed, offset } if P::DTYPE != DType::F32 => {
+            Some((scalar::sr_key(seed), offset))
+        }
+        _ => None,
+    };
+    let body = n - n % w;
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + LANES <= n for both slices.
+        unsafe {
+            let x = s.load_f32(src.as_ptr().add(i));
+            store_param::<S, P>(s, dst.as_mut_ptr().add(i), x, sr, i);
+        }
+        i += w;
+    }
+    if i < n {
+        let rem = n - i;
+        let mut bd = [P::default(); MAX_LANES];
+        let bs = pad(&src[i..]);
+        // SAFETY: both buffers hold MAX_LANES >= LANES elements.
+        unsafe {
+            let x = s.load_f32(bs.as_ptr());
+            store_param::<S, P>(s, bd.as_mut_ptr(), x, sr, i);
+        }
+        dst[i..].copy_from_slice(&bd[..rem]);
+    }
+}
