@@ -1,0 +1,83 @@
+//! Rough timing of sparse steps on an embedding table (not a benchmark
+//! harness; see `benches/` for those).
+//!
+//! `cargo run --release -p lazyadam --example step_timing -- [rows] [dim] [ids] [threads]`
+
+use std::time::Instant;
+
+use lazyadam::{DType, Gradient, LazyAdam, LazyAdamConfig, Update};
+
+fn main() -> Result<(), lazyadam::Error> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numeric arguments"))
+        .collect();
+    let rows = args.first().copied().unwrap_or(1_000_000);
+    let dim = args.get(1).copied().unwrap_or(64);
+    let n_ids = args.get(2).copied().unwrap_or(16_384);
+    let threads = args.get(3).copied().unwrap_or(0);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+
+    // Zipf(1.1)-like ids via a fixed-seed LCG and inverse-power sampling.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 11) as f64) / ((1u64 << 53) as f64)
+    };
+    let batches: Vec<Vec<u32>> = (0..8)
+        .map(|_| {
+            (0..n_ids)
+                .map(|_| {
+                    let u: f64 = next();
+                    let r = (u.powf(-1.0 / 0.1) as usize).min(rows) - 1;
+                    (r.wrapping_mul(2_654_435_761) % rows) as u32
+                })
+                .collect()
+        })
+        .collect();
+    let mut distinct = batches[0].clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let grads: Vec<f32> = (0..n_ids * dim)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
+        .collect();
+
+    let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
+    let table = opt.add_variable("table", &[rows, dim], DType::F32, DType::F32)?;
+    let mut params = vec![0.01f32; rows * dim];
+    let iters: usize = std::env::var("ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    pool.install(|| -> Result<(), lazyadam::Error> {
+        for b in batches.iter().take(3) {
+            opt.apply_gradients(&mut [Update::new(
+                table,
+                &mut params,
+                Gradient::sparse(b, &grads),
+            )])?;
+        }
+        let start = Instant::now();
+        for i in 0..iters {
+            let b = &batches[i % batches.len()];
+            opt.apply_gradients(&mut [Update::new(
+                table,
+                &mut params,
+                Gradient::sparse(b, &grads),
+            )])?;
+        }
+        let per = start.elapsed().as_secs_f64() / iters as f64;
+        println!(
+            "{rows} x {dim}, {n_ids} ids ({} distinct), {} threads: {:.4} ms/step",
+            distinct.len(),
+            rayon::current_num_threads(),
+            per * 1e3
+        );
+        Ok(())
+    })
+}

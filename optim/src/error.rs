@@ -1,0 +1,156 @@
+//! Error types.
+
+use lazyadam_kernels::{DType, KernelError};
+
+/// A configuration problem: an unknown key or an invalid value.
+///
+/// Every variant names the offending key (for schedules, the path such as
+/// `learning_rate.config.decay_steps`).
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A key the reference's `get_config()` never writes.
+    #[error("unknown configuration key `{0}`")]
+    UnknownKey(String),
+    /// A key whose value is out of range or of the wrong type.
+    #[error("invalid value for `{key}`: {reason}")]
+    InvalidValue {
+        /// The offending key.
+        key: String,
+        /// Why the value was rejected.
+        reason: String,
+    },
+    /// A required key is absent.
+    #[error("missing configuration key `{0}`")]
+    MissingKey(String),
+    /// The text is not JSON (or not a JSON object).
+    #[error("malformed configuration JSON: {0}")]
+    Json(String),
+    /// A custom (user) schedule cannot be written as Keras JSON.
+    #[error("a custom learning-rate schedule cannot be serialized")]
+    CustomSchedule,
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::InvalidValue {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Everything that can go wrong in the optimizer.
+///
+/// A step that returns an error has written nothing: parameters, slots and the
+/// step counter are exactly as before the call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Invalid configuration or extension settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The [`VarId`](crate::VarId) does not belong to this optimizer.
+    #[error("unknown variable {variable}")]
+    UnknownVariable {
+        /// A description of the unknown variable (`VarId(n)` or a name).
+        variable: String,
+    },
+    /// A variable with this name is already registered.
+    #[error("variable `{name}` is already registered")]
+    DuplicateVariable {
+        /// The duplicated name.
+        name: String,
+    },
+    /// The shape cannot be used (element count overflows, too large).
+    #[error("invalid shape for variable `{variable}`: {reason}")]
+    InvalidShape {
+        /// The variable.
+        variable: String,
+        /// Why the shape was rejected.
+        reason: String,
+    },
+    /// A tensor has the wrong storage type.
+    #[error("variable `{variable}`: {what} has dtype {got:?}, expected {expected:?}")]
+    DtypeMismatch {
+        /// The variable.
+        variable: String,
+        /// Which tensor (`"param"`, `"m"`, ...).
+        what: &'static str,
+        /// The registered storage type.
+        expected: DType,
+        /// The storage type given.
+        got: DType,
+    },
+    /// A tensor has the wrong number of elements.
+    #[error("variable `{variable}`: {what} has {got} elements, expected {expected}")]
+    LengthMismatch {
+        /// The variable.
+        variable: String,
+        /// Which tensor (`"param"`, `"gradient values"`, ...).
+        what: &'static str,
+        /// Expected element count.
+        expected: usize,
+        /// Element count given.
+        got: usize,
+    },
+    /// A sparse row id is not below the number of rows.
+    #[error("variable `{variable}`: row id {id} out of range (rows: {rows})")]
+    RowIdOutOfRange {
+        /// The variable.
+        variable: String,
+        /// The offending id.
+        id: u64,
+        /// The number of rows of the variable.
+        rows: usize,
+    },
+    /// A sparse row id is negative.
+    #[error("variable `{variable}`: negative row id {id}")]
+    NegativeRowId {
+        /// The variable.
+        variable: String,
+        /// The offending id.
+        id: i64,
+    },
+    /// A gradient holds NaN or an infinity and the policy is
+    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error).
+    #[error("variable `{variable}`: non-finite gradient value {value} at element {element}{}", row.map(|r| format!(" (row id {r})")).unwrap_or_default())]
+    NonFinite {
+        /// The variable.
+        variable: String,
+        /// Index of the first offending element in the gradient values.
+        element: usize,
+        /// The row id of that element, for sparse gradients.
+        row: Option<u64>,
+        /// The offending value (widened to f32).
+        value: f32,
+    },
+    /// The same variable appears twice in one step.
+    #[error("variable `{variable}` appears more than once in one step")]
+    DuplicateUpdate {
+        /// The variable.
+        variable: String,
+    },
+    /// A checkpoint (bytes, file, or weight list) is corrupt or does not match.
+    #[error("checkpoint error: {0}")]
+    Checkpoint(String),
+    /// An I/O error while saving or loading.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A kernel refused its input (a forced ISA the CPU lacks, or an internal
+    /// length mismatch).
+    #[error("kernel error: {0}")]
+    Kernel(KernelError),
+    /// An allocation failed (the variable is too large for this machine).
+    #[error("out of memory allocating {what}")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+    },
+}
+
+impl From<KernelError> for Error {
+    fn from(e: KernelError) -> Self {
+        Error::Kernel(e)
+    }
+}

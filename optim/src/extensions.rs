@@ -1,0 +1,280 @@
+//! Options beyond the reference.
+
+use lazyadam_kernels::Isa;
+use serde_json::{Map, Value, json};
+
+use crate::error::ConfigError;
+
+/// Options beyond the reference. The default turns every one off, so the
+/// reference semantics hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Extensions {
+    /// AMSGrad also on sparse gradients (needs `amsgrad = true` in the
+    /// config; the reference silently ignores `vhat` for sparse gradients).
+    pub sparse_amsgrad: bool,
+    /// Decoupled weight decay (LazyAdamW): before the Adam update, each row in
+    /// the step (every element for a dense gradient) gets
+    /// `p -= weight_decay * lr * p`, with `lr` the step's (scheduled, decayed)
+    /// learning rate. 0 turns it off.
+    pub weight_decay: f32,
+    /// Maximize the objective (the gradient is negated after clipping).
+    pub maximize: bool,
+    /// Bias correction from each row's own update count instead of the global
+    /// step count (a per-row counter is kept and checkpointed).
+    pub per_row_bias_correction: bool,
+    /// Before updating a row skipped for `k` steps, decay its moments as dense
+    /// Adam would have: `m *= beta_1^k`, `v *= beta_2^k` (`vhat` is kept). A
+    /// per-row "last updated" step is kept and checkpointed.
+    pub catch_up_decay: bool,
+    /// What to do with NaN and infinities in gradients.
+    pub non_finite: NonFinitePolicy,
+    /// Round f16/bf16 parameter stores stochastically with this seed
+    /// (reproducible: the random bits depend on the seed, the step, the
+    /// variable and the element only). f32 parameters are unaffected.
+    pub stochastic_rounding: Option<u64>,
+    /// Force a kernel path (tests and benches). `None` picks the best one.
+    pub kernel: Option<Isa>,
+    /// Below this many updated elements in a step, the step stays on the
+    /// calling thread (default 32 768).
+    pub parallel_min_elements: usize,
+}
+
+/// Default of [`Extensions::parallel_min_elements`].
+pub const DEFAULT_PARALLEL_MIN_ELEMENTS: usize = 32_768;
+
+impl Default for Extensions {
+    fn default() -> Self {
+        Extensions {
+            sparse_amsgrad: false,
+            weight_decay: 0.0,
+            maximize: false,
+            per_row_bias_correction: false,
+            catch_up_decay: false,
+            non_finite: NonFinitePolicy::Propagate,
+            stochastic_rounding: None,
+            kernel: None,
+            parallel_min_elements: DEFAULT_PARALLEL_MIN_ELEMENTS,
+        }
+    }
+}
+
+/// What to do when a gradient holds NaN or an infinity.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum NonFinitePolicy {
+    /// Apply it anyway, as the reference does (NaN spreads into the rows).
+    #[default]
+    Propagate,
+    /// Reject the step with [`Error::NonFinite`](crate::Error::NonFinite);
+    /// nothing is written.
+    Error,
+    /// Skip the whole step ([`StepOutcome::Skipped`](crate::StepOutcome), the
+    /// step counter unchanged); with a loss scale, gradients are divided by
+    /// the current scale, which backs off on a skipped step and grows after
+    /// `growth_interval` good steps.
+    SkipStep {
+        /// Dynamic loss scaling, if the gradients are scaled.
+        loss_scale: Option<DynamicLossScale>,
+    },
+}
+
+/// Dynamic loss scaling (mixed-precision training): the gradients given to
+/// the optimizer are `scale` times the true gradients.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DynamicLossScale {
+    /// The initial scale (> 0, finite), e.g. 32768.
+    pub scale: f32,
+    /// Multiplier after `growth_interval` consecutive finite steps (>= 1), e.g. 2.
+    pub growth_factor: f32,
+    /// Multiplier after a non-finite step (in (0, 1]), e.g. 0.5.
+    pub backoff_factor: f32,
+    /// Finite steps before the scale grows (>= 1), e.g. 2000.
+    pub growth_interval: u64,
+}
+
+impl Default for DynamicLossScale {
+    fn default() -> Self {
+        DynamicLossScale {
+            scale: 32768.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl Extensions {
+    /// Checks the values (finite non-negative weight decay, sane loss scale).
+    /// `amsgrad` is the config's flag (needed by `sparse_amsgrad`).
+    pub fn validate(&self, amsgrad: bool) -> Result<(), ConfigError> {
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return Err(ConfigError::invalid(
+                "weight_decay",
+                format!("must be finite and not negative, got {}", self.weight_decay),
+            ));
+        }
+        if self.sparse_amsgrad && !amsgrad {
+            return Err(ConfigError::invalid(
+                "sparse_amsgrad",
+                "needs `amsgrad = true` in the configuration",
+            ));
+        }
+        if let NonFinitePolicy::SkipStep {
+            loss_scale: Some(ls),
+        } = &self.non_finite
+        {
+            ls.validate()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn to_value(&self) -> Value {
+        let non_finite = match &self.non_finite {
+            NonFinitePolicy::Propagate => json!("propagate"),
+            NonFinitePolicy::Error => json!("error"),
+            NonFinitePolicy::SkipStep { loss_scale } => json!({
+                "skip_step": loss_scale.map(|ls| json!({
+                    "scale": ls.scale,
+                    "growth_factor": ls.growth_factor,
+                    "backoff_factor": ls.backoff_factor,
+                    "growth_interval": ls.growth_interval,
+                }))
+            }),
+        };
+        json!({
+            "sparse_amsgrad": self.sparse_amsgrad,
+            "weight_decay": self.weight_decay,
+            "maximize": self.maximize,
+            "per_row_bias_correction": self.per_row_bias_correction,
+            "catch_up_decay": self.catch_up_decay,
+            "non_finite": non_finite,
+            "stochastic_rounding": self.stochastic_rounding,
+            "kernel": self.kernel.map(|k| k.name()),
+            "parallel_min_elements": self.parallel_min_elements,
+        })
+    }
+
+    pub(crate) fn from_value(v: &Value) -> Result<Self, ConfigError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ConfigError::Json("extensions: expected an object".into()))?;
+        let mut e = Extensions::default();
+        let bad = |k: &str, what: &str| ConfigError::invalid(k, format!("expected {what}"));
+        let get_bool = |k: &str, v: &Value| v.as_bool().ok_or_else(|| bad(k, "a boolean"));
+        let get_f32 = |k: &str, v: &Value| {
+            v.as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| bad(k, "a number"))
+        };
+        let get_u64 = |k: &str, v: &Value| v.as_u64().ok_or_else(|| bad(k, "an unsigned integer"));
+        for (k, val) in obj {
+            match k.as_str() {
+                "sparse_amsgrad" => e.sparse_amsgrad = get_bool(k, val)?,
+                "weight_decay" => e.weight_decay = get_f32(k, val)?,
+                "maximize" => e.maximize = get_bool(k, val)?,
+                "per_row_bias_correction" => e.per_row_bias_correction = get_bool(k, val)?,
+                "catch_up_decay" => e.catch_up_decay = get_bool(k, val)?,
+                "stochastic_rounding" => {
+                    e.stochastic_rounding = if val.is_null() {
+                        None
+                    } else {
+                        Some(get_u64(k, val)?)
+                    }
+                }
+                "kernel" => {
+                    e.kernel = match val {
+                        Value::Null => None,
+                        Value::String(s) => Some(
+                            Isa::ALL
+                                .into_iter()
+                                .find(|i| i.name() == s)
+                                .ok_or_else(|| bad(k, "a kernel name"))?,
+                        ),
+                        _ => return Err(bad(k, "a kernel name or null")),
+                    }
+                }
+                "parallel_min_elements" => {
+                    e.parallel_min_elements = usize::try_from(get_u64(k, val)?)
+                        .map_err(|_| bad(k, "a smaller integer"))?
+                }
+                "non_finite" => {
+                    e.non_finite = match val {
+                        Value::String(s) if s == "propagate" => NonFinitePolicy::Propagate,
+                        Value::String(s) if s == "error" => NonFinitePolicy::Error,
+                        Value::Object(o) if o.len() == 1 && o.contains_key("skip_step") => {
+                            let ls = &o["skip_step"];
+                            NonFinitePolicy::SkipStep {
+                                loss_scale: if ls.is_null() {
+                                    None
+                                } else {
+                                    Some(loss_scale_from_value(ls)?)
+                                },
+                            }
+                        }
+                        _ => {
+                            return Err(bad(k, "\"propagate\", \"error\" or {\"skip_step\": ...}"));
+                        }
+                    }
+                }
+                other => return Err(ConfigError::UnknownKey(other.to_string())),
+            }
+        }
+        Ok(e)
+    }
+}
+
+fn loss_scale_from_value(v: &Value) -> Result<DynamicLossScale, ConfigError> {
+    let o: &Map<String, Value> = v
+        .as_object()
+        .ok_or_else(|| ConfigError::invalid("loss_scale", "expected an object"))?;
+    let mut ls = DynamicLossScale::default();
+    for (k, val) in o {
+        let num = || {
+            val.as_f64()
+                .ok_or_else(|| ConfigError::invalid(k.as_str(), "expected a number"))
+        };
+        match k.as_str() {
+            "scale" => ls.scale = num()? as f32,
+            "growth_factor" => ls.growth_factor = num()? as f32,
+            "backoff_factor" => ls.backoff_factor = num()? as f32,
+            "growth_interval" => {
+                ls.growth_interval = val.as_u64().ok_or_else(|| {
+                    ConfigError::invalid("growth_interval", "expected an unsigned integer")
+                })?
+            }
+            other => return Err(ConfigError::UnknownKey(other.to_string())),
+        }
+    }
+    ls.validate()?;
+    Ok(ls)
+}
+
+impl DynamicLossScale {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(ConfigError::invalid(
+                "loss_scale.scale",
+                "must be finite and positive",
+            ));
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor >= 1.0) {
+            return Err(ConfigError::invalid(
+                "loss_scale.growth_factor",
+                "must be finite and >= 1",
+            ));
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor <= 1.0) {
+            return Err(ConfigError::invalid(
+                "loss_scale.backoff_factor",
+                "must be in (0, 1]",
+            ));
+        }
+        if self.growth_interval == 0 {
+            return Err(ConfigError::invalid(
+                "loss_scale.growth_interval",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,657 @@
+//! The stateful optimizer.
+
+use std::collections::HashMap;
+
+use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Kernels, bf16, f16};
+
+use crate::config::{LazyAdamConfig, LearningRate};
+use crate::dedup::Dedup;
+use crate::error::{ConfigError, Error};
+use crate::extensions::{Extensions, NonFinitePolicy};
+use crate::step::{self, StepCtx, Tables, bias_corrected_lr, mix64};
+use crate::store::{Store, StoreElem, try_zeros};
+use crate::tensor::{
+    Gradient, RawId, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,
+};
+
+/// The optimizer's state for one variable.
+#[derive(Debug, Clone)]
+pub(crate) struct VarState {
+    pub info: VariableInfo,
+    pub rows: usize,
+    pub row_len: usize,
+    pub numel: usize,
+    pub m: Store,
+    pub v: Store,
+    pub vhat: Option<Store>,
+    /// Per-row update counts (per-row bias correction).
+    pub row_steps: Option<Vec<u64>>,
+    /// Per-row step `t` of the last update, 0 = never (catch-up decay).
+    pub last_step: Option<Vec<u64>>,
+}
+
+/// The current state of dynamic loss scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LossScaleState {
+    pub scale: f32,
+    pub good_steps: u64,
+}
+
+/// Buffers reused across steps.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    pub dedup: Dedup,
+    /// Accumulator rows of duplicated ids.
+    pub acc: Vec<f32>,
+    pub transforms: Vec<GradTransform>,
+    pub seen: Vec<bool>,
+}
+
+/// LazyAdam: Adam that updates, for sparse gradients, only the rows present
+/// in the step (the semantics of `tfa.optimizers.LazyAdam`).
+///
+/// See the [crate documentation](crate) for an example.
+#[derive(Debug)]
+pub struct LazyAdam {
+    pub(crate) config: LazyAdamConfig,
+    pub(crate) ext: Extensions,
+    pub(crate) kernels: Kernels,
+    pub(crate) iterations: u64,
+    pub(crate) vars: Vec<VarState>,
+    pub(crate) names: HashMap<String, usize>,
+    pub(crate) loss_scale: Option<LossScaleState>,
+    pub(crate) scratch: Scratch,
+}
+
+fn shape_numel(name: &str, shape: &[usize]) -> Result<usize, Error> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::InvalidShape {
+            variable: name.to_string(),
+            reason: format!("the element count of {shape:?} overflows"),
+        })
+}
+
+impl VarState {
+    pub(crate) fn new(
+        info: VariableInfo,
+        amsgrad: bool,
+        ext: &Extensions,
+    ) -> Result<VarState, Error> {
+        let numel = shape_numel(&info.name, &info.shape)?;
+        let rows = info.rows();
+        let row_len = info.row_len();
+        let md = info.moment_dtype;
+        Ok(VarState {
+            m: Store::zeros(md, numel, "m")?,
+            v: Store::zeros(md, numel, "v")?,
+            vhat: if amsgrad {
+                Some(Store::zeros(md, numel, "vhat")?)
+            } else {
+                None
+            },
+            row_steps: if ext.per_row_bias_correction {
+                Some(try_zeros(rows, "row_steps")?)
+            } else {
+                None
+            },
+            last_step: if ext.catch_up_decay {
+                Some(try_zeros(rows, "last_step")?)
+            } else {
+                None
+            },
+            info,
+            rows,
+            row_len,
+            numel,
+        })
+    }
+}
+
+fn first_non_finite(values: &TensorRef<'_>) -> Option<(usize, f32)> {
+    (0..values.len()).find_map(|i| {
+        let x = values.get_f32(i)?;
+        (!x.is_finite()).then_some((i, x))
+    })
+}
+
+fn all_finite(k: &Kernels, values: &TensorRef<'_>) -> bool {
+    match values {
+        TensorRef::F32(s) => k.all_finite(s),
+        TensorRef::F16(s) => k.all_finite(s),
+        TensorRef::BF16(s) => k.all_finite(s),
+    }
+}
+
+fn sum_squares(k: &Kernels, values: &TensorRef<'_>, t: &GradTransform) -> f64 {
+    match values {
+        TensorRef::F32(s) => k.sum_squares(s, t),
+        TensorRef::F16(s) => k.sum_squares(s, t),
+        TensorRef::BF16(s) => k.sum_squares(s, t),
+    }
+}
+
+/// Scales a transform by a clipping factor `s` (0 <= s <= 1, or NaN):
+/// `clamp(g*a, c)*s` becomes `clamp(g*(a*s), c*s)` (the same values, since
+/// rounding is monotonic).
+fn scale_transform(t: &mut GradTransform, s: f32) {
+    if s != 1.0 {
+        t.scale *= s;
+        if let Some(c) = t.clip.as_mut() {
+            *c *= s;
+        }
+    }
+}
+
+fn build_dedup(d: &mut Dedup, ids: &RowIds<'_>, rows: usize) {
+    match ids {
+        RowIds::U32(s) => d.build(s.len(), rows, |i| s[i] as usize),
+        RowIds::U64(s) => d.build(s.len(), rows, |i| s[i] as usize),
+        RowIds::Usize(s) => d.build(s.len(), rows, |i| s[i]),
+        RowIds::I32(s) => d.build(s.len(), rows, |i| s[i] as usize),
+        RowIds::I64(s) => d.build(s.len(), rows, |i| s[i] as usize),
+    }
+}
+
+impl LazyAdam {
+    /// An optimizer with the reference semantics.
+    pub fn new(config: LazyAdamConfig) -> Result<Self, Error> {
+        Self::with_extensions(config, Extensions::default())
+    }
+
+    /// An optimizer with extensions beyond the reference.
+    pub fn with_extensions(config: LazyAdamConfig, ext: Extensions) -> Result<Self, Error> {
+        config.validate()?;
+        ext.validate(config.amsgrad)?;
+        let kernels = match ext.kernel {
+            Some(isa) => Kernels::new(isa)?,
+            None => Kernels::best(),
+        };
+        let loss_scale = match &ext.non_finite {
+            NonFinitePolicy::SkipStep {
+                loss_scale: Some(ls),
+            } => Some(LossScaleState {
+                scale: ls.scale,
+                good_steps: 0,
+            }),
+            _ => None,
+        };
+        Ok(LazyAdam {
+            config,
+            ext,
+            kernels,
+            iterations: 0,
+            vars: Vec::new(),
+            names: HashMap::new(),
+            loss_scale,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Registers a variable; its slots start at zero. Rows are `shape[0]` (1
+    /// for a scalar), a row holds the product of the other dimensions.
+    pub fn add_variable(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        param_dtype: DType,
+        moment_dtype: DType,
+    ) -> Result<VarId, Error> {
+        if self.names.contains_key(name) {
+            return Err(Error::DuplicateVariable {
+                name: name.to_string(),
+            });
+        }
+        let info = VariableInfo {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            param_dtype,
+            moment_dtype,
+        };
+        let state = VarState::new(info, self.config.amsgrad, &self.ext)?;
+        let id = self.vars.len();
+        self.vars.push(state);
+        self.names.insert(name.to_string(), id);
+        Ok(VarId(id))
+    }
+
+    /// The variable's registration.
+    pub fn variable(&self, id: VarId) -> Option<&VariableInfo> {
+        self.vars.get(id.0).map(|v| &v.info)
+    }
+
+    /// The variable registered under `name`.
+    pub fn variable_id(&self, name: &str) -> Option<VarId> {
+        self.names.get(name).copied().map(VarId)
+    }
+
+    /// Number of registered variables.
+    pub fn num_variables(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// All variable ids, in registration order.
+    pub fn variable_ids(&self) -> impl Iterator<Item = VarId> + '_ {
+        (0..self.vars.len()).map(VarId)
+    }
+
+    /// The step counter (number of applied steps).
+    pub fn iterations(&self) -> u64 {
+        self.iterations
+    }
+
+    /// Sets the step counter (e.g. to resume a schedule).
+    pub fn set_iterations(&mut self, iterations: u64) {
+        self.iterations = iterations;
+    }
+
+    /// The learning rate the next step will use (schedule and legacy decay
+    /// applied, before bias correction).
+    pub fn learning_rate(&self) -> f32 {
+        self.config.learning_rate_at(self.iterations)
+    }
+
+    /// Replaces the learning rate (or schedule) by the constant `lr`.
+    pub fn set_learning_rate(&mut self, lr: f32) -> Result<(), Error> {
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(ConfigError::invalid(
+                "learning_rate",
+                format!("must be finite and not negative, got {lr}"),
+            )
+            .into());
+        }
+        self.config.learning_rate = LearningRate::Constant(lr);
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LazyAdamConfig {
+        &self.config
+    }
+
+    /// The extensions.
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    /// The kernel path in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// The current dynamic loss scale (with
+    /// [`NonFinitePolicy::SkipStep`] and a loss scale).
+    pub fn loss_scale(&self) -> Option<f32> {
+        self.loss_scale.map(|l| l.scale)
+    }
+
+    /// The slots of a variable.
+    pub fn slots(&self, id: VarId) -> Option<Slots<'_>> {
+        let v = self.vars.get(id.0)?;
+        Some(Slots {
+            m: v.m.as_ref(),
+            v: v.v.as_ref(),
+            vhat: v.vhat.as_ref().map(|s| s.as_ref()),
+        })
+    }
+
+    /// Per-row update counts of a variable (with
+    /// [`Extensions::per_row_bias_correction`]).
+    pub fn row_steps(&self, id: VarId) -> Option<&[u64]> {
+        self.vars.get(id.0)?.row_steps.as_deref()
+    }
+
+    /// Per-row step of the last update (`iterations + 1` at that step, 0 =
+    /// never) of a variable (with [`Extensions::catch_up_decay`]).
+    pub fn last_update_steps(&self, id: VarId) -> Option<&[u64]> {
+        self.vars.get(id.0)?.last_step.as_deref()
+    }
+
+    /// Checks every update; writes nothing.
+    fn validate(&mut self, updates: &[Update<'_>]) -> Result<(), Error> {
+        let seen = &mut self.scratch.seen;
+        seen.clear();
+        seen.resize(self.vars.len(), false);
+        for u in updates {
+            let i = u.var.0;
+            let Some(var) = self.vars.get(i) else {
+                return Err(Error::UnknownVariable {
+                    variable: format!("VarId({i})"),
+                });
+            };
+            let name = || var.info.name.clone();
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(Error::DuplicateUpdate { variable: name() });
+            }
+            if u.param.dtype() != var.info.param_dtype {
+                return Err(Error::DtypeMismatch {
+                    variable: name(),
+                    what: "param",
+                    expected: var.info.param_dtype,
+                    got: u.param.dtype(),
+                });
+            }
+            if u.param.len() != var.numel {
+                return Err(Error::LengthMismatch {
+                    variable: name(),
+                    what: "param",
+                    expected: var.numel,
+                    got: u.param.len(),
+                });
+            }
+            match &u.grad {
+                Gradient::Dense(values) => {
+                    if values.len() != var.numel {
+                        return Err(Error::LengthMismatch {
+                            variable: name(),
+                            what: "gradient values",
+                            expected: var.numel,
+                            got: values.len(),
+                        });
+                    }
+                }
+                Gradient::Sparse { ids, values } => {
+                    let expected = ids.len().checked_mul(var.row_len);
+                    if expected != Some(values.len()) {
+                        return Err(Error::LengthMismatch {
+                            variable: name(),
+                            what: "gradient values",
+                            expected: expected.unwrap_or(usize::MAX),
+                            got: values.len(),
+                        });
+                    }
+                    match ids.first_invalid(var.rows) {
+                        None => {}
+                        Some((_, RawId::Negative(id))) => {
+                            return Err(Error::NegativeRowId {
+                                variable: name(),
+                                id,
+                            });
+                        }
+                        Some((_, RawId::Ok(id))) => {
+                            return Err(Error::RowIdOutOfRange {
+                                variable: name(),
+                                id,
+                                rows: var.rows,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if self.ext.non_finite == NonFinitePolicy::Error {
+            for u in updates {
+                let values = u.grad.values();
+                if all_finite(&self.kernels, &values) {
+                    continue;
+                }
+                if let Some((element, value)) = first_non_finite(&values) {
+                    let var = &self.vars[u.var.0];
+                    let row = match &u.grad {
+                        Gradient::Sparse { ids, .. } => {
+                            ids.get(element / var.row_len.max(1)).and_then(|r| r.ok())
+                        }
+                        Gradient::Dense(_) => None,
+                    };
+                    return Err(Error::NonFinite {
+                        variable: var.info.name.clone(),
+                        element,
+                        row,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one step: the gradients of every update, one increment of the
+    /// step counter. All or nothing: every update is validated (variable
+    /// known and not repeated, parameter dtype and length, gradient length,
+    /// row ids, non-finite policy) before anything is written; on error,
+    /// parameters, slots and the step counter are unchanged.
+    ///
+    /// Variables without an update in the step are untouched.
+    pub fn apply_gradients(&mut self, updates: &mut [Update<'_>]) -> Result<StepOutcome, Error> {
+        self.validate(updates)?;
+        let k = self.kernels;
+
+        // Non-finite gradients under SkipStep: skip, back off the loss scale.
+        if let NonFinitePolicy::SkipStep { loss_scale } = &self.ext.non_finite {
+            let finite = updates.iter().all(|u| all_finite(&k, &u.grad.values()));
+            if !finite {
+                if let (Some(ls), Some(cfg)) = (self.loss_scale.as_mut(), loss_scale) {
+                    ls.scale = (ls.scale * cfg.backoff_factor).max(f32::MIN_POSITIVE);
+                    ls.good_steps = 0;
+                }
+                return Ok(StepOutcome::Skipped);
+            }
+        }
+
+        // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm, maximize.
+        let inv_scale = self.loss_scale.map(|l| 1.0 / l.scale).unwrap_or(1.0);
+        let transforms = &mut self.scratch.transforms;
+        transforms.clear();
+        for u in updates.iter() {
+            let mut t = GradTransform {
+                scale: inv_scale,
+                clip: self.config.clipvalue,
+                negate: false,
+            };
+            if let Some(c) = self.config.clipnorm {
+                let norm = sum_squares(&k, &u.grad.values(), &t).sqrt();
+                if norm.is_nan() {
+                    // As tf.clip_by_norm: a NaN norm makes every value NaN.
+                    scale_transform(&mut t, f32::NAN);
+                } else if norm > c as f64 {
+                    scale_transform(&mut t, (c as f64 / norm) as f32);
+                }
+            }
+            transforms.push(t);
+        }
+        if let Some(c) = self.config.global_clipnorm {
+            let total: f64 = updates
+                .iter()
+                .zip(transforms.iter())
+                .map(|(u, t)| sum_squares(&k, &u.grad.values(), t))
+                .sum();
+            let norm = total.sqrt();
+            if !norm.is_finite() {
+                // As tf.clip_by_global_norm: a non-finite global norm makes
+                // every value NaN.
+                transforms
+                    .iter_mut()
+                    .for_each(|t| scale_transform(t, f32::NAN));
+            } else if norm > c as f64 {
+                let s = (c as f64 / norm) as f32;
+                transforms.iter_mut().for_each(|t| scale_transform(t, s));
+            }
+        }
+        if self.ext.maximize {
+            transforms.iter_mut().for_each(|t| t.negate = true);
+        }
+
+        // Coefficients.
+        let lr = self.config.learning_rate_at(self.iterations);
+        let t = self.iterations + 1;
+        let (b1, b2) = (self.config.beta_1, self.config.beta_2);
+        let mut base = AdamCoeffs::new(
+            bias_corrected_lr(lr, b1, b2, t),
+            b1,
+            b2,
+            self.config.epsilon,
+        );
+        base.weight_decay = self.ext.weight_decay * lr;
+
+        #[cfg(feature = "rayon")]
+        let threads = rayon::current_num_threads();
+        #[cfg(not(feature = "rayon"))]
+        let threads = 1usize;
+
+        for (u, &tf) in updates.iter_mut().zip(self.scratch.transforms.iter()) {
+            let vi = u.var.0;
+            let var = &mut self.vars[vi];
+            let sparse = matches!(u.grad, Gradient::Sparse { .. });
+            let row_path = sparse || self.ext.per_row_bias_correction || self.ext.catch_up_decay;
+            let dedup = &mut self.scratch.dedup;
+            let updated = if let Gradient::Sparse { ids, .. } = &u.grad {
+                build_dedup(dedup, ids, var.rows);
+                dedup.distinct.len() * var.row_len
+            } else {
+                if row_path {
+                    dedup.build_identity(var.rows);
+                }
+                var.numel
+            };
+            let parallel = threads > 1 && updated >= self.ext.parallel_min_elements.max(1);
+            let group_shift = if row_path && parallel && sparse {
+                dedup.group_by_row_range(var.rows)
+            } else {
+                // The identity list is sorted: any shift keeps it grouped.
+                0
+            };
+            let n_acc = if row_path {
+                dedup.n_acc * var.row_len
+            } else {
+                0
+            };
+            let acc = &mut self.scratch.acc;
+            if acc.len() < n_acc {
+                acc.resize(n_acc, 0.0);
+            }
+            let ctx = StepCtx {
+                k,
+                base,
+                lr,
+                t,
+                per_row_bias: self.ext.per_row_bias_correction,
+                catch_up: self.ext.catch_up_decay,
+                sr_seed: self
+                    .ext
+                    .stochastic_rounding
+                    .map(|s| mix64(mix64(s ^ mix64(t)).wrapping_add(vi as u64))),
+                row_len: var.row_len,
+                amsgrad: var.vhat.is_some() && (!sparse || self.ext.sparse_amsgrad),
+                parallel,
+                transform: tf,
+                group_shift,
+            };
+            let job = Job {
+                ctx: &ctx,
+                dedup: if row_path { Some(&*dedup) } else { None },
+                threads,
+            };
+            job.dispatch(var, &mut u.param, &u.grad.values(), &mut acc[..n_acc])?;
+        }
+
+        self.iterations += 1;
+        if let (
+            Some(ls),
+            NonFinitePolicy::SkipStep {
+                loss_scale: Some(cfg),
+            },
+        ) = (self.loss_scale.as_mut(), &self.ext.non_finite)
+        {
+            ls.good_steps += 1;
+            if ls.good_steps >= cfg.growth_interval {
+                let grown = ls.scale * cfg.growth_factor;
+                if grown.is_finite() {
+                    ls.scale = grown;
+                }
+                ls.good_steps = 0;
+            }
+        }
+        Ok(StepOutcome::Applied)
+    }
+}
+
+/// One variable's work in a step, dispatched on the storage types.
+struct Job<'a> {
+    ctx: &'a StepCtx,
+    /// Distinct rows (row path), or `None` for the plain dense path.
+    dedup: Option<&'a Dedup>,
+    threads: usize,
+}
+
+impl Job<'_> {
+    fn dispatch(
+        &self,
+        var: &mut VarState,
+        param: &mut TensorMut<'_>,
+        values: &TensorRef<'_>,
+        acc: &mut [f32],
+    ) -> Result<(), Error> {
+        match param {
+            TensorMut::F32(p) => self.with_param::<f32>(var, p, values, acc),
+            TensorMut::F16(p) => self.with_param::<f16>(var, p, values, acc),
+            TensorMut::BF16(p) => self.with_param::<bf16>(var, p, values, acc),
+        }
+    }
+
+    fn with_param<P: Element>(
+        &self,
+        var: &mut VarState,
+        p: &mut [P],
+        values: &TensorRef<'_>,
+        acc: &mut [f32],
+    ) -> Result<(), Error> {
+        match values {
+            TensorRef::F32(g) => self.with_grad::<P, f32>(var, p, g, acc),
+            TensorRef::F16(g) => self.with_grad::<P, f16>(var, p, g, acc),
+            TensorRef::BF16(g) => self.with_grad::<P, bf16>(var, p, g, acc),
+        }
+    }
+
+    fn with_grad<P: Element, G: Element>(
+        &self,
+        var: &mut VarState,
+        p: &mut [P],
+        g: &[G],
+        acc: &mut [f32],
+    ) -> Result<(), Error> {
+        match var.info.moment_dtype {
+            DType::F32 => self.run::<P, G, f32>(var, p, g, acc),
+            DType::F16 => self.run::<P, G, f16>(var, p, g, acc),
+            DType::BF16 => self.run::<P, G, bf16>(var, p, g, acc),
+        }
+    }
+
+    fn run<P: Element, G: Element, M: StoreElem>(
+        &self,
+        var: &mut VarState,
+        p: &mut [P],
+        g: &[G],
+        acc: &mut [f32],
+    ) -> Result<(), Error> {
+        let internal = || Error::Checkpoint("internal: slot storage type mismatch".into());
+        let m = M::slice_mut(&mut var.m).ok_or_else(internal)?;
+        let v = M::slice_mut(&mut var.v).ok_or_else(internal)?;
+        let vhat = match var.vhat.as_mut() {
+            Some(s) => Some(M::slice_mut(s).ok_or_else(internal)?),
+            None => None,
+        };
+        match self.dedup {
+            None => step::dense(self.ctx, p, m, v, vhat, g, 0)?,
+            Some(d) => {
+                if !acc.is_empty() {
+                    // Leaves of about two per thread: each scans all occurrences.
+                    let slots = acc.len() / self.ctx.row_len.max(1);
+                    let leaf = slots.div_ceil(2 * self.threads.max(1));
+                    step::accumulate(self.ctx, &d.occ, g, acc, 0, leaf)?;
+                }
+                let tb = Tables {
+                    param: p,
+                    m,
+                    v,
+                    vhat,
+                    steps: var.row_steps.as_deref_mut(),
+                    last: var.last_step.as_deref_mut(),
+                    base_row: 0,
+                };
+                step::rows(self.ctx, tb, &d.distinct, g, acc)?
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,383 @@
+//! The step engine: row and dense updates on typed slices, sequential or in
+//! parallel (rayon), with per-row extensions.
+
+use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, KernelError, Kernels, Rounding};
+
+use crate::dedup::{Distinct, FIRST, NO_ACC};
+
+/// Elements per leaf task of the parallel paths.
+#[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+pub(crate) const LEAF_ELEMENTS: usize = 8192;
+
+/// Per-variable constants of one step.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepCtx {
+    pub k: Kernels,
+    /// Coefficients with the global `lr_t`, weight decay, identity transform and
+    /// nearest-even rounding.
+    pub base: AdamCoeffs,
+    /// The step's learning rate (for per-row bias correction).
+    pub lr: f32,
+    /// `iterations + 1`.
+    pub t: u64,
+    pub per_row_bias: bool,
+    pub catch_up: bool,
+    /// Stochastic-rounding seed for this variable and step.
+    pub sr_seed: Option<u64>,
+    pub row_len: usize,
+    /// Whether to use `vhat` (AMSGrad).
+    pub amsgrad: bool,
+    /// Whether to split the work over rayon tasks.
+    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+    pub parallel: bool,
+    /// The variable's gradient transform (clipping, unscaling, maximize).
+    pub transform: GradTransform,
+    /// Row-range shift of the grouped distinct list (parallel row path).
+    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+    pub group_shift: u32,
+}
+
+/// `lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`, evaluated in f64 from the f32
+/// inputs and rounded to f32 once.
+pub(crate) fn bias_corrected_lr(lr: f32, beta_1: f32, beta_2: f32, t: u64) -> f32 {
+    let t = t as f64;
+    let b1t = (beta_1 as f64).powf(t);
+    let b2t = (beta_2 as f64).powf(t);
+    ((lr as f64) * (1.0 - b2t).sqrt() / (1.0 - b1t)) as f32
+}
+
+/// `beta^k` in f64, rounded to f32 (catch-up decay factors).
+pub(crate) fn pow_k(beta: f32, k: u64) -> f32 {
+    (beta as f64).powf(k as f64) as f32
+}
+
+/// splitmix64 finalizer.
+pub(crate) fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The mutable tables of one variable, restricted to rows
+/// `base_row..base_row + param.len() / row_len`.
+pub(crate) struct Tables<'a, P, M> {
+    pub param: &'a mut [P],
+    pub m: &'a mut [M],
+    pub v: &'a mut [M],
+    pub vhat: Option<&'a mut [M]>,
+    pub steps: Option<&'a mut [u64]>,
+    pub last: Option<&'a mut [u64]>,
+    pub base_row: usize,
+}
+
+fn split_opt<T>(s: Option<&mut [T]>, at: usize) -> (Option<&mut [T]>, Option<&mut [T]>) {
+    match s {
+        Some(s) => {
+            let (a, b) = s.split_at_mut(at);
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    }
+}
+
+impl<'a, P, M> Tables<'a, P, M> {
+    /// Splits before absolute row `row` (`base_row <= row <= end`).
+    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+    fn split_at_row(self, row: usize, row_len: usize) -> (Self, Self) {
+        let local = row - self.base_row;
+        let at = local * row_len;
+        let (p0, p1) = self.param.split_at_mut(at);
+        let (m0, m1) = self.m.split_at_mut(at);
+        let (v0, v1) = self.v.split_at_mut(at);
+        let (h0, h1) = split_opt(self.vhat, at);
+        let (s0, s1) = split_opt(self.steps, local);
+        let (l0, l1) = split_opt(self.last, local);
+        (
+            Tables {
+                param: p0,
+                m: m0,
+                v: v0,
+                vhat: h0,
+                steps: s0,
+                last: l0,
+                base_row: self.base_row,
+            },
+            Tables {
+                param: p1,
+                m: m1,
+                v: v1,
+                vhat: h1,
+                steps: s1,
+                last: l1,
+                base_row: row,
+            },
+        )
+    }
+}
+
+/// Updates one row with gradient `grad` (already one row long).
+#[inline]
+fn update_row<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    tb: &mut Tables<'_, P, M>,
+    row: usize,
+    grad: &[G],
+    transform: GradTransform,
+) -> Result<(), KernelError> {
+    let rl = ctx.row_len;
+    let local = row - tb.base_row;
+    let range = local * rl..(local + 1) * rl;
+    let mut c = ctx.base;
+    c.grad = transform;
+    if ctx.per_row_bias
+        && let Some(steps) = tb.steps.as_deref_mut()
+    {
+        let s = &mut steps[local];
+        *s = s.saturating_add(1);
+        c.lr_t = bias_corrected_lr(ctx.lr, c.beta1, c.beta2, *s);
+    }
+    if ctx.catch_up
+        && let Some(last) = tb.last.as_deref_mut()
+    {
+        let l = &mut last[local];
+        if *l > 0 && ctx.t > *l + 1 {
+            let k = ctx.t - *l - 1;
+            c.m_pre_decay = pow_k(c.beta1, k);
+            c.v_pre_decay = pow_k(c.beta2, k);
+        }
+        *l = ctx.t;
+    }
+    if let Some(seed) = ctx.sr_seed {
+        c.rounding = Rounding::Stochastic {
+            seed,
+            offset: (row * rl) as u64,
+        };
+    }
+    let p = &mut tb.param[range.clone()];
+    let m = &mut tb.m[range.clone()];
+    let v = &mut tb.v[range.clone()];
+    match (ctx.amsgrad, tb.vhat.as_deref_mut()) {
+        (true, Some(vh)) => ctx.k.adam_row_amsgrad(&c, p, m, v, &mut vh[range], grad),
+        _ => ctx.k.adam_row(&c, p, m, v, grad),
+    }
+}
+
+/// How many distinct rows ahead the row loops prefetch.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Hints the CPU to load `s[start..start + len]` into the cache (rows of a
+/// large table are at random places; prefetching a few rows ahead overlaps
+/// their cache and TLB misses). Out-of-range requests are ignored.
+#[inline(always)]
+fn prefetch<T>(s: &[T], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(part) = s.get(start..start + len) {
+        let base = part.as_ptr() as *const i8;
+        let bytes = core::mem::size_of_val(part);
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: `_mm_prefetch` is only a cache hint: it has no architectural
+            // effect and never faults; the address is inside `part` anyway. SSE is
+            // part of the x86_64 baseline, so the target feature is present.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    base.wrapping_add(off),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (s, start, len);
+}
+
+/// Prefetches the parameter and moment rows of absolute row `row`.
+#[inline(always)]
+fn prefetch_row<P, M>(tb: &Tables<'_, P, M>, row: usize, rl: usize) {
+    let start = (row - tb.base_row) * rl;
+    prefetch(tb.param, start, rl);
+    prefetch(tb.m, start, rl);
+    prefetch(tb.v, start, rl);
+}
+
+/// Sums duplicated rows into their accumulator slots, in one pass over the
+/// occurrences (so the gradient values are read in order): the first
+/// occurrence of a row is loaded (`load_row`), later ones are added
+/// (`accumulate_row`), in occurrence order. `acc` holds slots
+/// `lo..lo + acc.len() / row_len`; in parallel, the slots are split between
+/// tasks, each scanning all occurrences for its own slots, so every slot sees
+/// the same operations in the same order whatever the thread count.
+pub(crate) fn accumulate<G: Element>(
+    ctx: &StepCtx,
+    occ: &[u32],
+    values: &[G],
+    acc: &mut [f32],
+    lo: usize,
+    leaf_slots: usize,
+) -> Result<(), KernelError> {
+    let rl = ctx.row_len;
+    if rl == 0 || acc.is_empty() {
+        return Ok(());
+    }
+    let slots = acc.len() / rl;
+    #[cfg(feature = "rayon")]
+    if ctx.parallel && slots > leaf_slots.max(1) {
+        let mid = slots / 2;
+        let (a, b) = acc.split_at_mut(mid * rl);
+        let (ra, rb) = rayon::join(
+            || accumulate(ctx, occ, values, a, lo, leaf_slots),
+            || accumulate(ctx, occ, values, b, lo + mid, leaf_slots),
+        );
+        return ra.and(rb);
+    }
+    #[cfg(not(feature = "rayon"))]
+    let _ = leaf_slots;
+    let hi = lo + slots;
+    let t = ctx.transform;
+    for (i, &o) in occ.iter().enumerate() {
+        if o == NO_ACC {
+            continue;
+        }
+        let slot = (o & !FIRST) as usize;
+        if slot < lo || slot >= hi {
+            continue;
+        }
+        let dst = &mut acc[(slot - lo) * rl..(slot - lo + 1) * rl];
+        let src = &values[i * rl..(i + 1) * rl];
+        if o & FIRST != 0 {
+            ctx.k.load_row(dst, src, &t)?;
+        } else {
+            ctx.k.accumulate_row(dst, src, &t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Updates the distinct rows sequentially. Rows occurring once take the fused
+/// path (the transform inside `adam_row`); duplicated rows use their summed
+/// accumulator slot with the identity transform. Both give the same bits for
+/// a row occurring once, since the transform is the same IEEE operations
+/// either way (`load_row` then identity, or fused).
+fn rows_seq<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    tb: &mut Tables<'_, P, M>,
+    distinct: &[Distinct],
+    values: &[G],
+    acc: &[f32],
+) -> Result<(), KernelError> {
+    let rl = ctx.row_len;
+    for (i, d) in distinct.iter().enumerate() {
+        if let Some(ahead) = distinct.get(i + PREFETCH_AHEAD) {
+            prefetch_row(tb, ahead.row, rl);
+        }
+        if d.acc == NO_ACC {
+            let g = &values[d.first * rl..(d.first + 1) * rl];
+            update_row(ctx, tb, d.row, g, ctx.transform)?;
+        } else {
+            let a = d.acc as usize;
+            let g = &acc[a * rl..(a + 1) * rl];
+            update_row(ctx, tb, d.row, g, GradTransform::default())?;
+        }
+    }
+    Ok(())
+}
+
+/// Updates the distinct rows, splitting the tables into disjoint row ranges
+/// for rayon tasks when `ctx.parallel` (then `distinct` must be grouped by
+/// `row >> ctx.group_shift` in increasing order).
+pub(crate) fn rows<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    mut tb: Tables<'_, P, M>,
+    distinct: &[Distinct],
+    values: &[G],
+    acc: &[f32],
+) -> Result<(), KernelError> {
+    #[cfg(feature = "rayon")]
+    if ctx.parallel {
+        let leaf_rows = (LEAF_ELEMENTS / ctx.row_len.max(1)).max(1);
+        return rows_par(ctx, tb, distinct, values, acc, leaf_rows);
+    }
+    rows_seq(ctx, &mut tb, distinct, values, acc)
+}
+
+#[cfg(feature = "rayon")]
+fn rows_par<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    mut tb: Tables<'_, P, M>,
+    distinct: &[Distinct],
+    values: &[G],
+    acc: &[f32],
+    leaf_rows: usize,
+) -> Result<(), KernelError> {
+    if distinct.len() <= leaf_rows {
+        return rows_seq(ctx, &mut tb, distinct, values, acc);
+    }
+    // Split at a row-range boundary near the middle: every row on the left
+    // is below `split_row`, every row on the right at or above it.
+    let shift = ctx.group_shift;
+    let group = |i: usize| distinct[i].row >> shift;
+    let mid = distinct.len() / 2;
+    let mut j = mid;
+    while j > 0 && group(j - 1) == group(mid) {
+        j -= 1;
+    }
+    if j == 0 {
+        j = mid;
+        while j < distinct.len() && group(j) == group(mid) {
+            j += 1;
+        }
+        if j == distinct.len() {
+            return rows_seq(ctx, &mut tb, distinct, values, acc);
+        }
+    }
+    let mid = j;
+    let split_row = group(mid) << shift;
+    let (left, right) = tb.split_at_row(split_row, ctx.row_len);
+    let (a, b) = rayon::join(
+        || rows_par(ctx, left, &distinct[..mid], values, acc, leaf_rows),
+        || rows_par(ctx, right, &distinct[mid..], values, acc, leaf_rows),
+    );
+    a.and(b)
+}
+
+/// Ordinary Adam on every element of a dense variable, in chunks over rayon
+/// tasks when `ctx.parallel`. `offset` is the flat index of `param[0]`.
+pub(crate) fn dense<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: Option<&mut [M]>,
+    grad: &[G],
+    offset: usize,
+) -> Result<(), KernelError> {
+    #[cfg(feature = "rayon")]
+    if ctx.parallel && param.len() > LEAF_ELEMENTS {
+        // Split in the middle, at a multiple of 64 elements.
+        let mid = (param.len() / 2).div_ceil(64) * 64;
+        if mid < param.len() {
+            let (p0, p1) = param.split_at_mut(mid);
+            let (m0, m1) = m.split_at_mut(mid);
+            let (v0, v1) = v.split_at_mut(mid);
+            let (h0, h1) = split_opt(vhat, mid);
+            let (g0, g1) = grad.split_at(mid);
+            let (a, b) = rayon::join(
+                || dense(ctx, p0, m0, v0, h0, g0, offset),
+                || dense(ctx, p1, m1, v1, h1, g1, offset + mid),
+            );
+            return a.and(b);
+        }
+    }
+    let mut c = ctx.base;
+    c.grad = ctx.transform;
+    if let Some(seed) = ctx.sr_seed {
+        c.rounding = Rounding::Stochastic {
+            seed,
+            offset: offset as u64,
+        };
+    }
+    match (ctx.amsgrad, vhat) {
+        (true, Some(vh)) => ctx.k.adam_row_amsgrad(&c, param, m, v, vh, grad),
+        _ => ctx.k.adam_row(&c, param, m, v, grad),
+    }
+}

@@ -1,0 +1,420 @@
+//! Property tests of the step semantics (proptest).
+
+use lazyadam::{DType, Error, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, Update, VarId};
+use proptest::prelude::*;
+
+fn f32_bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn slot_bits(opt: &LazyAdam, id: VarId) -> (Vec<u32>, Vec<u32>) {
+    let s = opt.slots(id).unwrap();
+    (f32_bits(&s.m.to_f32_vec()), f32_bits(&s.v.to_f32_vec()))
+}
+
+fn opt_with(config: LazyAdamConfig, ext: Extensions, rows: usize, rl: usize) -> (LazyAdam, VarId) {
+    let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
+    let id = opt
+        .add_variable("table", &[rows, rl], DType::F32, DType::F32)
+        .unwrap();
+    (opt, id)
+}
+
+/// A table shape, initial values and a few gradient value sets.
+fn table() -> impl Strategy<Value = (usize, usize, Vec<f32>)> {
+    (1usize..12, 1usize..9).prop_flat_map(|(rows, rl)| {
+        (
+            Just(rows),
+            Just(rl),
+            prop::collection::vec(-2.0f32..2.0, rows * rl),
+        )
+    })
+}
+
+fn config_strategy() -> impl Strategy<Value = LazyAdamConfig> {
+    (
+        prop::sample::select(vec![0.001f32, 0.01, 0.1, 0.5]),
+        prop::sample::select(vec![0.0f32, 0.5, 0.9]),
+        prop::sample::select(vec![0.5f32, 0.99, 0.999]),
+        prop::sample::select(vec![1e-7f32, 1e-3, 1.0]),
+        prop::option::of(prop::sample::select(vec![0.1f32, 0.5, 1.5])),
+        prop::sample::select(vec![0.0f32, 0.25]),
+    )
+        .prop_map(|(lr, b1, b2, eps, clipvalue, decay)| LazyAdamConfig {
+            learning_rate: lr.into(),
+            beta_1: b1,
+            beta_2: b2,
+            epsilon: eps,
+            clipvalue,
+            decay,
+            ..LazyAdamConfig::default()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A sparse step with every row present once (in any order) equals the
+    /// dense step on the same values, bit for bit.
+    #[test]
+    fn sparse_with_all_rows_equals_dense(
+        (rows, rl, init) in table(),
+        config in config_strategy(),
+        seed in any::<u64>(),
+        steps in 1usize..4,
+    ) {
+        let (mut dense_opt, d) = opt_with(config.clone(), Extensions::default(), rows, rl);
+        let (mut sparse_opt, s) = opt_with(config, Extensions::default(), rows, rl);
+        let mut pd = init.clone();
+        let mut ps = init;
+        let mut rng = seed;
+        for step in 0..steps {
+            let grad: Vec<f32> = (0..rows * rl)
+                .map(|i| ((i * 31 + step * 7) as f32 * 0.37).sin() * 1.5)
+                .collect();
+            // A permutation of the rows.
+            let mut order: Vec<usize> = (0..rows).collect();
+            for i in (1..rows).rev() {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, (rng >> 33) as usize % (i + 1));
+            }
+            let values: Vec<f32> = order
+                .iter()
+                .flat_map(|&r| grad[r * rl..(r + 1) * rl].iter().copied())
+                .collect();
+            dense_opt
+                .apply_gradients(&mut [Update::new(d, &mut pd, Gradient::dense(&grad))])
+                .unwrap();
+            sparse_opt
+                .apply_gradients(&mut [Update::new(s, &mut ps, Gradient::sparse(&order, &values))])
+                .unwrap();
+        }
+        prop_assert_eq!(f32_bits(&pd), f32_bits(&ps));
+        prop_assert_eq!(slot_bits(&dense_opt, d), slot_bits(&sparse_opt, s));
+    }
+
+    /// Duplicate ids equal their pre-summed single id (sums in f32, in
+    /// first-occurrence order; no norm clipping).
+    #[test]
+    fn duplicates_equal_presummed(
+        (rows, rl, init) in table(),
+        config in config_strategy(),
+        ids in prop::collection::vec(0usize..64, 0..24),
+        vals in prop::collection::vec(-3.0f32..3.0, 24 * 8),
+    ) {
+        let ids: Vec<usize> = ids.iter().map(|&i| i % rows).collect();
+        let values = &vals[..ids.len() * rl];
+        // Pre-sum in first-occurrence order.
+        let mut uniq: Vec<usize> = Vec::new();
+        let mut sums: Vec<Vec<f32>> = Vec::new();
+        for (k, &r) in ids.iter().enumerate() {
+            let row = &values[k * rl..(k + 1) * rl];
+            // The reference sums clipped values; clipvalue is elementwise, so
+            // clip here too.
+            let clip = |x: f32| match config.clipvalue {
+                Some(c) => if x > c { c } else if x < -c { -c } else { x },
+                None => x,
+            };
+            match uniq.iter().position(|&u| u == r) {
+                Some(j) => sums[j].iter_mut().zip(row).for_each(|(s, &x)| *s += clip(x)),
+                None => {
+                    uniq.push(r);
+                    sums.push(row.iter().map(|&x| clip(x)).collect());
+                }
+            }
+        }
+        let summed: Vec<f32> = sums.concat();
+        let mut pre_config = config.clone();
+        pre_config.clipvalue = None;
+        let (mut a, ia) = opt_with(config, Extensions::default(), rows, rl);
+        let (mut b, ib) = opt_with(pre_config, Extensions::default(), rows, rl);
+        let mut pa = init.clone();
+        let mut pb = init;
+        a.apply_gradients(&mut [Update::new(ia, &mut pa, Gradient::sparse(&ids, values))]).unwrap();
+        b.apply_gradients(&mut [Update::new(ib, &mut pb, Gradient::sparse(&uniq, &summed))]).unwrap();
+        prop_assert_eq!(f32_bits(&pa), f32_bits(&pb));
+        prop_assert_eq!(slot_bits(&a, ia), slot_bits(&b, ib));
+    }
+
+    /// Rows not in a step keep their exact bits, slots included.
+    #[test]
+    fn untouched_rows_keep_their_bits(
+        (rows, rl, init) in table(),
+        config in config_strategy(),
+        first in prop::collection::vec(0usize..64, 1..12),
+        second in prop::collection::vec(0usize..64, 0..12),
+    ) {
+        let (mut opt, id) = opt_with(config, Extensions::default(), rows, rl);
+        let mut p = init;
+        for ids in [&first, &second] {
+            let ids: Vec<usize> = ids.iter().map(|&i| i % rows).collect();
+            let values: Vec<f32> = (0..ids.len() * rl).map(|i| (i as f32 * 0.61).cos()).collect();
+            let before_p = p.clone();
+            let (before_m, before_v) = slot_bits(&opt, id);
+            opt.apply_gradients(&mut [Update::new(id, &mut p, Gradient::sparse(&ids, &values))]).unwrap();
+            let (after_m, after_v) = slot_bits(&opt, id);
+            for r in (0..rows).filter(|r| !ids.contains(r)) {
+                let span = r * rl..(r + 1) * rl;
+                prop_assert_eq!(f32_bits(&before_p[span.clone()]), f32_bits(&p[span.clone()]));
+                prop_assert_eq!(&before_m[span.clone()], &after_m[span.clone()]);
+                prop_assert_eq!(&before_v[span.clone()], &after_v[span]);
+            }
+        }
+    }
+
+    /// A step with a bad id in its last update changes nothing.
+    #[test]
+    fn failed_step_changes_nothing(
+        (rows, rl, init) in table(),
+        config in config_strategy(),
+        good in prop::collection::vec(0usize..64, 1..12),
+        bad_at in 0usize..4,
+        negative in any::<bool>(),
+    ) {
+        let mut opt = LazyAdam::new(config).unwrap();
+        let a = opt.add_variable("a", &[rows, rl], DType::F32, DType::F32).unwrap();
+        let b = opt.add_variable("b", &[rows, rl], DType::F32, DType::F32).unwrap();
+        let mut pa = init.clone();
+        let mut pb = init.clone();
+        // One good step first, so the slots are not all zero.
+        let ids: Vec<i64> = good.iter().map(|&i| (i % rows) as i64).collect();
+        let values: Vec<f32> = (0..ids.len() * rl).map(|i| (i as f32 * 0.3).sin()).collect();
+        opt.apply_gradients(&mut [
+            Update::new(a, &mut pa, Gradient::sparse(&ids, &values)),
+            Update::new(b, &mut pb, Gradient::dense(&init)),
+        ]).unwrap();
+        let snapshot = (pa.clone(), pb.clone(), opt.get_weights(), opt.iterations());
+        let mut bad_ids = ids.clone();
+        let pos = bad_at % bad_ids.len();
+        bad_ids[pos] = if negative { -3 } else { rows as i64 + 2 };
+        let err = opt.apply_gradients(&mut [
+            Update::new(a, &mut pa, Gradient::dense(&init)),
+            Update::new(b, &mut pb, Gradient::sparse(&bad_ids, &values)),
+        ]).unwrap_err();
+        match err {
+            Error::NegativeRowId { variable, id } => {
+                prop_assert!(negative);
+                prop_assert_eq!(variable, "b");
+                prop_assert_eq!(id, -3);
+            }
+            Error::RowIdOutOfRange { variable, id, rows: r } => {
+                prop_assert!(!negative);
+                prop_assert_eq!(variable, "b");
+                prop_assert_eq!(id, rows as u64 + 2);
+                prop_assert_eq!(r, rows);
+            }
+            other => prop_assert!(false, "unexpected error {other:?}"),
+        }
+        prop_assert_eq!(f32_bits(&snapshot.0), f32_bits(&pa));
+        prop_assert_eq!(f32_bits(&snapshot.1), f32_bits(&pb));
+        prop_assert_eq!(&snapshot.2, &opt.get_weights());
+        prop_assert_eq!(snapshot.3, opt.iterations());
+    }
+
+    /// One thread and many threads give identical bits (sparse and dense, with
+    /// the parallel paths forced on).
+    #[test]
+    fn thread_count_does_not_change_bits(
+        rows in 1usize..300,
+        rl in prop::sample::select(vec![1usize, 3, 16, 64, 100]),
+        ids in prop::collection::vec(0usize..10_000, 0..400),
+        clipnorm in prop::option::of(0.5f32..4.0),
+    ) {
+        let ids: Vec<u32> = ids.iter().map(|&i| (i % rows) as u32).collect();
+        let values: Vec<f32> = (0..ids.len() * rl).map(|i| ((i * 13) as f32 * 0.01).sin()).collect();
+        let dense: Vec<f32> = (0..rows * rl).map(|i| ((i * 7) as f32 * 0.02).cos()).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let config = LazyAdamConfig { clipnorm, ..LazyAdamConfig::default() };
+                let ext = Extensions { parallel_min_elements: 1, ..Extensions::default() };
+                let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
+                let s = opt.add_variable("s", &[rows, rl], DType::F32, DType::F32).unwrap();
+                let d = opt.add_variable("d", &[rows, rl], DType::F32, DType::BF16).unwrap();
+                let mut ps = vec![0.5f32; rows * rl];
+                let mut pd = vec![0.25f32; rows * rl];
+                for _ in 0..3 {
+                    opt.apply_gradients(&mut [
+                        Update::new(s, &mut ps, Gradient::sparse(&ids, &values)),
+                        Update::new(d, &mut pd, Gradient::dense(&dense)),
+                    ]).unwrap();
+                }
+                (f32_bits(&ps), f32_bits(&pd), opt.get_weights())
+            })
+        };
+        let one = run(1);
+        prop_assert_eq!(&one, &run(2));
+        prop_assert_eq!(&one, &run(4));
+    }
+
+    /// Every supported kernel path gives identical results.
+    #[test]
+    fn every_isa_gives_identical_results(
+        (rows, rl, init) in table(),
+        config in config_strategy(),
+        ids in prop::collection::vec(0usize..64, 0..20),
+    ) {
+        let ids: Vec<usize> = ids.iter().map(|&i| i % rows).collect();
+        let values: Vec<f32> = (0..ids.len() * rl).map(|i| (i as f32 * 0.77).sin() * 2.0).collect();
+        let run = |isa: Isa| {
+            let ext = Extensions { kernel: Some(isa), ..Extensions::default() };
+            let (mut opt, id) = opt_with(config.clone(), ext, rows, rl);
+            let mut p = init.clone();
+            for _ in 0..2 {
+                opt.apply_gradients(&mut [Update::new(id, &mut p, Gradient::sparse(&ids, &values))]).unwrap();
+                opt.apply_gradients(&mut [Update::new(id, &mut p, Gradient::dense(&init))]).unwrap();
+            }
+            (f32_bits(&p), opt.get_weights())
+        };
+        let reference = run(Isa::Scalar);
+        for isa in Isa::supported() {
+            prop_assert_eq!(&reference, &run(isa), "{:?}", isa);
+        }
+    }
+
+    /// Config JSON round-trips.
+    #[test]
+    fn config_json_round_trip(
+        mut config in config_strategy(),
+        amsgrad in any::<bool>(),
+        clipnorm in prop::option::of(0.0f32..10.0),
+        name in "[A-Za-z_]{1,12}",
+    ) {
+        config.amsgrad = amsgrad;
+        config.clipnorm = clipnorm;
+        config.name = name;
+        let json = config.to_keras_json().unwrap();
+        prop_assert_eq!(LazyAdamConfig::from_keras_json(&json).unwrap(), config);
+    }
+
+    /// A checkpoint restores bit-exact state, and both optimizers continue
+    /// identically.
+    #[test]
+    fn checkpoint_round_trip_continues_identically(
+        (rows, rl, init) in table(),
+        config in config_strategy(),
+        amsgrad in any::<bool>(),
+        per_row in any::<bool>(),
+        catch_up in any::<bool>(),
+        ids in prop::collection::vec(0usize..64, 1..20),
+    ) {
+        let config = LazyAdamConfig { amsgrad, ..config };
+        let ext = Extensions {
+            per_row_bias_correction: per_row,
+            catch_up_decay: catch_up,
+            sparse_amsgrad: amsgrad,
+            ..Extensions::default()
+        };
+        let ids: Vec<usize> = ids.iter().map(|&i| i % rows).collect();
+        let values: Vec<f32> = (0..ids.len() * rl).map(|i| (i as f32 * 0.5).sin()).collect();
+        let mut a = LazyAdam::with_extensions(config, ext).unwrap();
+        let t = a.add_variable("t", &[rows, rl], DType::F32, DType::F16).unwrap();
+        let mut pa = init;
+        a.apply_gradients(&mut [Update::new(t, &mut pa, Gradient::sparse(&ids, &values))]).unwrap();
+        a.apply_gradients(&mut [Update::new(t, &mut pa, Gradient::sparse(&ids[..1], &values[..rl]))]).unwrap();
+        let bytes = a.to_bytes().unwrap();
+        let mut b = LazyAdam::from_bytes(&bytes).unwrap();
+        prop_assert_eq!(a.get_weights(), b.get_weights());
+        prop_assert_eq!(a.config(), b.config());
+        prop_assert_eq!(a.extensions(), b.extensions());
+        prop_assert_eq!(a.variable(t), b.variable(t));
+        let mut pb = pa.clone();
+        for _ in 0..2 {
+            a.apply_gradients(&mut [Update::new(t, &mut pa, Gradient::sparse(&ids, &values))]).unwrap();
+            b.apply_gradients(&mut [Update::new(t, &mut pb, Gradient::sparse(&ids, &values))]).unwrap();
+        }
+        prop_assert_eq!(f32_bits(&pa), f32_bits(&pb));
+        prop_assert_eq!(a.get_weights(), b.get_weights());
+        prop_assert_eq!(bytes.len(), b.to_bytes().unwrap().len());
+    }
+
+    /// Corrupt checkpoints are errors, never panics: truncation always fails,
+    /// flipped bytes fail or load something consistent.
+    #[test]
+    fn corrupt_checkpoints_are_errors(cut in 0usize..10_000, flips in prop::collection::vec((0usize..10_000, 1u8..=255), 1..4)) {
+        let mut opt = LazyAdam::new(LazyAdamConfig::default()).unwrap();
+        let t = opt.add_variable("t", &[5, 3], DType::F32, DType::F32).unwrap();
+        let mut p = vec![1.0f32; 15];
+        opt.apply_gradients(&mut [Update::new(t, &mut p, Gradient::sparse(&[1u32, 4], &[0.5f32; 6]))]).unwrap();
+        let bytes = opt.to_bytes().unwrap();
+        let cut = cut % bytes.len();
+        prop_assert!(LazyAdam::from_bytes(&bytes[..cut]).is_err());
+        let mut bad = bytes.clone();
+        for (pos, x) in flips {
+            let pos = pos % bad.len();
+            bad[pos] ^= x;
+        }
+        if let Ok(loaded) = LazyAdam::from_bytes(&bad) {
+            // Whatever loaded must be usable.
+            if let Some(id) = loaded.variable_id("t") {
+                let info = loaded.variable(id).unwrap().clone();
+                prop_assert_eq!(loaded.slots(id).unwrap().m.len(), info.numel());
+            }
+        }
+    }
+}
+
+/// Large tables: the parallel row path splits at row-range boundaries
+/// (including the case where every row falls in one range).
+#[test]
+fn large_tables_give_identical_bits_for_any_thread_count() {
+    for (rows, spread) in [
+        (100_000usize, 100_000usize),
+        (1_000_000, 400),
+        (5_000, 5_000),
+    ] {
+        let rl = 4;
+        let mut state = 7u64;
+        let ids: Vec<u64> = (0..6000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = ((state >> 11) as f64) / ((1u64 << 53) as f64);
+                // Skewed: many small ids, some large ones.
+                ((u * u * u * spread as f64) as u64).min(rows as u64 - 1)
+            })
+            .collect();
+        let values: Vec<f32> = (0..ids.len() * rl)
+            .map(|i| ((i * 17) as f32 * 0.003).sin())
+            .collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let ext = Extensions {
+                    parallel_min_elements: 1,
+                    ..Extensions::default()
+                };
+                let config = LazyAdamConfig {
+                    clipvalue: Some(0.5),
+                    ..LazyAdamConfig::default()
+                };
+                let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
+                let t = opt
+                    .add_variable("t", &[rows, rl], DType::F32, DType::F32)
+                    .unwrap();
+                let mut p = vec![0.125f32; rows * rl];
+                for _ in 0..2 {
+                    opt.apply_gradients(&mut [Update::new(
+                        t,
+                        &mut p,
+                        Gradient::sparse(&ids, &values),
+                    )])
+                    .unwrap();
+                }
+                let s = opt.slots(t).unwrap();
+                (
+                    f32_bits(&p),
+                    f32_bits(&s.m.to_f32_vec()),
+                    f32_bits(&s.v.to_f32_vec()),
+                )
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2), "rows {rows}");
+        assert_eq!(one, run(3), "rows {rows}");
+    }
+}

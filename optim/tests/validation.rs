@@ -1,0 +1,329 @@
+//! Validation: typed errors that name the variable, and nothing written.
+
+use lazyadam::{
+    DType, DynamicLossScale, Error, Extensions, Gradient, LazyAdam, LazyAdamConfig,
+    NonFinitePolicy, StepOutcome, Update, bf16, f16,
+};
+
+fn two_vars(ext: Extensions) -> (LazyAdam, lazyadam::VarId, lazyadam::VarId) {
+    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+    let a = opt
+        .add_variable("emb", &[4, 2], DType::F32, DType::F32)
+        .unwrap();
+    let b = opt
+        .add_variable("bias", &[3], DType::F16, DType::BF16)
+        .unwrap();
+    (opt, a, b)
+}
+
+#[test]
+fn variable_registration_errors() {
+    let mut opt = LazyAdam::new(LazyAdamConfig::default()).unwrap();
+    opt.add_variable("x", &[2], DType::F32, DType::F32).unwrap();
+    assert!(matches!(
+        opt.add_variable("x", &[2], DType::F32, DType::F32),
+        Err(Error::DuplicateVariable { name }) if name == "x"
+    ));
+    assert!(matches!(
+        opt.add_variable("huge", &[usize::MAX, 4], DType::F32, DType::F32),
+        Err(Error::InvalidShape { variable, .. }) if variable == "huge"
+    ));
+    assert_eq!(opt.num_variables(), 1);
+    let s = opt
+        .add_variable("scalar", &[], DType::F32, DType::F32)
+        .unwrap();
+    let info = opt.variable(s).unwrap();
+    assert_eq!((info.rows(), info.row_len(), info.numel()), (1, 1, 1));
+    assert_eq!(opt.variable_id("scalar"), Some(s));
+    assert_eq!(opt.variable_id("nope"), None);
+}
+
+#[test]
+fn every_invalid_update_is_rejected_without_writing() {
+    let (mut opt, a, b) = two_vars(Extensions::default());
+    let mut pa = vec![1.0f32; 8];
+    let mut pb = vec![f16::ONE; 3];
+    let mut pb32 = vec![1.0f32; 3];
+    let g8 = [0.5f32; 8];
+    let g3 = [bf16::ONE; 3];
+    let (mut other, _, _) = two_vars(Extensions::default());
+    let c = other
+        .add_variable("third", &[1], DType::F32, DType::F32)
+        .unwrap();
+    let mut pc = vec![0.0f32];
+
+    let check = |opt: &LazyAdam, pa: &[f32], r: Result<StepOutcome, Error>| -> Error {
+        assert_eq!(opt.iterations(), 0);
+        assert!(pa.iter().all(|&x| x == 1.0));
+        let s = opt
+            .slots(lazyadam::VarId::clone(&opt.variable_id("emb").unwrap()))
+            .unwrap();
+        assert!(s.m.to_f32_vec().iter().all(|&x| x == 0.0));
+        r.unwrap_err()
+    };
+
+    let r = opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&g8)),
+        Update::new(c, &mut pc, Gradient::dense(&[1.0f32])),
+    ]);
+    let e = check(&opt, &pa, r);
+    assert!(matches!(e, Error::UnknownVariable { .. }), "{e}");
+
+    let mut pa2 = vec![1.0f32; 8];
+    let r = opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&g8)),
+        Update::new(a, &mut pa2, Gradient::dense(&g8)),
+    ]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::DuplicateUpdate { variable } if variable == "emb"),
+        "{e}"
+    );
+
+    let r = opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&g8)),
+        Update::new(b, &mut pb32, Gradient::dense(&g3)),
+    ]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::DtypeMismatch { variable, what: "param", expected: DType::F16, got: DType::F32 } if variable == "bias"),
+        "{e}"
+    );
+
+    let mut short = vec![f16::ONE; 2];
+    let r = opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&g8)),
+        Update::new(b, &mut short, Gradient::dense(&g3)),
+    ]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::LengthMismatch { variable, what: "param", expected: 3, got: 2 } if variable == "bias"),
+        "{e}"
+    );
+
+    let r = opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&g8)),
+        Update::new(b, &mut pb, Gradient::dense(&g3[..2])),
+    ]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::LengthMismatch { variable, what: "gradient values", expected: 3, got: 2 } if variable == "bias"),
+        "{e}"
+    );
+
+    let r = opt.apply_gradients(&mut [Update::new(
+        a,
+        &mut pa,
+        Gradient::sparse(&[0u32, 1], &g8[..3]),
+    )]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::LengthMismatch { variable, what: "gradient values", expected: 4, got: 3 } if variable == "emb"),
+        "{e}"
+    );
+
+    let r = opt.apply_gradients(&mut [Update::new(
+        a,
+        &mut pa,
+        Gradient::sparse(&[0i64, 4], &g8[..4]),
+    )]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::RowIdOutOfRange { variable, id: 4, rows: 4 } if variable == "emb"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("emb") && e.to_string().contains('4'));
+
+    let r = opt.apply_gradients(&mut [Update::new(
+        a,
+        &mut pa,
+        Gradient::sparse(&[1i32, -1], &g8[..4]),
+    )]);
+    let e = check(&opt, &pa, r);
+    assert!(
+        matches!(&e, Error::NegativeRowId { variable, id: -1 } if variable == "emb"),
+        "{e}"
+    );
+
+    // Grad storage may be any type.
+    let gb = [bf16::from_f32(0.5); 8];
+    opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&gb)),
+        Update::new(b, &mut pb, Gradient::dense(&[f16::ONE; 3])),
+    ])
+    .unwrap();
+    assert_eq!(opt.iterations(), 1);
+}
+
+#[test]
+fn non_finite_error_policy() {
+    let ext = Extensions {
+        non_finite: NonFinitePolicy::Error,
+        ..Extensions::default()
+    };
+    let (mut opt, a, _) = two_vars(ext);
+    let mut pa = vec![1.0f32; 8];
+    let g = [0.5f32, 0.5, 0.5, f32::INFINITY];
+    let e = opt
+        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[2u32, 3], &g))])
+        .unwrap_err();
+    match e {
+        Error::NonFinite {
+            variable,
+            element,
+            row,
+            value,
+        } => {
+            assert_eq!(variable, "emb");
+            assert_eq!(element, 3);
+            assert_eq!(row, Some(3));
+            assert_eq!(value, f32::INFINITY);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(opt.iterations(), 0);
+    assert!(pa.iter().all(|&x| x == 1.0));
+}
+
+#[test]
+fn non_finite_propagates_by_default() {
+    let (mut opt, a, _) = two_vars(Extensions::default());
+    let mut pa = vec![1.0f32; 8];
+    let g = [f32::NAN, 0.5];
+    opt.apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[1u32], &g))])
+        .unwrap();
+    assert!(pa[2].is_nan());
+    assert!(pa[3].is_finite() && pa[3] < 1.0);
+    assert_eq!(&pa[..2], &[1.0, 1.0]);
+    assert_eq!(opt.iterations(), 1);
+}
+
+#[test]
+fn skip_step_with_dynamic_loss_scale() {
+    let ls = DynamicLossScale {
+        scale: 1024.0,
+        growth_factor: 2.0,
+        backoff_factor: 0.5,
+        growth_interval: 2,
+    };
+    let ext = Extensions {
+        non_finite: NonFinitePolicy::SkipStep {
+            loss_scale: Some(ls),
+        },
+        ..Extensions::default()
+    };
+    let mut scaled = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+    let a = scaled
+        .add_variable("w", &[2], DType::F32, DType::F32)
+        .unwrap();
+    let mut plain = LazyAdam::new(LazyAdamConfig::default()).unwrap();
+    let b = plain
+        .add_variable("w", &[2], DType::F32, DType::F32)
+        .unwrap();
+    let mut pa = vec![1.0f32; 2];
+    let mut pb = vec![1.0f32; 2];
+
+    // A non-finite step is skipped and the scale backs off.
+    let out = scaled
+        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::dense(&[f32::NAN, 1.0]))])
+        .unwrap();
+    assert_eq!(out, StepOutcome::Skipped);
+    assert_eq!(scaled.iterations(), 0);
+    assert_eq!(scaled.loss_scale(), Some(512.0));
+    assert_eq!(pa, [1.0, 1.0]);
+
+    // Scaled gradients are unscaled (power-of-two scale: exact).
+    for _ in 0..2 {
+        let g = [0.25f32, -0.5];
+        let gs = [0.25f32 * 512.0, -0.5 * 512.0];
+        let s = scaled.loss_scale().unwrap();
+        let gs: Vec<f32> = if s == 512.0 {
+            gs.to_vec()
+        } else {
+            g.iter().map(|x| x * s).collect()
+        };
+        assert_eq!(
+            scaled
+                .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::dense(&gs))])
+                .unwrap(),
+            StepOutcome::Applied
+        );
+        plain
+            .apply_gradients(&mut [Update::new(b, &mut pb, Gradient::dense(&g))])
+            .unwrap();
+    }
+    assert_eq!(pa, pb);
+    // Two good steps: the scale grew.
+    assert_eq!(scaled.loss_scale(), Some(1024.0));
+    // The loss-scale state survives a checkpoint.
+    let restored = LazyAdam::from_bytes(&scaled.to_bytes().unwrap()).unwrap();
+    assert_eq!(restored.loss_scale(), Some(1024.0));
+}
+
+#[test]
+fn invalid_extensions_are_config_errors() {
+    let e = LazyAdam::with_extensions(
+        LazyAdamConfig::default(),
+        Extensions {
+            weight_decay: -1.0,
+            ..Extensions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("weight_decay"), "{e}");
+    let e = LazyAdam::with_extensions(
+        LazyAdamConfig::default(),
+        Extensions {
+            sparse_amsgrad: true,
+            ..Extensions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("sparse_amsgrad"), "{e}");
+    let e = LazyAdam::with_extensions(
+        LazyAdamConfig::default(),
+        Extensions {
+            non_finite: NonFinitePolicy::SkipStep {
+                loss_scale: Some(DynamicLossScale {
+                    scale: 0.0,
+                    ..DynamicLossScale::default()
+                }),
+            },
+            ..Extensions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("scale"), "{e}");
+    let mut opt = LazyAdam::new(LazyAdamConfig::default()).unwrap();
+    assert!(opt.set_learning_rate(-1.0).is_err());
+    assert!(opt.set_learning_rate(f32::NAN).is_err());
+    opt.set_learning_rate(0.5).unwrap();
+    assert_eq!(opt.learning_rate(), 0.5);
+}
+
+#[test]
+fn optimizer_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<LazyAdam>();
+    assert_send_sync::<LazyAdamConfig>();
+    assert_send_sync::<Error>();
+}
+
+#[test]
+fn non_finite_global_norm_makes_every_value_nan_like_the_reference() {
+    let config = LazyAdamConfig {
+        global_clipnorm: Some(1.0),
+        ..LazyAdamConfig::default()
+    };
+    let mut opt = LazyAdam::new(config).unwrap();
+    let a = opt.add_variable("a", &[2], DType::F32, DType::F32).unwrap();
+    let b = opt.add_variable("b", &[2], DType::F32, DType::F32).unwrap();
+    let mut pa = vec![1.0f32; 2];
+    let mut pb = vec![1.0f32; 2];
+    opt.apply_gradients(&mut [
+        Update::new(a, &mut pa, Gradient::dense(&[f32::INFINITY, 1.0])),
+        Update::new(b, &mut pb, Gradient::dense(&[0.5f32, 0.5])),
+    ])
+    .unwrap();
+    assert!(pa.iter().chain(&pb).all(|x| x.is_nan()), "{pa:?} {pb:?}");
+}
