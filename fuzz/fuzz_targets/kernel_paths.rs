@@ -1,0 +1,454 @@
+//! Every supported ISA path of every kernel gives the scalar reference's bits (NaN payloads
+//! aside), for arbitrary rows, lengths, coefficients, roundings and the 27 storage combinations;
+//! and the scalar path itself follows the per-element operation order of the numerics contract,
+//! checked against a plain model written here. Length mismatches are errors that write nothing.
+#![no_main]
+
+use arbitrary::{Result, Unstructured};
+use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, Isa, Kernels, Rounding, bf16, f16};
+use libfuzzer_sys::fuzz_target;
+
+/// Storage types with raw-bit access for building and comparing inputs.
+trait Val: Element {
+    fn raw(u: &mut Unstructured<'_>) -> Result<Self>;
+    fn bits(self) -> u64;
+}
+impl Val for f32 {
+    fn raw(u: &mut Unstructured<'_>) -> Result<Self> {
+        Ok(f32::from_bits(u.arbitrary()?))
+    }
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Val for f16 {
+    fn raw(u: &mut Unstructured<'_>) -> Result<Self> {
+        Ok(f16::from_bits(u.arbitrary()?))
+    }
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl Val for bf16 {
+    fn raw(u: &mut Unstructured<'_>) -> Result<Self> {
+        Ok(bf16::from_bits(u.arbitrary()?))
+    }
+    fn bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+}
+
+const SPECIAL: [f32; 22] = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    0.5,
+    1e-7,
+    1e-3,
+    0.9,
+    0.999,
+    0.1,
+    f32::INFINITY,
+    f32::NEG_INFINITY,
+    f32::NAN,
+    f32::MIN_POSITIVE,
+    1e-40,
+    -1e-42,
+    f32::MAX,
+    65504.0,
+    6e-8,
+    3.4e38,
+    1e30,
+    -2.5,
+];
+
+/// A float with a bias towards interesting values.
+fn fval(u: &mut Unstructured<'_>) -> Result<f32> {
+    Ok(match u.int_in_range(0u8..=7)? {
+        0 | 1 => f32::from_bits(u.arbitrary()?),
+        2 => SPECIAL[u.choose_index(SPECIAL.len())?],
+        _ => u.arbitrary::<i16>()? as f32 / 64.0,
+    })
+}
+
+fn eval<T: Val>(u: &mut Unstructured<'_>) -> Result<T> {
+    if u.ratio(1u8, 4u8)? {
+        T::raw(u)
+    } else {
+        Ok(T::from_f32(fval(u)?))
+    }
+}
+
+fn row<T: Val>(u: &mut Unstructured<'_>, n: usize) -> Result<Vec<T>> {
+    (0..n).map(|_| eval::<T>(u)).collect()
+}
+
+fn same_f32(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+fn same<T: Val>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(&x, &y)| x.bits() == y.bits() || (x.to_f32().is_nan() && y.to_f32().is_nan()))
+}
+
+fn coeff(u: &mut Unstructured<'_>, usual: f32) -> Result<f32> {
+    if u.ratio(3u8, 4u8)? {
+        Ok(usual)
+    } else {
+        fval(u)
+    }
+}
+
+fn coeffs(u: &mut Unstructured<'_>) -> Result<AdamCoeffs> {
+    let lr_t = coeff(u, 1e-3)?;
+    let beta1 = coeff(u, 0.9)?;
+    let beta2 = coeff(u, 0.999)?;
+    let epsilon = coeff(u, 1e-7)?;
+    let mut c = AdamCoeffs::new(lr_t, beta1, beta2, epsilon);
+    if u.ratio(1u8, 4u8)? {
+        c.one_minus_beta1 = fval(u)?;
+        c.one_minus_beta2 = fval(u)?;
+    }
+    if u.ratio(1u8, 3u8)? {
+        c.weight_decay = fval(u)?;
+    }
+    if u.ratio(1u8, 3u8)? {
+        c.m_pre_decay = fval(u)?;
+        c.v_pre_decay = fval(u)?;
+    }
+    c.grad = GradTransform {
+        scale: if u.ratio(1u8, 2u8)? { 1.0 } else { fval(u)? },
+        clip: if u.ratio(1u8, 2u8)? {
+            None
+        } else {
+            Some(fval(u)?)
+        },
+        negate: u.arbitrary()?,
+    };
+    if u.ratio(1u8, 3u8)? {
+        c.rounding = Rounding::Stochastic {
+            seed: u.arbitrary()?,
+            offset: u.arbitrary()?,
+        };
+    }
+    Ok(c)
+}
+
+/// The gradient transform exactly as the contract writes it.
+fn transform(mut g: f32, t: &GradTransform) -> f32 {
+    if t.scale != 1.0 {
+        g *= t.scale;
+    }
+    if let Some(c) = t.clip {
+        g = if g > c {
+            c
+        } else if g < -c {
+            -c
+        } else {
+            g
+        };
+    }
+    if t.negate {
+        g = -g;
+    }
+    g
+}
+
+/// The per-element Adam update of the numerics contract, written out plainly.
+fn model_adam<P: Val, G: Val, M: Val>(
+    c: &AdamCoeffs,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    mut vhat: Option<&mut [M]>,
+    grad: &[G],
+) {
+    for i in 0..param.len() {
+        let g = transform(grad[i].to_f32(), &c.grad);
+        let mut m0 = m[i].to_f32();
+        let mut v0 = v[i].to_f32();
+        if c.m_pre_decay != 1.0 {
+            m0 *= c.m_pre_decay;
+        }
+        if c.v_pre_decay != 1.0 {
+            v0 *= c.v_pre_decay;
+        }
+        let m1 = c.beta1 * m0 + c.one_minus_beta1 * g;
+        let v1 = c.beta2 * v0 + c.one_minus_beta2 * (g * g);
+        let d = match vhat.as_deref_mut() {
+            Some(vh) => {
+                let vh0 = vh[i].to_f32();
+                let vh1 = if vh0 >= v1 { vh0 } else { v1 };
+                vh[i] = M::from_f32(vh1);
+                vh1
+            }
+            None => v1,
+        };
+        let mut p0 = param[i].to_f32();
+        if c.weight_decay != 0.0 {
+            p0 -= c.weight_decay * p0;
+        }
+        let p1 = p0 - (c.lr_t * m1) / (d.sqrt() + c.epsilon);
+        m[i] = M::from_f32(m1);
+        v[i] = M::from_f32(v1);
+        // Stochastic rounding is checked across paths only (its hash is the kernels' own); the
+        // model covers round-to-nearest-even, and f32 parameters, which are exact either way.
+        param[i] = P::from_f32(p1);
+    }
+}
+
+fn model_sum_squares<G: Val>(src: &[G], t: &GradTransform) -> f64 {
+    let mut acc = [0.0f64; 8];
+    for (i, x) in src.iter().enumerate() {
+        let x = transform(x.to_f32(), t) as f64;
+        acc[i % 8] += x * x;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// Inputs of one adam row (or a mismatched one).
+struct AdamInput<P, G, M> {
+    p: Vec<P>,
+    m: Vec<M>,
+    v: Vec<M>,
+    vhat: Vec<M>,
+    g: Vec<G>,
+}
+
+impl<P: Val, G: Val, M: Val> Clone for AdamInput<P, G, M> {
+    fn clone(&self) -> Self {
+        Self {
+            p: self.p.clone(),
+            m: self.m.clone(),
+            v: self.v.clone(),
+            vhat: self.vhat.clone(),
+            g: self.g.clone(),
+        }
+    }
+}
+
+impl<P: Val, G: Val, M: Val> AdamInput<P, G, M> {
+    fn same(&self, o: &Self) -> bool {
+        same(&self.p, &o.p)
+            && same(&self.m, &o.m)
+            && same(&self.v, &o.v)
+            && same(&self.vhat, &o.vhat)
+    }
+}
+
+fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
+    let n = u.int_in_range(0usize..=200)?;
+    let c = coeffs(u)?;
+    // Optionally one slice of another length: every path must refuse and write nothing.
+    let mismatch: Option<(u8, usize)> = if u.ratio(1u8, 10u8)? {
+        Some((u.int_in_range(0u8..=4)?, u.int_in_range(0usize..=201)?))
+    } else {
+        None
+    };
+    let len_of = |which: u8| match mismatch {
+        Some((w, l)) if w == which => l,
+        _ => n,
+    };
+    let input = AdamInput::<P, G, M> {
+        p: row(u, len_of(0))?,
+        m: row(u, len_of(1))?,
+        v: row(u, len_of(2))?,
+        vhat: row(u, len_of(3))?,
+        g: row(u, len_of(4))?,
+    };
+    let mismatched = mismatch.is_some_and(|(_, l)| l != n);
+    let acc_init: Vec<f32> = (0..input.g.len()).map(|_| fval(u)).collect::<Result<_>>()?;
+    let store_src: Vec<f32> = (0..n).map(|_| fval(u)).collect::<Result<_>>()?;
+    let dst_len = if u.ratio(1u8, 10u8)? {
+        u.int_in_range(0usize..=201)?
+    } else {
+        input.g.len()
+    };
+
+    let scalar = Kernels::new(Isa::Scalar).expect("the scalar path is always supported");
+    assert_eq!(scalar.isa(), Isa::Scalar);
+
+    // Reference results from the scalar path.
+    let mut r_plain = input.clone();
+    let e_plain = scalar.adam_row(
+        &c,
+        &mut r_plain.p,
+        &mut r_plain.m,
+        &mut r_plain.v,
+        &r_plain.g,
+    );
+    let mut r_ams = input.clone();
+    let e_ams = scalar.adam_row_amsgrad(
+        &c,
+        &mut r_ams.p,
+        &mut r_ams.m,
+        &mut r_ams.v,
+        &mut r_ams.vhat,
+        &r_ams.g,
+    );
+    let plain_mismatch = [input.p.len(), input.m.len(), input.v.len(), input.g.len()]
+        .iter()
+        .any(|&l| l != input.p.len());
+    assert_eq!(e_plain.is_err(), plain_mismatch, "adam_row: {e_plain:?}");
+    assert_eq!(e_ams.is_err(), mismatched, "adam_row_amsgrad: {e_ams:?}");
+    if plain_mismatch {
+        assert!(r_plain.same(&input), "adam_row wrote on a length mismatch");
+    } else {
+        let mut mdl = input.clone();
+        model_adam(&c, &mut mdl.p, &mut mdl.m, &mut mdl.v, None, &mdl.g);
+        let stochastic = matches!(c.rounding, Rounding::Stochastic { .. })
+            && P::DTYPE != lazyadam_kernels::DType::F32;
+        if stochastic {
+            mdl.p = r_plain.p.clone();
+        }
+        assert!(
+            r_plain.same(&mdl),
+            "scalar adam_row differs from the contract's op order"
+        );
+    }
+    if mismatched {
+        assert!(
+            r_ams.same(&input),
+            "adam_row_amsgrad wrote on a length mismatch"
+        );
+    } else {
+        let mut mdl = input.clone();
+        model_adam(
+            &c,
+            &mut mdl.p,
+            &mut mdl.m,
+            &mut mdl.v,
+            Some(&mut mdl.vhat),
+            &mdl.g,
+        );
+        let stochastic = matches!(c.rounding, Rounding::Stochastic { .. })
+            && P::DTYPE != lazyadam_kernels::DType::F32;
+        if stochastic {
+            mdl.p = r_ams.p.clone();
+        }
+        assert!(
+            r_ams.same(&mdl),
+            "scalar adam_row_amsgrad differs from the contract's op order"
+        );
+    }
+
+    let mut r_load = vec![f32::NAN; dst_len];
+    let e_load = scalar.load_row(&mut r_load, &input.g, &c.grad);
+    let mut r_acc = acc_init.clone();
+    r_acc.resize(dst_len, 0.25);
+    let acc_start = r_acc.clone();
+    let e_acc = scalar.accumulate_row(&mut r_acc, &input.g, &c.grad);
+    assert_eq!(e_load.is_err(), dst_len != input.g.len());
+    assert_eq!(e_acc.is_err(), dst_len != input.g.len());
+    if dst_len == input.g.len() {
+        for i in 0..dst_len {
+            let t = transform(input.g[i].to_f32(), &c.grad);
+            assert!(same_f32(r_load[i], t), "load_row[{i}]");
+            assert!(same_f32(r_acc[i], acc_start[i] + t), "accumulate_row[{i}]");
+        }
+    } else {
+        assert!(
+            r_load.iter().all(|x| x.is_nan()),
+            "load_row wrote on a mismatch"
+        );
+        assert!(
+            same(&r_acc, &acc_start),
+            "accumulate_row wrote on a mismatch"
+        );
+    }
+    let r_ss = scalar.sum_squares(&input.g, &c.grad);
+    let m_ss = model_sum_squares(&input.g, &c.grad);
+    assert!(
+        r_ss.to_bits() == m_ss.to_bits() || (r_ss.is_nan() && m_ss.is_nan()),
+        "sum_squares {r_ss} vs model {m_ss}"
+    );
+    let r_fin = scalar.all_finite(&input.g);
+    assert_eq!(r_fin, input.g.iter().all(|x| x.to_f32().is_finite()));
+    let store_len = if mismatched { input.p.len() } else { n };
+    let mut r_store = vec![P::from_f32(7.0); store_len];
+    let e_store = scalar.store_row(&mut r_store, &store_src, c.rounding);
+    assert_eq!(e_store.is_err(), store_len != store_src.len());
+    if e_store.is_ok()
+        && (P::DTYPE == lazyadam_kernels::DType::F32 || c.rounding == Rounding::NearestEven)
+    {
+        let want: Vec<P> = store_src.iter().map(|&x| P::from_f32(x)).collect();
+        assert!(same(&r_store, &want), "store_row");
+    }
+
+    // Every other supported path: the scalar path's bits.
+    for isa in Isa::supported().filter(|&i| i != Isa::Scalar) {
+        let k = Kernels::new(isa).expect("supported() lists it");
+        assert_eq!(k.isa(), isa);
+        let mut x = input.clone();
+        let e = k.adam_row(&c, &mut x.p, &mut x.m, &mut x.v, &x.g);
+        assert_eq!(e, e_plain, "{isa:?} adam_row result");
+        assert!(x.same(&r_plain), "{isa:?} adam_row differs from scalar");
+        let mut x = input.clone();
+        let e = k.adam_row_amsgrad(&c, &mut x.p, &mut x.m, &mut x.v, &mut x.vhat, &x.g);
+        assert_eq!(e, e_ams, "{isa:?} adam_row_amsgrad result");
+        assert!(
+            x.same(&r_ams),
+            "{isa:?} adam_row_amsgrad differs from scalar"
+        );
+
+        let mut d = vec![f32::NAN; dst_len];
+        assert_eq!(k.load_row(&mut d, &input.g, &c.grad), e_load);
+        assert!(same(&d, &r_load), "{isa:?} load_row");
+        let mut d = acc_start.clone();
+        assert_eq!(k.accumulate_row(&mut d, &input.g, &c.grad), e_acc);
+        assert!(same(&d, &r_acc), "{isa:?} accumulate_row");
+        let ss = k.sum_squares(&input.g, &c.grad);
+        assert!(
+            ss.to_bits() == r_ss.to_bits() || (ss.is_nan() && r_ss.is_nan()),
+            "{isa:?} sum_squares {ss} vs {r_ss}"
+        );
+        assert_eq!(k.all_finite(&input.g), r_fin, "{isa:?} all_finite");
+        let mut d = vec![P::from_f32(7.0); store_len];
+        assert_eq!(k.store_row(&mut d, &store_src, c.rounding), e_store);
+        assert!(same(&d, &r_store), "{isa:?} store_row");
+    }
+    Ok(())
+}
+
+fn pick(u: &mut Unstructured<'_>) -> Result<u8> {
+    u.int_in_range(0u8..=2)
+}
+
+macro_rules! dispatch_m {
+    ($u:expr, $p:ty, $g:ty) => {
+        match pick($u)? {
+            0 => run::<$p, $g, f32>($u),
+            1 => run::<$p, $g, f16>($u),
+            _ => run::<$p, $g, bf16>($u),
+        }
+    };
+}
+macro_rules! dispatch_g {
+    ($u:expr, $p:ty) => {
+        match pick($u)? {
+            0 => dispatch_m!($u, $p, f32),
+            1 => dispatch_m!($u, $p, f16),
+            _ => dispatch_m!($u, $p, bf16),
+        }
+    };
+}
+
+fn top(u: &mut Unstructured<'_>) -> Result<()> {
+    for isa in Isa::ALL {
+        assert_eq!(Kernels::new(isa).is_ok(), isa.is_supported());
+    }
+    match pick(u)? {
+        0 => dispatch_g!(u, f32),
+        1 => dispatch_g!(u, f16),
+        _ => dispatch_g!(u, bf16),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let _ = top(&mut u);
+});
