@@ -2,6 +2,11 @@
 //! harness; see `benches/` for those).
 //!
 //! `cargo run --release -p lazyadam --example step_timing -- [rows] [dim] [ids] [threads]`
+//!
+//! Environment: `ITERS` (timed steps, default 200), `BATCHES` (distinct id
+//! lists cycled through, default 8; 1 = the same ids every step), `HUGE=1` (advise the
+//! parameter table for transparent huge pages), `LAZYADAM_PHASE_TIMES=1`
+//! (print where the time goes).
 
 use std::time::Instant;
 
@@ -29,7 +34,12 @@ fn main() -> Result<(), lazyadam::Error> {
             .wrapping_add(1_442_695_040_888_963_407);
         ((state >> 11) as f64) / ((1u64 << 53) as f64)
     };
-    let batches: Vec<Vec<u32>> = (0..8)
+    let n_batches: usize = std::env::var("BATCHES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8)
+        .max(1);
+    let batches: Vec<Vec<u32>> = (0..n_batches)
         .map(|_| {
             (0..n_ids)
                 .map(|_| {
@@ -49,7 +59,14 @@ fn main() -> Result<(), lazyadam::Error> {
 
     let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
     let table = opt.add_variable("table", &[rows, dim], DType::F32, DType::F32)?;
-    let mut params = vec![0.01f32; rows * dim];
+    // HUGE=1: advise the parameter table for transparent huge pages (the
+    // optimizer does it for its own slots) before it is written.
+    let mut params = vec![0.0f32; rows * dim];
+    if std::env::var_os("HUGE").is_some_and(|v| v != "0") {
+        let advised = lazyadam::advise_huge_pages(&params);
+        println!("parameter table advised for huge pages: {advised}");
+    }
+    params.fill(0.01);
     let iters: usize = std::env::var("ITERS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -62,22 +79,38 @@ fn main() -> Result<(), lazyadam::Error> {
                 Gradient::sparse(b, &grads),
             )])?;
         }
+        let _ = lazyadam::phase_times();
+        let mut times = Vec::with_capacity(iters);
         let start = Instant::now();
         for i in 0..iters {
             let b = &batches[i % batches.len()];
+            let t0 = Instant::now();
             opt.apply_gradients(&mut [Update::new(
                 table,
                 &mut params,
                 Gradient::sparse(b, &grads),
             )])?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         let per = start.elapsed().as_secs_f64() / iters as f64;
+        times.sort_by(f64::total_cmp);
         println!(
-            "{rows} x {dim}, {n_ids} ids ({} distinct), {} threads: {:.4} ms/step",
+            "{rows} x {dim}, {n_ids} ids ({} distinct), {} threads: {:.4} ms/step (median {:.4}, min {:.4})",
             distinct.len(),
             rayon::current_num_threads(),
-            per * 1e3
+            per * 1e3,
+            times[times.len() / 2],
+            times[0],
         );
+        // Set LAZYADAM_PHASE_TIMES=1 for a breakdown.
+        let (phases, steps) = lazyadam::phase_times();
+        if steps > 0 {
+            let line: Vec<String> = phases
+                .iter()
+                .map(|(n, ns)| format!("{n} {:.4}", *ns as f64 / steps as f64 / 1e6))
+                .collect();
+            println!("  phases (ms/step): {}", line.join(", "));
+        }
         Ok(())
     })
 }

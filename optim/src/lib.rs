@@ -77,21 +77,25 @@
 //! # Performance
 //!
 //! A sparse step costs time in proportion to the ids in the step, never to
-//! the table: duplicate ids are found with a reusable open-addressing map (or
-//! a directly indexed one for small tables), duplicated rows are summed in one
-//! sequential pass over the gradient values into reusable accumulator rows,
-//! rows occurring once go straight to the fused kernel, and the rows of large
-//! tables are prefetched a few rows ahead. All scratch buffers live in the
-//! optimizer and are reused across steps. Steps that update fewer than
+//! the table. Duplicate ids are found by a radix sort of the occurrences
+//! (`(row, position)` keys, a few sequential passes over 8 bytes per id, no
+//! hashing), which also puts the distinct rows in increasing row order. Each
+//! distinct row is then updated once: a row occurring once goes straight to
+//! the fused kernel; the occurrences of a duplicated row are summed in
+//! occurrence order into one accumulator row that stays in L1, then the row
+//! is updated. The parameter, moment and gradient rows are prefetched a few
+//! rows ahead. All scratch buffers live in the optimizer and are reused
+//! across steps. Steps that update fewer than
 //! [`Extensions::parallel_min_elements`] elements stay on the calling thread;
-//! larger ones split the distinct rows into disjoint row ranges (a counting
-//! sort by row range, then safe `split_at_mut`) and dense variables into
-//! chunks, as rayon tasks.
+//! larger ones split the sorted distinct rows into disjoint row ranges (safe
+//! `split_at_mut`) and dense variables into chunks, as rayon tasks.
 //!
-//! Random rows of a very large table cost mostly cache and TLB misses; on
-//! Linux, transparent huge pages for the table and the slots help (for
-//! instance `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` with THP in `madvise`
-//! mode).
+//! Random rows of a very large table cost mostly cache and TLB misses. On
+//! Linux, the optimizer advises its own slot buffers of 4 MiB or more for
+//! transparent huge pages (`madvise(MADV_HUGEPAGE)` before they are first
+//! written; effective when `/sys/kernel/mm/transparent_hugepage/enabled` is
+//! `madvise` or `always`), and [`advise_huge_pages`] does the same for the
+//! parameter tables you own.
 //!
 //! # State
 //!
@@ -106,6 +110,7 @@ mod dedup;
 mod error;
 mod extensions;
 mod optimizer;
+mod profile;
 mod schedule;
 mod state;
 mod step;
@@ -121,8 +126,11 @@ pub use extensions::{
     DEFAULT_PARALLEL_MIN_ELEMENTS, DynamicLossScale, Extensions, NonFinitePolicy,
 };
 pub use optimizer::LazyAdam;
+#[doc(hidden)]
+pub use profile::phase_times;
 pub use schedule::{CustomSchedule, LearningRateSchedule, Schedule};
 pub use state::CHECKPOINT_FORMAT;
+pub use store::advise_huge_pages;
 pub use tensor::{
     Gradient, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,
     WeightData, WeightTensor,

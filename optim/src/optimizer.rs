@@ -8,7 +8,8 @@ use crate::config::{LazyAdamConfig, LearningRate};
 use crate::dedup::Dedup;
 use crate::error::{ConfigError, Error};
 use crate::extensions::{Extensions, NonFinitePolicy};
-use crate::step::{self, StepCtx, Tables, bias_corrected_lr, mix64};
+use crate::profile::{Phase, Timer};
+use crate::step::{self, RowList, StepCtx, Tables, bias_corrected_lr, mix64};
 use crate::store::{Store, StoreElem, try_zeros};
 use crate::tensor::{
     Gradient, RawId, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,
@@ -41,7 +42,7 @@ pub(crate) struct LossScaleState {
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     pub dedup: Dedup,
-    /// Accumulator rows of duplicated ids.
+    /// Accumulator row of duplicated ids (sequential path).
     pub acc: Vec<f32>,
     pub transforms: Vec<GradTransform>,
     pub seen: Vec<bool>,
@@ -414,7 +415,9 @@ impl LazyAdam {
     ///
     /// Variables without an update in the step are untouched.
     pub fn apply_gradients(&mut self, updates: &mut [Update<'_>]) -> Result<StepOutcome, Error> {
+        let mut timer = Timer::start();
         self.validate(updates)?;
+        timer.lap(Phase::Validate);
         let k = self.kernels;
 
         // Non-finite gradients under SkipStep: skip, back off the loss scale.
@@ -471,6 +474,7 @@ impl LazyAdam {
         if self.ext.maximize {
             transforms.iter_mut().for_each(|t| t.negate = true);
         }
+        timer.lap(Phase::Transforms);
 
         // Coefficients.
         let lr = self.config.learning_rate_at(self.iterations);
@@ -504,22 +508,8 @@ impl LazyAdam {
                 }
                 var.numel
             };
+            timer.lap(Phase::Dedup);
             let parallel = threads > 1 && updated >= self.ext.parallel_min_elements.max(1);
-            let group_shift = if row_path && parallel && sparse {
-                dedup.group_by_row_range(var.rows)
-            } else {
-                // The identity list is sorted: any shift keeps it grouped.
-                0
-            };
-            let n_acc = if row_path {
-                dedup.n_acc * var.row_len
-            } else {
-                0
-            };
-            let acc = &mut self.scratch.acc;
-            if acc.len() < n_acc {
-                acc.resize(n_acc, 0.0);
-            }
             let ctx = StepCtx {
                 k,
                 base,
@@ -535,14 +525,13 @@ impl LazyAdam {
                 amsgrad: var.vhat.is_some() && (!sparse || self.ext.sparse_amsgrad),
                 parallel,
                 transform: tf,
-                group_shift,
             };
-            let job = Job {
+            let mut job = Job {
                 ctx: &ctx,
                 dedup: if row_path { Some(&*dedup) } else { None },
-                threads,
+                timer: &mut timer,
             };
-            job.dispatch(var, &mut u.param, &u.grad.values(), &mut acc[..n_acc])?;
+            job.dispatch(var, &mut u.param, &u.grad.values(), &mut self.scratch.acc)?;
         }
 
         self.iterations += 1;
@@ -562,6 +551,7 @@ impl LazyAdam {
                 ls.good_steps = 0;
             }
         }
+        timer.finish();
         Ok(StepOutcome::Applied)
     }
 }
@@ -571,16 +561,16 @@ struct Job<'a> {
     ctx: &'a StepCtx,
     /// Distinct rows (row path), or `None` for the plain dense path.
     dedup: Option<&'a Dedup>,
-    threads: usize,
+    timer: &'a mut Timer,
 }
 
 impl Job<'_> {
     fn dispatch(
-        &self,
+        &mut self,
         var: &mut VarState,
         param: &mut TensorMut<'_>,
         values: &TensorRef<'_>,
-        acc: &mut [f32],
+        acc: &mut Vec<f32>,
     ) -> Result<(), Error> {
         match param {
             TensorMut::F32(p) => self.with_param::<f32>(var, p, values, acc),
@@ -590,11 +580,11 @@ impl Job<'_> {
     }
 
     fn with_param<P: Element>(
-        &self,
+        &mut self,
         var: &mut VarState,
         p: &mut [P],
         values: &TensorRef<'_>,
-        acc: &mut [f32],
+        acc: &mut Vec<f32>,
     ) -> Result<(), Error> {
         match values {
             TensorRef::F32(g) => self.with_grad::<P, f32>(var, p, g, acc),
@@ -604,11 +594,11 @@ impl Job<'_> {
     }
 
     fn with_grad<P: Element, G: Element>(
-        &self,
+        &mut self,
         var: &mut VarState,
         p: &mut [P],
         g: &[G],
-        acc: &mut [f32],
+        acc: &mut Vec<f32>,
     ) -> Result<(), Error> {
         match var.info.moment_dtype {
             DType::F32 => self.run::<P, G, f32>(var, p, g, acc),
@@ -618,11 +608,11 @@ impl Job<'_> {
     }
 
     fn run<P: Element, G: Element, M: StoreElem>(
-        &self,
+        &mut self,
         var: &mut VarState,
         p: &mut [P],
         g: &[G],
-        acc: &mut [f32],
+        acc: &mut Vec<f32>,
     ) -> Result<(), Error> {
         let internal = || Error::Checkpoint("internal: slot storage type mismatch".into());
         let m = M::slice_mut(&mut var.m).ok_or_else(internal)?;
@@ -634,12 +624,6 @@ impl Job<'_> {
         match self.dedup {
             None => step::dense(self.ctx, p, m, v, vhat, g, 0)?,
             Some(d) => {
-                if !acc.is_empty() {
-                    // Leaves of about two per thread: each scans all occurrences.
-                    let slots = acc.len() / self.ctx.row_len.max(1);
-                    let leaf = slots.div_ceil(2 * self.threads.max(1));
-                    step::accumulate(self.ctx, &d.occ, g, acc, 0, leaf)?;
-                }
                 let tb = Tables {
                     param: p,
                     m,
@@ -649,9 +633,10 @@ impl Job<'_> {
                     last: var.last_step.as_deref_mut(),
                     base_row: 0,
                 };
-                step::rows(self.ctx, tb, &d.distinct, g, acc)?
+                step::rows(self.ctx, tb, RowList::new(d), g, acc)?
             }
         }
+        self.timer.lap(Phase::Update);
         Ok(())
     }
 }

@@ -1,9 +1,9 @@
 //! The step engine: row and dense updates on typed slices, sequential or in
 //! parallel (rayon), with per-row extensions.
 
-use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, KernelError, Kernels, Rounding};
+use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, KernelError, Kernels, Rounding};
 
-use crate::dedup::{Distinct, FIRST, NO_ACC};
+use crate::dedup::{Dedup, Distinct};
 
 /// Elements per leaf task of the parallel paths.
 #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
@@ -32,9 +32,6 @@ pub(crate) struct StepCtx {
     pub parallel: bool,
     /// The variable's gradient transform (clipping, unscaling, maximize).
     pub transform: GradTransform,
-    /// Row-range shift of the grouped distinct list (parallel row path).
-    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
-    pub group_shift: u32,
 }
 
 /// `lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`, evaluated in f64 from the f32
@@ -163,7 +160,7 @@ fn update_row<P: Element, G: Element, M: Element>(
 }
 
 /// How many distinct rows ahead the row loops prefetch.
-const PREFETCH_AHEAD: usize = 8;
+const PREFETCH_AHEAD: usize = 4;
 
 /// Hints the CPU to load `s[start..start + len]` into the cache (rows of a
 /// large table are at random places; prefetching a few rows ahead overlaps
@@ -200,144 +197,162 @@ fn prefetch_row<P, M>(tb: &Tables<'_, P, M>, row: usize, rl: usize) {
     prefetch(tb.v, start, rl);
 }
 
-/// Sums duplicated rows into their accumulator slots, in one pass over the
-/// occurrences (so the gradient values are read in order): the first
-/// occurrence of a row is loaded (`load_row`), later ones are added
-/// (`accumulate_row`), in occurrence order. `acc` holds slots
-/// `lo..lo + acc.len() / row_len`; in parallel, the slots are split between
-/// tasks, each scanning all occurrences for its own slots, so every slot sees
-/// the same operations in the same order whatever the thread count.
-pub(crate) fn accumulate<G: Element>(
-    ctx: &StepCtx,
-    occ: &[u32],
-    values: &[G],
-    acc: &mut [f32],
-    lo: usize,
-    leaf_slots: usize,
-) -> Result<(), KernelError> {
-    let rl = ctx.row_len;
-    if rl == 0 || acc.is_empty() {
-        return Ok(());
-    }
-    let slots = acc.len() / rl;
-    #[cfg(feature = "rayon")]
-    if ctx.parallel && slots > leaf_slots.max(1) {
-        let mid = slots / 2;
-        let (a, b) = acc.split_at_mut(mid * rl);
-        let (ra, rb) = rayon::join(
-            || accumulate(ctx, occ, values, a, lo, leaf_slots),
-            || accumulate(ctx, occ, values, b, lo + mid, leaf_slots),
-        );
-        return ra.and(rb);
-    }
-    #[cfg(not(feature = "rayon"))]
-    let _ = leaf_slots;
-    let hi = lo + slots;
-    let t = ctx.transform;
-    for (i, &o) in occ.iter().enumerate() {
-        if o == NO_ACC {
-            continue;
-        }
-        let slot = (o & !FIRST) as usize;
-        if slot < lo || slot >= hi {
-            continue;
-        }
-        let dst = &mut acc[(slot - lo) * rl..(slot - lo + 1) * rl];
-        let src = &values[i * rl..(i + 1) * rl];
-        if o & FIRST != 0 {
-            ctx.k.load_row(dst, src, &t)?;
-        } else {
-            ctx.k.accumulate_row(dst, src, &t)?;
-        }
-    }
-    Ok(())
+/// The distinct rows of a step and their occurrences (see [`Dedup`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowList<'a> {
+    /// Distinct rows, in increasing row order.
+    pub distinct: &'a [Distinct],
+    /// [`Dedup::sorted`].
+    pub sorted: &'a [u64],
+    /// [`Dedup::pos_mask`].
+    pub pos_mask: u64,
 }
 
-/// Updates the distinct rows sequentially. Rows occurring once take the fused
-/// path (the transform inside `adam_row`); duplicated rows use their summed
-/// accumulator slot with the identity transform. Both give the same bits for
-/// a row occurring once, since the transform is the same IEEE operations
+impl<'a> RowList<'a> {
+    pub(crate) fn new(d: &'a Dedup) -> Self {
+        RowList {
+            distinct: &d.distinct,
+            sorted: &d.sorted,
+            pos_mask: d.pos_mask,
+        }
+    }
+
+    /// Position (in the id list) of the first occurrence of `d`.
+    #[inline]
+    fn first(&self, d: &Distinct) -> usize {
+        if d.count == 1 {
+            d.pos
+        } else {
+            (self.sorted[d.pos] & self.pos_mask) as usize
+        }
+    }
+}
+
+/// Updates the distinct rows sequentially. A row occurring once takes the
+/// fused path (the transform inside `adam_row`); the occurrences of a
+/// duplicated row are summed in occurrence order into `buf` (the first
+/// loaded with `load_row`, the others added with `accumulate_row`), which
+/// then updates the row with the identity transform. Both give the same bits
+/// for a row occurring once, since the transform is the same IEEE operations
 /// either way (`load_row` then identity, or fused).
 fn rows_seq<P: Element, G: Element, M: Element>(
     ctx: &StepCtx,
     tb: &mut Tables<'_, P, M>,
-    distinct: &[Distinct],
+    list: RowList<'_>,
     values: &[G],
-    acc: &[f32],
+    buf: &mut Vec<f32>,
 ) -> Result<(), KernelError> {
     let rl = ctx.row_len;
-    for (i, d) in distinct.iter().enumerate() {
-        if let Some(ahead) = distinct.get(i + PREFETCH_AHEAD) {
+    let t = ctx.transform;
+    // Inline summation for f32 gradients without a transform (see below).
+    let identity = G::DTYPE == DType::F32 && t == GradTransform::default();
+    let grad_row = |p: usize| &values[p * rl..(p + 1) * rl];
+    for (i, d) in list.distinct.iter().enumerate() {
+        if let Some(ahead) = list.distinct.get(i + PREFETCH_AHEAD) {
             prefetch_row(tb, ahead.row, rl);
+            prefetch(values, list.first(ahead) * rl, rl);
         }
-        if d.acc == NO_ACC {
-            let g = &values[d.first * rl..(d.first + 1) * rl];
-            update_row(ctx, tb, d.row, g, ctx.transform)?;
+        if d.count == 1 {
+            update_row(ctx, tb, d.row, grad_row(d.pos), t)?;
         } else {
-            let a = d.acc as usize;
-            let g = &acc[a * rl..(a + 1) * rl];
-            update_row(ctx, tb, d.row, g, GradTransform::default())?;
+            if buf.len() < rl {
+                buf.resize(rl, 0.0);
+            }
+            let acc = &mut buf[..rl];
+            let run = &list.sorted[d.pos..d.pos + d.count];
+            let pos = |x: u64| (x & list.pos_mask) as usize;
+            if identity {
+                // f32 values and the identity transform: `load_row` is a copy
+                // and `accumulate_row` one IEEE f32 addition per element,
+                // which plain code does with the same bits, without a kernel
+                // call per occurrence.
+                for (a, &g) in acc.iter_mut().zip(grad_row(pos(run[0]))) {
+                    *a = g.to_f32();
+                }
+            } else {
+                ctx.k.load_row(acc, grad_row(pos(run[0])), &t)?;
+            }
+            for (j, &x) in run.iter().enumerate().skip(1) {
+                if let Some(&ahead) = run.get(j + PREFETCH_AHEAD) {
+                    prefetch(values, pos(ahead) * rl, rl);
+                }
+                let src = grad_row(pos(x));
+                if identity {
+                    for (a, &g) in acc.iter_mut().zip(src) {
+                        *a += g.to_f32();
+                    }
+                } else {
+                    ctx.k.accumulate_row(acc, src, &t)?;
+                }
+            }
+            update_row(ctx, tb, d.row, acc, GradTransform::default())?;
         }
     }
     Ok(())
 }
 
-/// Updates the distinct rows, splitting the tables into disjoint row ranges
-/// for rayon tasks when `ctx.parallel` (then `distinct` must be grouped by
-/// `row >> ctx.group_shift` in increasing order).
+/// Updates the distinct rows (in increasing row order), splitting the tables
+/// into disjoint row ranges for rayon tasks when `ctx.parallel`. `buf` is
+/// the accumulator row of the sequential path.
 pub(crate) fn rows<P: Element, G: Element, M: Element>(
     ctx: &StepCtx,
     mut tb: Tables<'_, P, M>,
-    distinct: &[Distinct],
+    list: RowList<'_>,
     values: &[G],
-    acc: &[f32],
+    buf: &mut Vec<f32>,
 ) -> Result<(), KernelError> {
     #[cfg(feature = "rayon")]
     if ctx.parallel {
         let leaf_rows = (LEAF_ELEMENTS / ctx.row_len.max(1)).max(1);
-        return rows_par(ctx, tb, distinct, values, acc, leaf_rows);
+        return rows_par(ctx, tb, list, values, leaf_rows);
     }
-    rows_seq(ctx, &mut tb, distinct, values, acc)
+    rows_seq(ctx, &mut tb, list, values, buf)
 }
 
 #[cfg(feature = "rayon")]
 fn rows_par<P: Element, G: Element, M: Element>(
     ctx: &StepCtx,
     mut tb: Tables<'_, P, M>,
-    distinct: &[Distinct],
+    list: RowList<'_>,
     values: &[G],
-    acc: &[f32],
     leaf_rows: usize,
 ) -> Result<(), KernelError> {
-    if distinct.len() <= leaf_rows {
-        return rows_seq(ctx, &mut tb, distinct, values, acc);
+    let n = list.distinct.len();
+    if n <= leaf_rows.max(1) {
+        return rows_seq(ctx, &mut tb, list, values, &mut Vec::new());
     }
-    // Split at a row-range boundary near the middle: every row on the left
-    // is below `split_row`, every row on the right at or above it.
-    let shift = ctx.group_shift;
-    let group = |i: usize| distinct[i].row >> shift;
-    let mid = distinct.len() / 2;
-    let mut j = mid;
-    while j > 0 && group(j - 1) == group(mid) {
-        j -= 1;
-    }
-    if j == 0 {
-        j = mid;
-        while j < distinct.len() && group(j) == group(mid) {
-            j += 1;
-        }
-        if j == distinct.len() {
-            return rows_seq(ctx, &mut tb, distinct, values, acc);
-        }
-    }
-    let mid = j;
-    let split_row = group(mid) << shift;
+    // The rows are increasing: every row left of `mid` is below `split_row`.
+    let mid = n / 2;
+    let split_row = list.distinct[mid].row;
     let (left, right) = tb.split_at_row(split_row, ctx.row_len);
-    let (a, b) = rayon::join(
-        || rows_par(ctx, left, &distinct[..mid], values, acc, leaf_rows),
-        || rows_par(ctx, right, &distinct[mid..], values, acc, leaf_rows),
+    let (a, b) = list.distinct.split_at(mid);
+    let (ra, rb) = rayon::join(
+        || {
+            rows_par(
+                ctx,
+                left,
+                RowList {
+                    distinct: a,
+                    ..list
+                },
+                values,
+                leaf_rows,
+            )
+        },
+        || {
+            rows_par(
+                ctx,
+                right,
+                RowList {
+                    distinct: b,
+                    ..list
+                },
+                values,
+                leaf_rows,
+            )
+        },
     );
-    a.and(b)
+    ra.and(rb)
 }
 
 /// Ordinary Adam on every element of a dense variable, in chunks over rayon

@@ -418,3 +418,48 @@ fn large_tables_give_identical_bits_for_any_thread_count() {
         assert_eq!(one, run(3), "rows {rows}");
     }
 }
+
+/// Duplicated rows are summed inline for f32 gradients without a transform,
+/// and by the kernels otherwise: a `clipvalue` that clips nothing takes the
+/// kernel path and must give the same bits, on every kernel path. Also
+/// checks the huge-page-advised slots of a large table (same results).
+#[test]
+fn inline_and_kernel_duplicate_sums_agree() {
+    let (rows, rl) = (300_000usize, 8usize);
+    let mut state = 11u64;
+    let ids: Vec<u32> = (0..5000)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((state >> 11) as f64) / ((1u64 << 53) as f64);
+            ((u * u * u * 2000.0) as u32 * 149) % rows as u32
+        })
+        .collect();
+    let values: Vec<f32> = (0..ids.len() * rl)
+        .map(|i| ((i * 31) as f32 * 0.0071).sin() * 3.0)
+        .collect();
+    let run = |clipvalue: Option<f32>, isa: Isa| {
+        let config = LazyAdamConfig {
+            clipvalue,
+            ..LazyAdamConfig::default()
+        };
+        let ext = Extensions {
+            kernel: Some(isa),
+            ..Extensions::default()
+        };
+        let (mut opt, t) = opt_with(config, ext, rows, rl);
+        let mut p = vec![0.25f32; rows * rl];
+        lazyadam::advise_huge_pages(&p);
+        for _ in 0..2 {
+            opt.apply_gradients(&mut [Update::new(t, &mut p, Gradient::sparse(&ids, &values))])
+                .unwrap();
+        }
+        (f32_bits(&p), slot_bits(&opt, t))
+    };
+    let reference = run(None, Isa::Scalar);
+    for isa in Isa::supported() {
+        assert_eq!(reference, run(None, isa), "{isa:?}");
+        assert_eq!(reference, run(Some(f32::MAX), isa), "{isa:?} clipvalue");
+    }
+}
