@@ -14,26 +14,12 @@
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
     DType, Gradient, LazyAdam, LazyAdamConfig, LearningRate, Schedule, TensorMut, TensorRef,
-    Update, WeightData, bf16, f16,
+    Update, bf16, f16,
 };
 use libfuzzer_sys::fuzz_target;
 
-fn weight_bits(opt: &LazyAdam) -> Vec<(String, Vec<usize>, Vec<u64>)> {
-    opt.get_weights()
-        .into_iter()
-        .map(|w| {
-            let bits: Vec<u64> = match &w.data {
-                WeightData::I64(v) => v.iter().map(|&x| x as u64).collect(),
-                WeightData::F32(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
-                WeightData::F16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
-                WeightData::BF16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
-                #[allow(unreachable_patterns)]
-                _ => Vec::new(),
-            };
-            (w.name, w.shape, bits)
-        })
-        .collect()
-}
+mod common;
+use common::weight_bits;
 
 /// Observable state of an optimizer: config, variables, weights (bitwise).
 fn state(opt: &LazyAdam) -> String {

@@ -16,9 +16,12 @@
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
     DType, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy,
-    RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId, WeightData, bf16, f16,
+    RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId, bf16, f16,
 };
 use libfuzzer_sys::fuzz_target;
+
+mod common;
+use common::weight_bits;
 
 const ULP: f64 = 1.2e-7; // 2^-23, a little rounded up
 
@@ -101,21 +104,7 @@ struct Snapshot {
 }
 
 fn snapshot(opt: &LazyAdam, params: &[Store]) -> Snapshot {
-    let weights = opt
-        .get_weights()
-        .into_iter()
-        .map(|w| {
-            let bits: Vec<u64> = match &w.data {
-                WeightData::I64(v) => v.iter().map(|&x| x as u64).collect(),
-                WeightData::F32(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
-                WeightData::F16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
-                WeightData::BF16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
-                #[allow(unreachable_patterns)]
-                _ => Vec::new(),
-            };
-            (w.name, w.shape, bits)
-        })
-        .collect();
+    let weights = weight_bits(opt);
     Snapshot {
         iterations: opt.iterations(),
         lr_bits: opt.learning_rate().to_bits(),
