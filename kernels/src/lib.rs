@@ -434,6 +434,25 @@ pub enum KernelError {
     },
     /// The path is not supported by this machine.
     UnsupportedIsa(Isa),
+    /// A row index is not below the number of rows of the table; nothing was written.
+    RowOutOfRange {
+        /// Which list (`"rows"`, `"slots"`).
+        what: &'static str,
+        /// The offending index.
+        row: usize,
+        /// The number of rows of the table.
+        rows: usize,
+    },
+    /// A table's length is not a whole number of rows, or the row length is 0 while
+    /// rows are given; nothing was written.
+    BadRowLength {
+        /// Which slice (`"param"`, `"acc"`).
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The row length.
+        row_len: usize,
+    },
 }
 
 impl fmt::Display for KernelError {
@@ -450,6 +469,13 @@ impl fmt::Display for KernelError {
             KernelError::UnsupportedIsa(isa) => {
                 write!(f, "kernel path `{isa}` is not supported by this CPU")
             }
+            KernelError::RowOutOfRange { what, row, rows } => {
+                write!(f, "`{what}` holds row {row}, but the table has {rows} rows")
+            }
+            KernelError::BadRowLength { what, len, row_len } => write!(
+                f,
+                "`{what}` has {len} elements, not a whole number of rows of {row_len}"
+            ),
         }
     }
 }
@@ -471,6 +497,40 @@ impl core::error::Error for KernelError {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels {
     isa: Isa,
+}
+
+/// The number of rows of a table of `len` elements, rows of `row_len`; `rows_given` says
+/// whether any row is to be touched (a zero row length is only accepted without rows).
+fn table_rows(
+    what: &'static str,
+    len: usize,
+    row_len: usize,
+    rows_given: bool,
+) -> Result<usize, KernelError> {
+    let bad = KernelError::BadRowLength { what, len, row_len };
+    match row_len {
+        0 if rows_given || len != 0 => Err(bad),
+        0 => Ok(0),
+        _ if !len.is_multiple_of(row_len) => Err(bad),
+        _ => Ok(len / row_len),
+    }
+}
+
+/// Checks that every index of `list` is below `rows`.
+fn check_rows<I: Iterator<Item = usize> + Clone>(
+    what: &'static str,
+    list: I,
+    rows: usize,
+) -> Result<(), KernelError> {
+    // One pass for the maximum: no early exit, so no branch per index on the valid path.
+    match list.clone().max() {
+        Some(max) if max >= rows => Err(KernelError::RowOutOfRange {
+            what,
+            row: list.into_iter().find(|&r| r >= rows).unwrap_or(max),
+            rows,
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[inline]
@@ -533,6 +593,91 @@ impl Kernels {
         check("v", n, v.len())?;
         check("grad", n, grad.len())?;
         arch::adam_row::<P, G, M, false>(self.isa, c, param, m, v, &mut [], grad);
+        Ok(())
+    }
+
+    /// Adam on many rows of row-major tables with one call: row `rows[k]` of `param`, `m` and
+    /// `v` (elements `rows[k] * row_len..(rows[k] + 1) * row_len`) is updated with the
+    /// gradient row `grads[k * row_len..(k + 1) * row_len]`, in order of `k`.
+    ///
+    /// Each row gets exactly the bits of [`Kernels::adam_row`] on its slices, with a
+    /// stochastic-rounding offset advanced by `rows[k] * row_len` (the element's index in the
+    /// whole table, as if the table were one row). The per-call setup is paid once, and the
+    /// table rows of later entries are prefetched, which is what makes this faster than a
+    /// loop of `adam_row` for short rows.
+    ///
+    /// Errors, with nothing written: `m` or `v` not as long as `param`, a table length that is
+    /// not a whole number of rows (or `row_len == 0` with rows given), `grads` not
+    /// `rows.len() * row_len` long, a row not below the number of table rows.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{AdamCoeffs, Kernels};
+    /// let c = AdamCoeffs::new(0.01, 0.9, 0.999, 1e-7);
+    /// // A table of 3 rows of 2; update rows 2 and 0.
+    /// let mut p = [1.0f32; 6];
+    /// let (mut m, mut v) = ([0.0f32; 6], [0.0f32; 6]);
+    /// Kernels::best().adam_rows(&c, &mut p, &mut m, &mut v, 2, &[2, 0], &[1.0f32, 1.0, -1.0, -1.0])?;
+    /// assert!(p[4] < 1.0 && p[5] < 1.0 && p[0] > 1.0 && p[1] > 1.0);
+    /// assert_eq!(&p[2..4], &[1.0, 1.0]); // row 1 untouched
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn adam_rows<P: Element, G: Element, M: Element>(
+        &self,
+        c: &AdamCoeffs,
+        param: &mut [P],
+        m: &mut [M],
+        v: &mut [M],
+        row_len: usize,
+        rows: &[usize],
+        grads: &[G],
+    ) -> Result<(), KernelError> {
+        let n = param.len();
+        check("m", n, m.len())?;
+        check("v", n, v.len())?;
+        let table = table_rows("param", n, row_len, !rows.is_empty())?;
+        check("grads", rows.len().saturating_mul(row_len), grads.len())?;
+        check_rows("rows", rows.iter().copied(), table)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        arch::adam_rows::<P, G, M>(self.isa, c, param, m, v, row_len, rows, grads);
+        Ok(())
+    }
+
+    /// Sums many gradient rows into f32 accumulator rows with one call:
+    /// `acc[slots[i] * row_len..][..row_len] += transform(src[i * row_len..][..row_len])`
+    /// for every `i`, in order (each the bits of [`Kernels::accumulate_row`]). Duplicate ids
+    /// of a sparse gradient are summed with this, `slots` mapping each occurrence to its
+    /// distinct row.
+    ///
+    /// Errors, with nothing written: `acc` not a whole number of rows (or `row_len == 0`
+    /// with slots given), `src` not `slots.len() * row_len` long, a slot not below the number
+    /// of accumulator rows.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels};
+    /// let mut acc = [0.0f32; 4]; // two rows of 2
+    /// let src = [1.0f32, 2.0, 10.0, 20.0, 100.0, 200.0];
+    /// Kernels::best().accumulate_rows(&mut acc, 2, &[1, 0, 1], &src, &GradTransform::default())?;
+    /// assert_eq!(acc, [10.0, 20.0, 101.0, 202.0]);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn accumulate_rows<G: Element>(
+        &self,
+        acc: &mut [f32],
+        row_len: usize,
+        slots: &[u32],
+        src: &[G],
+        t: &GradTransform,
+    ) -> Result<(), KernelError> {
+        let table = table_rows("acc", acc.len(), row_len, !slots.is_empty())?;
+        check("src", slots.len().saturating_mul(row_len), src.len())?;
+        check_rows("slots", slots.iter().map(|&x| x as usize), table)?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        arch::accumulate_rows::<G>(self.isa, acc, row_len, slots, src, t);
         Ok(())
     }
 

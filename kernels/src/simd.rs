@@ -354,14 +354,103 @@ pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: b
 ) {
     let k = Coeffs::new::<S, P>(s, c);
     if k.is_plain() {
-        adam_body::<S, P, G, M, AMS, true>(s, &k, param, m, v, vhat, grad)
+        adam_body::<S, P, G, M, AMS, true>(s, &k, param, m, v, vhat, grad, 0)
     } else {
-        adam_body::<S, P, G, M, AMS, false>(s, &k, param, m, v, vhat, grad)
+        adam_body::<S, P, G, M, AMS, false>(s, &k, param, m, v, vhat, grad, 0)
     }
 }
 
-/// The row loop of [`adam_row`].
+/// Adam over rows `rows[k]` of row-major tables (`row_len` elements per row) with the
+/// gradient rows `grads[k * row_len..]`, in order. Checked by the caller: the tables have the
+/// same length, a multiple of `row_len > 0`, every row is in range and `grads` holds
+/// `rows.len()` rows. Row `r` is updated exactly as `adam_row` on its slices with the rounding
+/// offset advanced by `r * row_len`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adam_rows<S: Simd, P: Element, G: Element, M: Element>(
+    s: S,
+    c: &AdamCoeffs,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    row_len: usize,
+    rows: &[usize],
+    grads: &[G],
+) {
+    let k = Coeffs::new::<S, P>(s, c);
+    if k.is_plain() {
+        rows_body::<S, P, G, M, true>(s, &k, param, m, v, row_len, rows, grads)
+    } else {
+        rows_body::<S, P, G, M, false>(s, &k, param, m, v, row_len, rows, grads)
+    }
+}
+
+/// How many rows ahead [`adam_rows`] prefetches its table rows.
+const ROWS_AHEAD: usize = 4;
+
+/// The loop of [`adam_rows`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool>(
+    s: S,
+    k: &Coeffs<S::F>,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    row_len: usize,
+    rows: &[usize],
+    grads: &[G],
+) {
+    for (j, (&r, g)) in rows.iter().zip(grads.chunks_exact(row_len)).enumerate() {
+        if let Some(&ahead) = rows.get(j + ROWS_AHEAD) {
+            // Rows of a large table are at random places: start their cache and TLB misses
+            // early. Hints only; the addresses are in range anyway (checked by the caller).
+            let at = ahead * row_len;
+            let lines = |bytes: usize| bytes.div_ceil(64);
+            for l in 0..lines(row_len * core::mem::size_of::<P>()) {
+                s.prefetch((param.as_ptr().wrapping_add(at) as *const u8).wrapping_add(64 * l));
+            }
+            for l in 0..lines(row_len * core::mem::size_of::<M>()) {
+                s.prefetch((m.as_ptr().wrapping_add(at) as *const u8).wrapping_add(64 * l));
+                s.prefetch((v.as_ptr().wrapping_add(at) as *const u8).wrapping_add(64 * l));
+            }
+        }
+        let range = r * row_len..(r + 1) * row_len;
+        // The rounding index of the row's first element is its place in the table.
+        adam_body::<S, P, G, M, false, PLAIN>(
+            s,
+            k,
+            &mut param[range.clone()],
+            &mut m[range.clone()],
+            &mut v[range.clone()],
+            &mut [],
+            g,
+            range.start,
+        );
+    }
+}
+
+/// `acc[slots[i] * row_len..][..row_len] += transform(src[i * row_len..][..row_len])` for
+/// every `i`, in order. Checked by the caller: `row_len > 0`, `acc` holds whole rows, every
+/// slot is in range and `src` holds `slots.len()` rows.
+#[inline(always)]
+pub(crate) fn accumulate_rows<S: Simd, G: Element>(
+    s: S,
+    acc: &mut [f32],
+    row_len: usize,
+    slots: &[u32],
+    src: &[G],
+    t: &GradTransform,
+) {
+    for (&slot, g) in slots.iter().zip(src.chunks_exact(row_len)) {
+        let at = slot as usize * row_len;
+        load_row::<S, G, true>(s, &mut acc[at..at + row_len], g, t);
+    }
+}
+
+/// The row loop of [`adam_row`]; `base` is the stochastic-rounding index of `param[0]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
     s: S,
     k: &Coeffs<S::F>,
@@ -370,6 +459,7 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
     v: &mut [M],
     vhat: &mut [M],
     grad: &[G],
+    base: usize,
 ) {
     let n = param.len();
     assert!(m.len() == n && v.len() == n && grad.len() == n && (!AMS || vhat.len() == n));
@@ -409,7 +499,7 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
                         vhat.as_mut_ptr()
                     },
                     grad.as_ptr().add(j),
-                    j,
+                    base + j,
                 );
             }
         }
@@ -432,7 +522,7 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
                     vhat.as_mut_ptr()
                 },
                 grad.as_ptr().add(i),
-                i,
+                base + i,
             );
         }
         i += w;
@@ -458,7 +548,7 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
                 bv.as_mut_ptr(),
                 bvh.as_mut_ptr(),
                 bg.as_ptr(),
-                i,
+                base + i,
             );
         }
         param[i..].copy_from_slice(&bp[..r]);

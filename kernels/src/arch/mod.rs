@@ -49,6 +49,43 @@ macro_rules! entry_points {
 
             /// # Safety
             ///
+            /// The CPU must support this path's features; arguments as for
+            /// `simd::adam_rows`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(crate) unsafe fn adam_rows<P: Element, G: Element, M: Element>(
+                c: &AdamCoeffs,
+                param: &mut [P],
+                m: &mut [M],
+                v: &mut [M],
+                row_len: usize,
+                rows: &[usize],
+                grads: &[G],
+            ) {
+                // SAFETY: the caller guarantees the features.
+                let s = unsafe { token() };
+                simd::adam_rows::<_, P, G, M>(s, c, param, m, v, row_len, rows, grads)
+            }
+
+            /// # Safety
+            ///
+            /// The CPU must support this path's features; arguments as for
+            /// `simd::accumulate_rows`.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn accumulate_rows<G: Element>(
+                acc: &mut [f32],
+                row_len: usize,
+                slots: &[u32],
+                src: &[G],
+                t: &GradTransform,
+            ) {
+                // SAFETY: the caller guarantees the features.
+                let s = unsafe { token() };
+                simd::accumulate_rows::<_, G>(s, acc, row_len, slots, src, t)
+            }
+
+            /// # Safety
+            ///
             /// The CPU must support this path's features.
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn load_row<G: Element, const ACC: bool>(
@@ -135,6 +172,81 @@ pub(crate) fn adam_row<P: Element, G: Element, M: Element, const AMS: bool>(
         simd::adam_row::<_, P, G, M, AMS>(portable::Portable, c, param, m, v, vhat, grad),
         avx2::adam_row::<P, G, M, AMS>(c, param, m, v, vhat, grad),
         avx512::adam_row::<P, G, M, AMS>(c, param, m, v, vhat, grad)
+    )
+}
+
+/// The scalar reference of `adam_rows`: `adam_row` per row, the rounding offset advanced to
+/// the row's place in the table.
+#[allow(clippy::too_many_arguments)]
+fn scalar_adam_rows<P: Element, G: Element, M: Element>(
+    c: &AdamCoeffs,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    row_len: usize,
+    rows: &[usize],
+    grads: &[G],
+) {
+    for (&r, g) in rows.iter().zip(grads.chunks_exact(row_len)) {
+        let range = r * row_len..(r + 1) * row_len;
+        let mut cr = *c;
+        if let Rounding::Stochastic { seed, offset } = c.rounding {
+            cr.rounding = Rounding::Stochastic {
+                seed,
+                offset: offset.wrapping_add((r * row_len) as u64),
+            };
+        }
+        scalar::adam_row::<P, G, M, false>(
+            &cr,
+            &mut param[range.clone()],
+            &mut m[range.clone()],
+            &mut v[range],
+            &mut [],
+            g,
+            0,
+        );
+    }
+}
+
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adam_rows<P: Element, G: Element, M: Element>(
+    isa: Isa,
+    c: &AdamCoeffs,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    row_len: usize,
+    rows: &[usize],
+    grads: &[G],
+) {
+    dispatch!(
+        isa,
+        scalar_adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
+        simd::adam_rows::<_, P, G, M>(portable::Portable, c, param, m, v, row_len, rows, grads),
+        avx2::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
+        avx512::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads)
+    )
+}
+
+#[inline]
+pub(crate) fn accumulate_rows<G: Element>(
+    isa: Isa,
+    acc: &mut [f32],
+    row_len: usize,
+    slots: &[u32],
+    src: &[G],
+    t: &GradTransform,
+) {
+    dispatch!(
+        isa,
+        for (&slot, g) in slots.iter().zip(src.chunks_exact(row_len)) {
+            let at = slot as usize * row_len;
+            scalar::accumulate_row(&mut acc[at..at + row_len], g, t);
+        },
+        simd::accumulate_rows::<_, G>(portable::Portable, acc, row_len, slots, src, t),
+        avx2::accumulate_rows::<G>(acc, row_len, slots, src, t),
+        avx512::accumulate_rows::<G>(acc, row_len, slots, src, t)
     )
 }
 
