@@ -1,6 +1,9 @@
-//! Duplicate-id detection by a radix sort of the occurrences.
+//! Duplicate-id detection: a radix sort of the occurrences ([`Dedup`], for
+//! large steps, which may run in parallel and need the rows sorted), or a small
+//! hash table ([`RowHash`], for steps that run sequentially and only need each
+//! occurrence mapped to its distinct row).
 //!
-//! Each occurrence `i` of row `r` becomes the key `(r << pos_bits) | i`; a
+//! Radix sort. Each occurrence `i` of row `r` becomes the key `(r << pos_bits) | i`; a
 //! least-significant-digit radix sort on the row bits (stable, so the
 //! occurrences of a row stay in occurrence order) groups the occurrences by
 //! row, in increasing row order. The distinct rows are then the runs of equal
@@ -183,6 +186,99 @@ impl Dedup {
     }
 }
 
+/// One entry of the table of [`RowHash`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    /// The build that wrote this entry (0: never written).
+    generation: u32,
+    /// Index of the row in [`RowHash::rows`].
+    index: u32,
+    /// The row id.
+    row: u64,
+}
+
+/// Maps each occurrence of a step's ids to the index of its distinct row, with
+/// an open-addressing hash table sized by the number of ids (so it stays in
+/// L1/L2 whatever the size of the embedding table). Distinct rows are listed
+/// in order of first occurrence. Everything is kept across steps; a
+/// generation stamp makes old entries empty, so the table is not cleared.
+#[derive(Debug, Default)]
+pub(crate) struct RowHash {
+    /// Distinct rows, in order of first occurrence.
+    pub rows: Vec<usize>,
+    /// Per occurrence: the index of its row in `rows`.
+    pub slot_of: Vec<u32>,
+    /// A power of two long, plus one write-only entry at the end (see
+    /// [`RowHash::build`]).
+    table: Vec<Slot>,
+    generation: u32,
+}
+
+impl RowHash {
+    /// Largest number of ids [`RowHash::build`] takes.
+    pub(crate) const MAX_IDS: usize = 1 << 30;
+
+    /// Maps the `n` ids (`n <= MAX_IDS`) given by `id`.
+    ///
+    /// One probe per id (the table is at most half full). A repeated row
+    /// writes its entry to a dummy slot instead of back to its own: a hot row
+    /// (one of the peer workloads has a row in 31% of the ids) would otherwise
+    /// chain every lookup of it through store-to-load forwarding. (Measured:
+    /// forcing branch-free selects here was slower than the compiler's
+    /// branches.)
+    pub(crate) fn build(&mut self, n: usize, id: impl Fn(usize) -> usize) {
+        debug_assert!(n <= Self::MAX_IDS);
+        self.rows.clear();
+        self.slot_of.clear();
+        if n == 0 {
+            return;
+        }
+        // At most half full: short probe sequences.
+        let cap = (2 * n).next_power_of_two().max(16);
+        if self.table.len() != cap + 1 || self.generation == u32::MAX {
+            self.table.clear();
+            self.table.resize(cap + 1, Slot::default());
+            self.generation = 0;
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        let shift = u64::BITS - cap.trailing_zeros();
+        let mask = cap - 1;
+        // Room for every id to be new, so that a new row is recorded without a
+        // branch (the entry past the end is overwritten until a row claims it).
+        self.rows.resize(n, 0);
+        self.slot_of.resize(n, 0);
+        let (table, rows) = (&mut self.table[..], &mut self.rows[..]);
+        let mut len = 0usize;
+        for (i, so) in self.slot_of.iter_mut().enumerate() {
+            let row = id(i);
+            let key = row as u64;
+            // Fibonacci hashing: the top bits of a product with 2^64 / phi.
+            let mut h = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize;
+            let mut e = table[h];
+            // Stop at this row's entry or at an empty one.
+            let stop = |e: &Slot| (e.row == key) | (e.generation != generation);
+            while !stop(&e) {
+                h = (h + 1) & mask;
+                e = table[h];
+            }
+            let new = e.generation != generation;
+            let index = if new { len } else { e.index as usize };
+            table[if new { h } else { cap }] = Slot {
+                generation,
+                index: index as u32,
+                row: key,
+            };
+            if len < n {
+                rows[len] = row;
+            }
+            len += new as usize;
+            *so = index as u32;
+        }
+        self.rows.truncate(len);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +353,57 @@ mod tests {
                 let total: usize = d.distinct.iter().map(|x| x.count).sum();
                 assert_eq!(total, n);
             }
+        }
+    }
+
+    /// `(row, positions)` of a [`RowHash`], in order of first occurrence.
+    fn hashed(h: &RowHash) -> Vec<(usize, Vec<usize>)> {
+        let mut g: Vec<(usize, Vec<usize>)> = h.rows.iter().map(|&r| (r, vec![])).collect();
+        for (i, &s) in h.slot_of.iter().enumerate() {
+            g[s as usize].1.push(i);
+        }
+        g
+    }
+
+    #[test]
+    fn row_hash_matches_reference() {
+        let mut h = RowHash::default();
+        for rows in [1usize, 2, 7, 1237, 2048, 1 << 20, usize::MAX] {
+            for n in [0usize, 1, 2, 3, 100, 5000] {
+                let ids: Vec<usize> = (0..n)
+                    .map(|i| ((i * 7919 + 13) % 1237).wrapping_mul(2_654_435_761) % rows)
+                    .collect();
+                // The same state reused across sizes and generations.
+                h.build(ids.len(), |i| ids[i]);
+                let g = hashed(&h);
+                let firsts: Vec<usize> = g.iter().map(|(_, p)| p[0]).collect();
+                assert!(firsts.windows(2).all(|w| w[0] < w[1]), "rows {rows}, n {n}");
+                let mut g = g;
+                g.sort();
+                assert_eq!(g, reference(&ids), "rows {rows}, n {n}");
+            }
+        }
+        // Many rows sharing home slots: 500 distinct rows in a 1024-entry
+        // table (checked below to collide), so probe sequences are exercised.
+        let ids: Vec<usize> = (0..512).map(|i| (i % 500) * 1_000_003).collect();
+        h.build(ids.len(), |i| ids[i]);
+        let mut homes: Vec<u64> = (0..500u64)
+            .map(|r| (r * 1_000_003).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 10))
+            .collect();
+        homes.sort();
+        homes.dedup();
+        assert!(homes.len() < 450, "{} distinct home slots", homes.len());
+        let mut g = hashed(&h);
+        g.sort();
+        assert_eq!(g, reference(&ids));
+        // Generation wrap-around clears the table instead of reusing stale
+        // entries.
+        h.generation = u32::MAX - 1;
+        for ids in [[5usize, 6, 5], [6, 6, 7], [7, 5, 5]] {
+            h.build(3, |i| ids[i]);
+            let mut g = hashed(&h);
+            g.sort();
+            assert_eq!(g, reference(&ids));
         }
     }
 

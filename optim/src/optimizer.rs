@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Kernels, bf16, f16};
 
 use crate::config::{LazyAdamConfig, LearningRate};
-use crate::dedup::Dedup;
+use crate::dedup::{Dedup, RowHash};
 use crate::error::{ConfigError, Error};
 use crate::extensions::{Extensions, NonFinitePolicy};
 use crate::profile::{Phase, Timer};
+use crate::step::HashedScratch;
 use crate::step::{self, RowList, StepCtx, Tables, bias_corrected_lr, mix64};
 use crate::store::{Store, StoreElem, try_zeros};
 use crate::tensor::{
@@ -42,8 +43,11 @@ pub(crate) struct LossScaleState {
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     pub dedup: Dedup,
-    /// Accumulator row of duplicated ids (sequential path).
+    pub hash: RowHash,
+    /// Accumulator row of a duplicated id (sorted sequential path).
     pub acc: Vec<f32>,
+    /// Buffers of the hashed path.
+    pub hashed: HashedScratch,
     pub transforms: Vec<GradTransform>,
     pub seen: Vec<bool>,
 }
@@ -142,6 +146,16 @@ fn scale_transform(t: &mut GradTransform, s: f32) {
         if let Some(c) = t.clip.as_mut() {
             *c *= s;
         }
+    }
+}
+
+fn build_hash(h: &mut RowHash, ids: &RowIds<'_>) {
+    match ids {
+        RowIds::U32(s) => h.build(s.len(), |i| s[i] as usize),
+        RowIds::U64(s) => h.build(s.len(), |i| s[i] as usize),
+        RowIds::Usize(s) => h.build(s.len(), |i| s[i]),
+        RowIds::I32(s) => h.build(s.len(), |i| s[i] as usize),
+        RowIds::I64(s) => h.build(s.len(), |i| s[i] as usize),
     }
 }
 
@@ -498,18 +512,35 @@ impl LazyAdam {
             let var = &mut self.vars[vi];
             let sparse = matches!(u.grad, Gradient::Sparse { .. });
             let row_path = sparse || self.ext.per_row_bias_correction || self.ext.catch_up_decay;
-            let dedup = &mut self.scratch.dedup;
+            let min_parallel = self.ext.parallel_min_elements.max(1);
+            let (dedup, hash) = (&mut self.scratch.dedup, &mut self.scratch.hash);
+            let mut rows = Rows::Dense;
             let updated = if let Gradient::Sparse { ids, .. } = &u.grad {
-                build_dedup(dedup, ids, var.rows);
-                dedup.distinct.len() * var.row_len
+                // Small steps take the hash table; large ones the radix sort,
+                // whose parallel path also sums the duplicates in parallel
+                // (the hashed path sums them on one thread).
+                let n_elems = ids.len().saturating_mul(var.row_len);
+                let hashed = ids.len() <= RowHash::MAX_IDS
+                    && (n_elems < min_parallel.saturating_mul(HASHED_PARALLEL_FACTOR)
+                        || (threads == 1 && n_elems <= HASHED_MAX_ELEMENTS));
+                if hashed {
+                    build_hash(hash, ids);
+                    rows = Rows::Hashed(&*hash);
+                    hash.rows.len() * var.row_len
+                } else {
+                    build_dedup(dedup, ids, var.rows);
+                    rows = Rows::Sorted(&*dedup);
+                    dedup.distinct.len() * var.row_len
+                }
             } else {
                 if row_path {
                     dedup.build_identity(var.rows);
+                    rows = Rows::Sorted(&*dedup);
                 }
                 var.numel
             };
             timer.lap(Phase::Dedup);
-            let parallel = threads > 1 && updated >= self.ext.parallel_min_elements.max(1);
+            let parallel = threads > 1 && updated >= min_parallel;
             let ctx = StepCtx {
                 k,
                 base,
@@ -528,10 +559,14 @@ impl LazyAdam {
             };
             let mut job = Job {
                 ctx: &ctx,
-                dedup: if row_path { Some(&*dedup) } else { None },
+                rows,
                 timer: &mut timer,
             };
-            job.dispatch(var, &mut u.param, &u.grad.values(), &mut self.scratch.acc)?;
+            let bufs = Bufs {
+                acc: &mut self.scratch.acc,
+                hashed: &mut self.scratch.hashed,
+            };
+            job.dispatch(var, &mut u.param, &u.grad.values(), bufs)?;
         }
 
         self.iterations += 1;
@@ -557,10 +592,37 @@ impl LazyAdam {
 }
 
 /// One variable's work in a step, dispatched on the storage types.
+/// Above this many gradient elements (ids x row length), a one-thread step
+/// sorts its rows rather than hashing them: the hashed path keeps one f32
+/// accumulator row per distinct row, which then no longer fits in cache.
+const HASHED_MAX_ELEMENTS: usize = 1 << 20;
+
+/// With several threads, steps of fewer than this many times
+/// `parallel_min_elements` gradient elements take the hashed path (which sums
+/// duplicates on one thread, then updates in parallel if the distinct rows
+/// reach `parallel_min_elements`); larger ones the sorted path.
+const HASHED_PARALLEL_FACTOR: usize = 4;
+
+/// The distinct rows of a variable's step.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// The plain dense path.
+    Dense,
+    /// Sorted rows ([`Dedup`]), sequential or parallel.
+    Sorted(&'a Dedup),
+    /// Hashed rows ([`RowHash`]), sequential.
+    Hashed(&'a RowHash),
+}
+
+/// The scratch buffers a job writes.
+struct Bufs<'a> {
+    acc: &'a mut Vec<f32>,
+    hashed: &'a mut HashedScratch,
+}
+
 struct Job<'a> {
     ctx: &'a StepCtx,
-    /// Distinct rows (row path), or `None` for the plain dense path.
-    dedup: Option<&'a Dedup>,
+    rows: Rows<'a>,
     timer: &'a mut Timer,
 }
 
@@ -570,12 +632,12 @@ impl Job<'_> {
         var: &mut VarState,
         param: &mut TensorMut<'_>,
         values: &TensorRef<'_>,
-        acc: &mut Vec<f32>,
+        bufs: Bufs<'_>,
     ) -> Result<(), Error> {
         match param {
-            TensorMut::F32(p) => self.with_param::<f32>(var, p, values, acc),
-            TensorMut::F16(p) => self.with_param::<f16>(var, p, values, acc),
-            TensorMut::BF16(p) => self.with_param::<bf16>(var, p, values, acc),
+            TensorMut::F32(p) => self.with_param::<f32>(var, p, values, bufs),
+            TensorMut::F16(p) => self.with_param::<f16>(var, p, values, bufs),
+            TensorMut::BF16(p) => self.with_param::<bf16>(var, p, values, bufs),
         }
     }
 
@@ -584,12 +646,12 @@ impl Job<'_> {
         var: &mut VarState,
         p: &mut [P],
         values: &TensorRef<'_>,
-        acc: &mut Vec<f32>,
+        bufs: Bufs<'_>,
     ) -> Result<(), Error> {
         match values {
-            TensorRef::F32(g) => self.with_grad::<P, f32>(var, p, g, acc),
-            TensorRef::F16(g) => self.with_grad::<P, f16>(var, p, g, acc),
-            TensorRef::BF16(g) => self.with_grad::<P, bf16>(var, p, g, acc),
+            TensorRef::F32(g) => self.with_grad::<P, f32>(var, p, g, bufs),
+            TensorRef::F16(g) => self.with_grad::<P, f16>(var, p, g, bufs),
+            TensorRef::BF16(g) => self.with_grad::<P, bf16>(var, p, g, bufs),
         }
     }
 
@@ -598,12 +660,12 @@ impl Job<'_> {
         var: &mut VarState,
         p: &mut [P],
         g: &[G],
-        acc: &mut Vec<f32>,
+        bufs: Bufs<'_>,
     ) -> Result<(), Error> {
         match var.info.moment_dtype {
-            DType::F32 => self.run::<P, G, f32>(var, p, g, acc),
-            DType::F16 => self.run::<P, G, f16>(var, p, g, acc),
-            DType::BF16 => self.run::<P, G, bf16>(var, p, g, acc),
+            DType::F32 => self.run::<P, G, f32>(var, p, g, bufs),
+            DType::F16 => self.run::<P, G, f16>(var, p, g, bufs),
+            DType::BF16 => self.run::<P, G, bf16>(var, p, g, bufs),
         }
     }
 
@@ -612,7 +674,7 @@ impl Job<'_> {
         var: &mut VarState,
         p: &mut [P],
         g: &[G],
-        acc: &mut Vec<f32>,
+        bufs: Bufs<'_>,
     ) -> Result<(), Error> {
         let internal = || Error::Checkpoint("internal: slot storage type mismatch".into());
         let m = M::slice_mut(&mut var.m).ok_or_else(internal)?;
@@ -621,19 +683,22 @@ impl Job<'_> {
             Some(s) => Some(M::slice_mut(s).ok_or_else(internal)?),
             None => None,
         };
-        match self.dedup {
-            None => step::dense(self.ctx, p, m, v, vhat, g, 0)?,
-            Some(d) => {
-                let tb = Tables {
-                    param: p,
-                    m,
-                    v,
-                    vhat,
-                    steps: var.row_steps.as_deref_mut(),
-                    last: var.last_step.as_deref_mut(),
-                    base_row: 0,
-                };
-                step::rows(self.ctx, tb, RowList::new(d), g, acc)?
+        if let Rows::Dense = self.rows {
+            step::dense(self.ctx, p, m, v, vhat, g, 0)?;
+        } else {
+            let tb = Tables {
+                param: p,
+                m,
+                v,
+                vhat,
+                steps: var.row_steps.as_deref_mut(),
+                last: var.last_step.as_deref_mut(),
+                base_row: 0,
+            };
+            match self.rows {
+                Rows::Hashed(h) => step::rows_hashed(self.ctx, tb, h, g, bufs.hashed)?,
+                Rows::Sorted(d) => step::rows(self.ctx, tb, RowList::new(d), g, bufs.acc)?,
+                Rows::Dense => {}
             }
         }
         self.timer.lap(Phase::Update);

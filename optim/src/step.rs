@@ -3,7 +3,7 @@
 
 use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, KernelError, Kernels, Rounding};
 
-use crate::dedup::{Dedup, Distinct};
+use crate::dedup::{Dedup, Distinct, RowHash};
 
 /// Elements per leaf task of the parallel paths.
 #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
@@ -289,6 +289,107 @@ fn rows_seq<P: Element, G: Element, M: Element>(
         }
     }
     Ok(())
+}
+
+/// Buffers of [`rows_hashed`], kept across steps.
+#[derive(Debug, Default)]
+pub(crate) struct HashedScratch {
+    /// One f32 accumulator row per distinct row.
+    pub acc: Vec<f32>,
+    /// (row, accumulator index) pairs of the parallel split.
+    pub order: Vec<(usize, u32)>,
+}
+
+/// Updates the distinct rows of a [`RowHash`].
+///
+/// First every occurrence's gradient row is added, in occurrence order, into
+/// its distinct row's f32 accumulator (one `accumulate_rows` call): the
+/// gradient rows are read once, in order, and the accumulators stay in cache.
+/// The accumulators start at -0.0, and -0.0 + x is x for every x (+0.0
+/// included; a signalling NaN comes out quiet, which the update's arithmetic
+/// does to it anyway), so a row's sum has the bits of the sorted path's
+/// `load_row` then `accumulate_row`. Then the rows are updated from their
+/// accumulators with the identity transform, which for a row occurring once
+/// gives the bits of the fused transform (see [`rows_seq`]): with one
+/// `adam_rows` call, or row by row when the coefficients vary by row, or in
+/// parallel over disjoint row ranges when `ctx.parallel`.
+pub(crate) fn rows_hashed<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    mut tb: Tables<'_, P, M>,
+    hash: &RowHash,
+    values: &[G],
+    sc: &mut HashedScratch,
+) -> Result<(), KernelError> {
+    let rl = ctx.row_len;
+    let need = hash.rows.len() * rl;
+    let acc = &mut sc.acc;
+    acc.clear();
+    acc.resize(need, -0.0);
+    ctx.k
+        .accumulate_rows(acc, rl, &hash.slot_of, values, &ctx.transform)?;
+    #[cfg(feature = "rayon")]
+    if ctx.parallel {
+        sc.order.clear();
+        sc.order
+            .extend(hash.rows.iter().enumerate().map(|(k, &r)| (r, k as u32)));
+        let leaf_rows = (LEAF_ELEMENTS / rl.max(1)).max(1);
+        return hashed_par(ctx, tb, &mut sc.order, acc, leaf_rows);
+    }
+    if ctx.per_row_bias || ctx.catch_up || ctx.amsgrad {
+        for (k, &row) in hash.rows.iter().enumerate() {
+            if let Some(&ahead) = hash.rows.get(k + PREFETCH_AHEAD) {
+                prefetch_row(&tb, ahead, rl);
+            }
+            let g = &acc[k * rl..(k + 1) * rl];
+            update_row(ctx, &mut tb, row, g, GradTransform::default())?;
+        }
+        return Ok(());
+    }
+    let mut c = ctx.base;
+    if let Some(seed) = ctx.sr_seed {
+        // Row `r` gets offset `r * rl` (its place in the table), as in `update_row`.
+        c.rounding = Rounding::Stochastic { seed, offset: 0 };
+    }
+    debug_assert_eq!(tb.base_row, 0);
+    ctx.k
+        .adam_rows(&c, tb.param, tb.m, tb.v, rl, &hash.rows, acc)
+}
+
+/// The parallel part of [`rows_hashed`]: splits `order` (distinct rows) at its
+/// median row, so that the two halves own disjoint row ranges of the tables,
+/// and recurses with `rayon::join` down to `leaf_rows` rows.
+#[cfg(feature = "rayon")]
+fn hashed_par<P: Element, M: Element>(
+    ctx: &StepCtx,
+    mut tb: Tables<'_, P, M>,
+    order: &mut [(usize, u32)],
+    acc: &[f32],
+    leaf_rows: usize,
+) -> Result<(), KernelError> {
+    let rl = ctx.row_len;
+    if order.len() <= leaf_rows {
+        for (j, &(row, k)) in order.iter().enumerate() {
+            if let Some(&(ahead, _)) = order.get(j + PREFETCH_AHEAD) {
+                prefetch_row(&tb, ahead, rl);
+            }
+            let k = k as usize;
+            let g = &acc[k * rl..(k + 1) * rl];
+            update_row(ctx, &mut tb, row, g, GradTransform::default())?;
+        }
+        return Ok(());
+    }
+    // Rows are distinct: everything left of `mid` is below `split_row`, the
+    // rest at or above it.
+    let mid = order.len() / 2;
+    order.select_nth_unstable_by_key(mid, |p| p.0);
+    let split_row = order[mid].0;
+    let (left, right) = tb.split_at_row(split_row, rl);
+    let (a, b) = order.split_at_mut(mid);
+    let (ra, rb) = rayon::join(
+        || hashed_par(ctx, left, a, acc, leaf_rows),
+        || hashed_par(ctx, right, b, acc, leaf_rows),
+    );
+    ra.and(rb)
 }
 
 /// Updates the distinct rows (in increasing row order), splitting the tables

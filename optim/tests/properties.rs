@@ -463,3 +463,131 @@ fn inline_and_kernel_duplicate_sums_agree() {
         assert_eq!(reference, run(Some(f32::MAX), isa), "{isa:?} clipvalue");
     }
 }
+
+/// The row paths of a sparse step (hashed or sorted duplicate detection, each
+/// sequential or parallel; picked by the thread count and
+/// `parallel_min_elements`) give identical bits, with and without the
+/// per-row extensions, for f32 and 16-bit storage.
+mod row_paths {
+    use super::*;
+    use lazyadam::f16;
+
+    /// The `parallel_min_elements` values that select each path for a step of
+    /// `n` ids (`distinct` distinct) of rows of `rl`: every path reachable for
+    /// this step, with its name.
+    fn thresholds(n: usize, distinct: usize, rl: usize) -> Vec<(&'static str, usize, usize)> {
+        let (elems, updated) = (n * rl, distinct * rl);
+        // (name, threads, parallel_min_elements)
+        let mut v = vec![
+            (
+                "hashed, one thread",
+                1,
+                lazyadam::DEFAULT_PARALLEL_MIN_ELEMENTS,
+            ),
+            ("hashed, sequential", 2, usize::MAX / 8),
+            ("sorted, parallel", 2, 1),
+        ];
+        // Hashed (elems < 4 pm) and parallel (updated >= pm).
+        let pm = elems / 4 + 1;
+        if updated >= pm {
+            v.push(("hashed, parallel", 2, pm));
+        }
+        // Sorted (elems >= 4 pm) and sequential (updated < pm).
+        let pm = updated + 1;
+        if elems >= 4 * pm {
+            v.push(("sorted, sequential", 2, pm));
+        }
+        v
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Variant {
+        Plain,
+        ClipValue,
+        PerRowBias,
+        SparseAmsgrad,
+        CatchUp,
+        Stochastic,
+    }
+
+    fn setup(variant: Variant, pm: usize) -> (LazyAdamConfig, Extensions) {
+        let mut config = LazyAdamConfig::default();
+        let mut ext = Extensions {
+            parallel_min_elements: pm,
+            ..Extensions::default()
+        };
+        match variant {
+            Variant::Plain => {}
+            Variant::ClipValue => config.clipvalue = Some(0.3),
+            Variant::PerRowBias => ext.per_row_bias_correction = true,
+            Variant::SparseAmsgrad => {
+                config.amsgrad = true;
+                ext.sparse_amsgrad = true;
+            }
+            Variant::CatchUp => ext.catch_up_decay = true,
+            Variant::Stochastic => ext.stochastic_rounding = Some(99),
+        }
+        (config, ext)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_row_path_gives_identical_bits(
+            rows in 1usize..200,
+            rl in prop::sample::select(vec![1usize, 3, 16, 40]),
+            // Few distinct values: duplicates, so that both "sorted, sequential"
+            // and "hashed, parallel" come up across cases.
+            spread in 1usize..400,
+            n in 0usize..300,
+            variant in prop::sample::select(vec![
+                Variant::Plain, Variant::ClipValue, Variant::PerRowBias,
+                Variant::SparseAmsgrad, Variant::CatchUp, Variant::Stochastic,
+            ]),
+            seed in any::<u64>(),
+        ) {
+            let mut state = seed | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            // Steps with different ids, so that rows go untouched for a while.
+            let steps: Vec<Vec<u64>> = (0..3)
+                .map(|_| (0..n).map(|_| (next() % spread as u64) % rows as u64).collect())
+                .collect();
+            let values: Vec<f32> = (0..n * rl).map(|i| ((i * 13) as f32 * 0.011).sin() * 2.0).collect();
+            let mut distinct = steps[0].clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let run = |threads: usize, pm: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let (config, ext) = setup(variant, pm);
+                    let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
+                    let a = opt.add_variable("a", &[rows, rl], DType::F32, DType::F32).unwrap();
+                    let b = opt.add_variable("b", &[rows, rl], DType::F16, DType::BF16).unwrap();
+                    let mut pa = vec![0.5f32; rows * rl];
+                    let mut pb = vec![f16::from_f32(-0.25); rows * rl];
+                    let vb: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+                    for ids in &steps {
+                        opt.apply_gradients(&mut [
+                            Update::new(a, &mut pa, Gradient::sparse(ids, &values)),
+                            Update::new(b, &mut pb, Gradient::sparse(ids, &vb)),
+                        ]).unwrap();
+                    }
+                    let pb: Vec<f32> = pb.iter().map(|x| x.to_f32()).collect();
+                    (f32_bits(&pa), f32_bits(&pb), opt.get_weights())
+                })
+            };
+            let paths = thresholds(n, distinct.len(), rl);
+            let (name0, t0, pm0) = paths[0];
+            let want = run(t0, pm0);
+            for &(name, threads, pm) in &paths[1..] {
+                prop_assert!(run(threads, pm) == want, "{:?}: {} differs from {}", variant, name, name0);
+            }
+        }
+    }
+}
