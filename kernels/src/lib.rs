@@ -39,6 +39,12 @@
 //! Loads widen exactly; stores round to nearest, ties to even (as `half`'s `from_f32`), or,
 //! for `f16`/`bf16` parameters, stochastically ([`Rounding::Stochastic`]).
 //!
+//! `sqrt` is the correctly rounded IEEE square root. The AVX-512 path computes some of its
+//! roots (one vector in three, f32 storage) without the divider unit, which it shares with
+//! the division: `vrsqrt14ps`, a Newton step, and an exact choice among the candidate and
+//! its neighbours (FMA is used there, only to get exact residuals). That gives the same bits
+//! as `vsqrtps`; the argument is in the source, and a test compares all 2^32 inputs.
+//!
 //! f16 moments are fragile: `(1-beta2)*g*g` underflows f16 for small gradients and the update
 //! then explodes. Prefer `f32` or `bf16` moments.
 //!
@@ -248,7 +254,7 @@ pub enum Isa {
     /// Portable SIMD on `wide` with the compile-time target features (NEON on aarch64, SSE2
     /// on baseline x86-64). Always supported.
     Portable,
-    /// x86-64-v3: AVX2, FMA and F16C (FMA instructions are never used; see the contract).
+    /// x86-64-v3: AVX2, FMA and F16C (no FMA instruction is used; see the contract).
     Avx2,
     /// x86-64-v4: AVX-512 F/BW/DQ/VL (plus the AVX2 set).
     Avx512,
