@@ -411,6 +411,100 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
         assert_eq!(k.store_row(&mut d, &store_src, c.rounding), e_store);
         assert!(same(&d, &r_store), "{isa:?} store_row");
     }
+    if !plain_mismatch && n > 0 {
+        batched(u, &c, &input)?;
+    }
+    Ok(())
+}
+
+/// The batched entry points on a table made of the input rows: `adam_rows` on every path
+/// gives the bits of the scalar `adam_row` applied row by row (rounding offset advanced to the
+/// row's place), `accumulate_rows` those of `accumulate_row` per slot; an out-of-range row or
+/// slot is an error that writes nothing.
+fn batched<P: Val, G: Val, M: Val>(
+    u: &mut Unstructured<'_>,
+    c: &AdamCoeffs,
+    input: &AdamInput<P, G, M>,
+) -> Result<()> {
+    let n = input.p.len();
+    let rl = u.int_in_range(1usize..=n.min(24))?;
+    let rows = n / rl;
+    let count = u.int_in_range(0usize..=12)?;
+    let ids: Vec<usize> = (0..count)
+        .map(|_| {
+            if u.ratio(1u8, 16u8)? {
+                Ok(rows + u.int_in_range(0usize..=3)?)
+            } else {
+                u.int_in_range(0..=rows - 1)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let bad = ids.iter().any(|&r| r >= rows);
+    let grads: Vec<G> = row(u, count * rl)?;
+    let t = rows * rl;
+    let (p0, m0, v0) = (
+        input.p[..t].to_vec(),
+        input.m[..t].to_vec(),
+        input.v[..t].to_vec(),
+    );
+    let scalar = Kernels::new(Isa::Scalar).expect("always supported");
+    let (mut rp, mut rm, mut rv) = (p0.clone(), m0.clone(), v0.clone());
+    if !bad {
+        for (j, &r) in ids.iter().enumerate() {
+            let mut cr = *c;
+            if let Rounding::Stochastic { seed, offset } = c.rounding {
+                cr.rounding = Rounding::Stochastic {
+                    seed,
+                    offset: offset.wrapping_add((r * rl) as u64),
+                };
+            }
+            let range = r * rl..(r + 1) * rl;
+            scalar
+                .adam_row(
+                    &cr,
+                    &mut rp[range.clone()],
+                    &mut rm[range.clone()],
+                    &mut rv[range],
+                    &grads[j * rl..(j + 1) * rl],
+                )
+                .expect("equal lengths");
+        }
+    }
+    for isa in Isa::supported() {
+        let k = Kernels::new(isa).expect("supported() lists it");
+        let (mut xp, mut xm, mut xv) = (p0.clone(), m0.clone(), v0.clone());
+        let e = k.adam_rows(c, &mut xp, &mut xm, &mut xv, rl, &ids, &grads);
+        assert_eq!(e.is_err(), bad, "{isa:?} adam_rows: {e:?}");
+        assert!(
+            same(&xp, &rp) && same(&xm, &rm) && same(&xv, &rv),
+            "{isa:?} adam_rows differs from the row-by-row scalar reference (or wrote on error)"
+        );
+    }
+    // Slots into `acc_rows` accumulator rows; slot `acc_rows` is out of range.
+    let acc_rows = u.int_in_range(1usize..=4)?;
+    let slots: Vec<u32> = ids.iter().map(|&r| (r % (acc_rows + 1)) as u32).collect();
+    let bad = slots.iter().any(|&s| s as usize >= acc_rows);
+    let acc0: Vec<f32> = (0..acc_rows * rl).map(|_| fval(u)).collect::<Result<_>>()?;
+    let mut want = acc0.clone();
+    if !bad {
+        for (j, &s) in slots.iter().enumerate() {
+            let s = s as usize;
+            scalar
+                .accumulate_row(
+                    &mut want[s * rl..(s + 1) * rl],
+                    &grads[j * rl..(j + 1) * rl],
+                    &c.grad,
+                )
+                .expect("equal lengths");
+        }
+    }
+    for isa in Isa::supported() {
+        let k = Kernels::new(isa).expect("supported() lists it");
+        let mut got = acc0.clone();
+        let e = k.accumulate_rows(&mut got, rl, &slots, &grads, &c.grad);
+        assert_eq!(e.is_err(), bad, "{isa:?} accumulate_rows: {e:?}");
+        assert!(same(&got, &want), "{isa:?} accumulate_rows");
+    }
     Ok(())
 }
 
