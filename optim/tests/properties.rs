@@ -591,3 +591,50 @@ mod row_paths {
         }
     }
 }
+
+/// A one-thread step of more than 2^20 gradient elements takes the sorted
+/// (radix) path sequentially; it must give the bits of the hashed path and of
+/// the sorted parallel path.
+#[test]
+fn huge_one_thread_steps_agree_with_the_other_paths() {
+    let (rows, rl, n) = (30_000usize, 64usize, 20_000usize);
+    assert!(n * rl > 1 << 20);
+    let mut state = 3u64;
+    let ids: Vec<u32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((state >> 11) as f64) / ((1u64 << 53) as f64);
+            ((u * u * rows as f64) as u32).min(rows as u32 - 1)
+        })
+        .collect();
+    let values: Vec<f32> = (0..n * rl)
+        .map(|i| ((i * 29) as f32 * 0.0013).sin())
+        .collect();
+    let run = |threads: usize, pm: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let ext = Extensions {
+                parallel_min_elements: pm,
+                ..Extensions::default()
+            };
+            let (mut opt, t) = opt_with(LazyAdamConfig::default(), ext, rows, rl);
+            let mut p = vec![0.5f32; rows * rl];
+            for _ in 0..2 {
+                opt.apply_gradients(&mut [Update::new(t, &mut p, Gradient::sparse(&ids, &values))])
+                    .unwrap();
+            }
+            (f32_bits(&p), slot_bits(&opt, t))
+        })
+    };
+    let sorted_sequential = run(1, lazyadam::DEFAULT_PARALLEL_MIN_ELEMENTS);
+    assert!(sorted_sequential == run(2, 1), "sorted, parallel");
+    assert!(
+        sorted_sequential == run(2, usize::MAX / 8),
+        "hashed, sequential"
+    );
+}
