@@ -292,6 +292,48 @@ pub(crate) fn accumulate_row<G: Element>(dst: &mut [f32], src: &[G], t: &GradTra
     }
 }
 
+/// Adam over rows `rows[k]` of row-major tables with the gradient rows `grads[k * row_len..]`,
+/// in order: [`adam_row`] on each row's slices, its rounding index starting at the row's place
+/// in the table (checked by the caller as for `simd::adam_rows`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adam_rows<P: Element, G: Element, M: Element>(
+    c: &AdamCoeffs,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    row_len: usize,
+    rows: &[usize],
+    grads: &[G],
+) {
+    for (&r, g) in rows.iter().zip(grads.chunks_exact(row_len)) {
+        let range = r * row_len..(r + 1) * row_len;
+        adam_row::<P, G, M, false>(
+            c,
+            &mut param[range.clone()],
+            &mut m[range.clone()],
+            &mut v[range.clone()],
+            &mut [],
+            g,
+            range.start,
+        );
+    }
+}
+
+/// [`accumulate_row`] of each gradient row `src[i * row_len..]` into accumulator row
+/// `slots[i]`, in order (checked by the caller as for `simd::accumulate_rows`).
+pub(crate) fn accumulate_rows<G: Element>(
+    acc: &mut [f32],
+    row_len: usize,
+    slots: &[u32],
+    src: &[G],
+    t: &GradTransform,
+) {
+    for (&slot, g) in slots.iter().zip(src.chunks_exact(row_len)) {
+        let at = slot as usize * row_len;
+        accumulate_row(&mut acc[at..at + row_len], g, t);
+    }
+}
+
 /// Adds the squares of `src` into the 8 lane accumulators; element `i` (counted from the start
 /// of the row, `start` being the index of `src[0]`) goes to lane `i % 8`.
 #[inline(always)]

@@ -175,39 +175,6 @@ pub(crate) fn adam_row<P: Element, G: Element, M: Element, const AMS: bool>(
     )
 }
 
-/// The scalar reference of `adam_rows`: `adam_row` per row, the rounding offset advanced to
-/// the row's place in the table.
-#[allow(clippy::too_many_arguments)]
-fn scalar_adam_rows<P: Element, G: Element, M: Element>(
-    c: &AdamCoeffs,
-    param: &mut [P],
-    m: &mut [M],
-    v: &mut [M],
-    row_len: usize,
-    rows: &[usize],
-    grads: &[G],
-) {
-    for (&r, g) in rows.iter().zip(grads.chunks_exact(row_len)) {
-        let range = r * row_len..(r + 1) * row_len;
-        let mut cr = *c;
-        if let Rounding::Stochastic { seed, offset } = c.rounding {
-            cr.rounding = Rounding::Stochastic {
-                seed,
-                offset: offset.wrapping_add((r * row_len) as u64),
-            };
-        }
-        scalar::adam_row::<P, G, M, false>(
-            &cr,
-            &mut param[range.clone()],
-            &mut m[range.clone()],
-            &mut v[range],
-            &mut [],
-            g,
-            0,
-        );
-    }
-}
-
 #[inline]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adam_rows<P: Element, G: Element, M: Element>(
@@ -222,7 +189,7 @@ pub(crate) fn adam_rows<P: Element, G: Element, M: Element>(
 ) {
     dispatch!(
         isa,
-        scalar_adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
+        scalar::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
         simd::adam_rows::<_, P, G, M>(portable::Portable, c, param, m, v, row_len, rows, grads),
         avx2::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
         avx512::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads)
@@ -240,10 +207,7 @@ pub(crate) fn accumulate_rows<G: Element>(
 ) {
     dispatch!(
         isa,
-        for (&slot, g) in slots.iter().zip(src.chunks_exact(row_len)) {
-            let at = slot as usize * row_len;
-            scalar::accumulate_row(&mut acc[at..at + row_len], g, t);
-        },
+        scalar::accumulate_rows(acc, row_len, slots, src, t),
         simd::accumulate_rows::<_, G>(portable::Portable, acc, row_len, slots, src, t),
         avx2::accumulate_rows::<G>(acc, row_len, slots, src, t),
         avx512::accumulate_rows::<G>(acc, row_len, slots, src, t)
