@@ -149,24 +149,34 @@ fn scale_transform(t: &mut GradTransform, s: f32) {
     }
 }
 
-fn build_hash(h: &mut RowHash, ids: &RowIds<'_>) {
-    match ids {
-        RowIds::U32(s) => h.build(s.len(), |i| s[i] as usize),
-        RowIds::U64(s) => h.build(s.len(), |i| s[i] as usize),
-        RowIds::Usize(s) => h.build(s.len(), |i| s[i]),
-        RowIds::I32(s) => h.build(s.len(), |i| s[i] as usize),
-        RowIds::I64(s) => h.build(s.len(), |i| s[i] as usize),
-    }
-}
-
-fn build_dedup(d: &mut Dedup, ids: &RowIds<'_>, rows: usize) {
-    match ids {
-        RowIds::U32(s) => d.build(s.len(), rows, |i| s[i] as usize),
-        RowIds::U64(s) => d.build(s.len(), rows, |i| s[i] as usize),
-        RowIds::Usize(s) => d.build(s.len(), rows, |i| s[i]),
-        RowIds::I32(s) => d.build(s.len(), rows, |i| s[i] as usize),
-        RowIds::I64(s) => d.build(s.len(), rows, |i| s[i] as usize),
-    }
+/// Evaluates `$body` with `$n` the number of ids and `$id` an index function
+/// (`usize -> usize`) reading them in their own integer type: one copy of the
+/// body per id type, no conversion pass. The ids are already validated.
+macro_rules! with_ids {
+    ($ids:expr, |$n:ident, $id:ident| $body:expr) => {
+        match $ids {
+            RowIds::U32(s) => {
+                let ($n, $id) = (s.len(), |i: usize| s[i] as usize);
+                $body
+            }
+            RowIds::U64(s) => {
+                let ($n, $id) = (s.len(), |i: usize| s[i] as usize);
+                $body
+            }
+            RowIds::Usize(s) => {
+                let ($n, $id) = (s.len(), |i: usize| s[i]);
+                $body
+            }
+            RowIds::I32(s) => {
+                let ($n, $id) = (s.len(), |i: usize| s[i] as usize);
+                $body
+            }
+            RowIds::I64(s) => {
+                let ($n, $id) = (s.len(), |i: usize| s[i] as usize);
+                $body
+            }
+        }
+    };
 }
 
 impl LazyAdam {
@@ -524,11 +534,11 @@ impl LazyAdam {
                     && (n_elems < min_parallel.saturating_mul(HASHED_PARALLEL_FACTOR)
                         || (threads == 1 && n_elems <= HASHED_MAX_ELEMENTS));
                 if hashed {
-                    build_hash(hash, ids);
+                    with_ids!(ids, |n, id| hash.build(n, id));
                     rows = Rows::Hashed(&*hash);
                     hash.rows.len() * var.row_len
                 } else {
-                    build_dedup(dedup, ids, var.rows);
+                    with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
                     rows = Rows::Sorted(&*dedup);
                     dedup.distinct.len() * var.row_len
                 }

@@ -327,23 +327,17 @@ pub(crate) fn rows_hashed<P: Element, G: Element, M: Element>(
     acc.resize(need, -0.0);
     ctx.k
         .accumulate_rows(acc, rl, &hash.slot_of, values, &ctx.transform)?;
-    #[cfg(feature = "rayon")]
-    if ctx.parallel {
+    // Row by row: per-row coefficients, or a parallel split (never without rayon).
+    if ctx.parallel || ctx.per_row_bias || ctx.catch_up || ctx.amsgrad {
         sc.order.clear();
         sc.order
             .extend(hash.rows.iter().enumerate().map(|(k, &r)| (r, k as u32)));
-        let leaf_rows = (LEAF_ELEMENTS / rl.max(1)).max(1);
-        return hashed_par(ctx, tb, &mut sc.order, acc, leaf_rows);
-    }
-    if ctx.per_row_bias || ctx.catch_up || ctx.amsgrad {
-        for (k, &row) in hash.rows.iter().enumerate() {
-            if let Some(&ahead) = hash.rows.get(k + PREFETCH_AHEAD) {
-                prefetch_row(&tb, ahead, rl);
-            }
-            let g = &acc[k * rl..(k + 1) * rl];
-            update_row(ctx, &mut tb, row, g, GradTransform::default())?;
+        #[cfg(feature = "rayon")]
+        if ctx.parallel {
+            let leaf_rows = (LEAF_ELEMENTS / rl.max(1)).max(1);
+            return hashed_par(ctx, tb, &mut sc.order, acc, leaf_rows);
         }
-        return Ok(());
+        return update_pairs(ctx, &mut tb, &sc.order, acc);
     }
     let mut c = ctx.base;
     if let Some(seed) = ctx.sr_seed {
@@ -353,6 +347,31 @@ pub(crate) fn rows_hashed<P: Element, G: Element, M: Element>(
     debug_assert_eq!(tb.base_row, 0);
     ctx.k
         .adam_rows(&c, tb.param, tb.m, tb.v, rl, &hash.rows, acc)
+}
+
+/// Updates each `(row, k)` of `order` from accumulator row `k`, one
+/// `update_row` at a time (per-row coefficients), prefetching rows ahead.
+fn update_pairs<P: Element, M: Element>(
+    ctx: &StepCtx,
+    tb: &mut Tables<'_, P, M>,
+    order: &[(usize, u32)],
+    acc: &[f32],
+) -> Result<(), KernelError> {
+    let rl = ctx.row_len;
+    for (j, &(row, k)) in order.iter().enumerate() {
+        if let Some(&(ahead, _)) = order.get(j + PREFETCH_AHEAD) {
+            prefetch_row(tb, ahead, rl);
+        }
+        let k = k as usize;
+        update_row(
+            ctx,
+            tb,
+            row,
+            &acc[k * rl..(k + 1) * rl],
+            GradTransform::default(),
+        )?;
+    }
+    Ok(())
 }
 
 /// The parallel part of [`rows_hashed`]: splits `order` (distinct rows) at its
@@ -366,24 +385,15 @@ fn hashed_par<P: Element, M: Element>(
     acc: &[f32],
     leaf_rows: usize,
 ) -> Result<(), KernelError> {
-    let rl = ctx.row_len;
     if order.len() <= leaf_rows {
-        for (j, &(row, k)) in order.iter().enumerate() {
-            if let Some(&(ahead, _)) = order.get(j + PREFETCH_AHEAD) {
-                prefetch_row(&tb, ahead, rl);
-            }
-            let k = k as usize;
-            let g = &acc[k * rl..(k + 1) * rl];
-            update_row(ctx, &mut tb, row, g, GradTransform::default())?;
-        }
-        return Ok(());
+        return update_pairs(ctx, &mut tb, order, acc);
     }
     // Rows are distinct: everything left of `mid` is below `split_row`, the
     // rest at or above it.
     let mid = order.len() / 2;
     order.select_nth_unstable_by_key(mid, |p| p.0);
     let split_row = order[mid].0;
-    let (left, right) = tb.split_at_row(split_row, rl);
+    let (left, right) = tb.split_at_row(split_row, ctx.row_len);
     let (a, b) = order.split_at_mut(mid);
     let (ra, rb) = rayon::join(
         || hashed_par(ctx, left, a, acc, leaf_rows),
