@@ -18,6 +18,13 @@
 //! per element as STREAM counts them) for the out-of-cache bandwidth comparison: an Adam
 //! element moves 28 bytes with all-f32 storage (4 loads, 3 stores of 4 bytes).
 //!
+//! `adam-spacing` runs the dispatched path on out-of-cache all-f32 and all-f16 rows whose four
+//! streams (parameters, m, v, gradient) lie in one allocation, each `gap` bytes after the end
+//! of the previous one. Separate `Vec`s of one size leave the allocator to choose that spacing
+//! (glibc: one page more than the size, `gap` 4096). On this project's AMD test machine the
+//! all-f16 time depends on the spacing far more than on any change to the loop, so the ratio
+//! of f16 to f32 element rates is reported per spacing.
+//!
 //! Quick mode (CI): `cargo bench -p lazyadam-benches --bench kernels -- --quick`, or
 //! `LAZYADAM_BENCH_QUICK=1`: short warm-up and measurement and a 4M-element out-of-cache row.
 
@@ -181,6 +188,49 @@ fn adam(c: &mut Criterion) {
     bench_combo::<f32, f16, f32>(c, "f32-params_f16-grads");
 }
 
+/// The four streams of an all-`T` row of `n` elements in one allocation, `gap` bytes apart.
+fn spaced_rows<T: Element>(n: usize, gap: usize) -> Vec<T> {
+    let gap = gap / std::mem::size_of::<T>();
+    let val = |i: usize| ((i.wrapping_mul(2_654_435_761) >> 7) % 1000) as f32 / 1000.0;
+    let mut all = vec![T::from_f32(0.0); 4 * n + 3 * gap];
+    for (k, scale) in [(0, 1.0), (1, 0.01), (2, 0.0001), (3, 1.0)] {
+        let s = &mut all[k * (n + gap)..][..n];
+        for (i, x) in s.iter_mut().enumerate() {
+            *x = T::from_f32(scale * (0.1 + 0.9 * val(i + k)));
+        }
+    }
+    all
+}
+
+fn bench_spacing<T: Element>(c: &mut Criterion, name: &str) {
+    let coeffs = coeffs();
+    let n = *sizes().last().expect("non-empty");
+    let k = Kernels::best();
+    let mut group = c.benchmark_group(format!("adam-spacing/{name}/{}", Isa::best().name()));
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(n as u64));
+    for gap in [0usize, 2048, 4096, 16384] {
+        let mut all = spaced_rows::<T>(n, gap);
+        let step = n + gap / std::mem::size_of::<T>();
+        let (p, rest) = all.split_at_mut(step);
+        let (m, rest) = rest.split_at_mut(step);
+        let (v, g) = rest.split_at_mut(step);
+        let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
+        group.bench_with_input(BenchmarkId::new("gap", gap), &gap, |b, _| {
+            b.iter(|| {
+                k.adam_row(&coeffs, p, m, v, black_box(g))
+                    .expect("equal lengths")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn spacing(c: &mut Criterion) {
+    bench_spacing::<f32>(c, "all-f32");
+    bench_spacing::<f16>(c, "all-f16");
+}
+
 /// STREAM triad, `a[i] = b[i] + s*c[i]`, 12 bytes per element as STREAM counts them.
 #[inline(never)]
 fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
@@ -221,6 +271,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = stream, adam
+    targets = stream, adam, spacing
 }
 criterion_main!(benches);
