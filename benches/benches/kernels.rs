@@ -118,22 +118,28 @@ struct Rows<P, G, M> {
     g: Vec<G>,
 }
 
-fn rows<P: Element, G: Element, M: Element>(n: usize) -> Rows<P, G, M> {
-    // Deterministic, varied, well-scaled values (no subnormals on any path).
+/// Element `i` of stream `k` (0 parameters, 1 m, 2 v, 3 gradient): deterministic, varied,
+/// well-scaled values (no subnormals on any path; `v` non-negative).
+fn init_value(k: usize, i: usize) -> f32 {
     let val = |i: usize, lo: f32| {
         let x = ((i.wrapping_mul(2_654_435_761) >> 7) % 1000) as f32 / 1000.0;
         let s = if i.is_multiple_of(3) { -1.0 } else { 1.0 };
         s * (lo + (1.0 - lo) * x)
     };
+    match k {
+        0 => val(i, 0.1),
+        1 => 0.01 * val(i + 1, 0.1),
+        2 => 0.01 * val(i + 2, 0.1).abs(),
+        _ => val(i + 3, 0.05),
+    }
+}
+
+fn rows<P: Element, G: Element, M: Element>(n: usize) -> Rows<P, G, M> {
     Rows {
-        p: (0..n).map(|i| P::from_f32(val(i, 0.1))).collect(),
-        m: (0..n)
-            .map(|i| M::from_f32(0.01 * val(i + 1, 0.1)))
-            .collect(),
-        v: (0..n)
-            .map(|i| M::from_f32(0.01 * val(i + 2, 0.1).abs()))
-            .collect(),
-        g: (0..n).map(|i| G::from_f32(val(i + 3, 0.05))).collect(),
+        p: (0..n).map(|i| P::from_f32(init_value(0, i))).collect(),
+        m: (0..n).map(|i| M::from_f32(init_value(1, i))).collect(),
+        v: (0..n).map(|i| M::from_f32(init_value(2, i))).collect(),
+        g: (0..n).map(|i| G::from_f32(init_value(3, i))).collect(),
     }
 }
 
@@ -191,12 +197,11 @@ fn adam(c: &mut Criterion) {
 /// The four streams of an all-`T` row of `n` elements in one allocation, `gap` bytes apart.
 fn spaced_rows<T: Element>(n: usize, gap: usize) -> Vec<T> {
     let gap = gap / std::mem::size_of::<T>();
-    let val = |i: usize| ((i.wrapping_mul(2_654_435_761) >> 7) % 1000) as f32 / 1000.0;
     let mut all = vec![T::from_f32(0.0); 4 * n + 3 * gap];
-    for (k, scale) in [(0, 1.0), (1, 0.01), (2, 0.0001), (3, 1.0)] {
+    for k in 0..4 {
         let s = &mut all[k * (n + gap)..][..n];
         for (i, x) in s.iter_mut().enumerate() {
-            *x = T::from_f32(scale * (0.1 + 0.9 * val(i + k)));
+            *x = T::from_f32(init_value(k, i));
         }
     }
     all
