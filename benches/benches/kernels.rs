@@ -207,6 +207,31 @@ fn spaced_rows<T: Element>(n: usize, gap: usize) -> Vec<T> {
     all
 }
 
+/// Row pieces short enough (below the kernels' 65,536-element threshold) that `adam_row`
+/// updates them with its one-pass loop instead of the two-pass split loop of long rows.
+const ONE_PASS_PIECE: usize = 1 << 15;
+
+/// `adam_row` over `ONE_PASS_PIECE`-element pieces: the same result, from the one-pass loop.
+fn adam_row_one_pass<T: Element>(
+    k: &Kernels,
+    c: &AdamCoeffs,
+    p: &mut [T],
+    m: &mut [T],
+    v: &mut [T],
+    g: &[T],
+) {
+    let pieces = p
+        .chunks_mut(ONE_PASS_PIECE)
+        .zip(m.chunks_mut(ONE_PASS_PIECE))
+        .zip(v.chunks_mut(ONE_PASS_PIECE))
+        .zip(g.chunks(ONE_PASS_PIECE));
+    for (((p, m), v), g) in pieces {
+        k.adam_row(c, p, m, v, g).expect("equal lengths");
+    }
+}
+
+/// Out-of-cache rows at several stream spacings, each timed with the dispatched loop
+/// (`split`, the two-pass loop of long rows) and with the one-pass loop (`one-pass`).
 fn bench_spacing<T: Element>(c: &mut Criterion, name: &str) {
     let coeffs = coeffs();
     let n = *sizes().last().expect("non-empty");
@@ -214,18 +239,21 @@ fn bench_spacing<T: Element>(c: &mut Criterion, name: &str) {
     let mut group = c.benchmark_group(format!("adam-spacing/{name}/{}", Isa::best().name()));
     group.sample_size(10);
     group.throughput(Throughput::Elements(n as u64));
-    for gap in [0usize, 2048, 4096, 16384] {
+    for gap in [0usize, 2048, 4096, 8192, 16384, 32768] {
         let mut all = spaced_rows::<T>(n, gap);
         let step = n + gap / std::mem::size_of::<T>();
         let (p, rest) = all.split_at_mut(step);
         let (m, rest) = rest.split_at_mut(step);
         let (v, g) = rest.split_at_mut(step);
         let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
-        group.bench_with_input(BenchmarkId::new("gap", gap), &gap, |b, _| {
+        group.bench_with_input(BenchmarkId::new("split/gap", gap), &gap, |b, _| {
             b.iter(|| {
                 k.adam_row(&coeffs, p, m, v, black_box(g))
                     .expect("equal lengths")
             })
+        });
+        group.bench_with_input(BenchmarkId::new("one-pass/gap", gap), &gap, |b, _| {
+            b.iter(|| adam_row_one_pass(&k, &coeffs, p, m, v, black_box(g)))
         });
     }
     group.finish();

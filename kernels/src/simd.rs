@@ -14,17 +14,6 @@ use crate::{AdamCoeffs, DType, Element, GradTransform, Rounding, scalar};
 /// The widest vector, in f32 lanes (AVX-512).
 pub(crate) const MAX_LANES: usize = 16;
 
-/// Rows at least this long get software prefetching (they are unlikely to be in cache). Only
-/// rows with 16-bit parameters: there the loop does more work per byte and the hardware
-/// prefetcher alone left bandwidth unused; all-f32 rows measured no better with it.
-const PREFETCH_MIN: usize = 1 << 16;
-
-/// The prefetch distance, in elements. The lines go to the second-level cache
-/// ([`Simd::prefetch_stream`]): further ahead than the first-level cache could hold for four
-/// streams. Measured against 512 elements into the first-level cache, with both variants
-/// interleaved on the same buffers: 3-7% faster for all-f16 rows of 2^24 elements.
-const PREFETCH_ELEMS: usize = 2048;
-
 /// Vectors per iteration of the Adam row loop with f32 storage; the last of them uses
 /// [`Simd::sqrt_alt`].
 const ALT_UNROLL: usize = 3;
@@ -112,14 +101,6 @@ pub(crate) unsafe trait Simd: Copy {
     /// Never faults, whatever the address.
     #[inline(always)]
     fn prefetch<T>(self, p: *const T) {
-        let _ = p;
-    }
-
-    /// Hints that the cache line holding `p` will be read a little later in a long stream:
-    /// into the second-level cache, not the first (no-op where unsupported). Never faults,
-    /// whatever the address.
-    #[inline(always)]
-    fn prefetch_stream<T>(self, p: *const T) {
         let _ = p;
     }
 
@@ -289,9 +270,93 @@ unsafe fn store_param<S: Simd, P: Element>(
     }
 }
 
-/// One vector step of Adam on `LANES` elements at the given pointers; `index` is the row
-/// index of lane 0. With `PLAIN`, the optional parts (all neutral, checked by the caller)
-/// are compiled out; with `ALT` the root is [`Simd::sqrt_alt`] (same bits).
+/// The moment half of one vector step of Adam on `LANES` elements: updates `m` and `v` (and
+/// with `AMS` `vh`) in place and returns the step `lr_t * m1 / (sqrt(d) + eps)` that
+/// [`adam_apply`] subtracts from the parameters. With `PLAIN`, the optional parts (all
+/// neutral, checked by the caller) are compiled out; with `ALT` the root is
+/// [`Simd::sqrt_alt`] (same bits).
+///
+/// # Safety
+///
+/// `m`, `v` and `g` (and `vh` if `AMS`) must be valid for `S::LANES` elements, and the
+/// mutable ones must not alias each other or `g`.
+#[inline(always)]
+unsafe fn adam_moments<
+    S: Simd,
+    G: Element,
+    M: Element,
+    const AMS: bool,
+    const PLAIN: bool,
+    const ALT: bool,
+>(
+    s: S,
+    k: &Coeffs<S::F>,
+    m: *mut M,
+    v: *mut M,
+    vh: *mut M,
+    g: *const G,
+) -> S::F {
+    // SAFETY: the caller guarantees every pointer is valid for LANES elements.
+    unsafe {
+        let mut g = load::<S, G>(s, g);
+        let mut m0 = load::<S, M>(s, m);
+        let mut v0 = load::<S, M>(s, v);
+        if !PLAIN {
+            g = k.t.apply(s, g);
+            if let Some(d) = k.m_pre {
+                m0 = s.mul(m0, d);
+            }
+            if let Some(d) = k.v_pre {
+                v0 = s.mul(v0, d);
+            }
+        }
+        let m1 = s.add(s.mul(k.beta1, m0), s.mul(k.omb1, g));
+        let v1 = s.add(s.mul(k.beta2, v0), s.mul(k.omb2, s.mul(g, g)));
+        let d = if AMS {
+            let vh1 = s.ge_select(load::<S, M>(s, vh), v1);
+            store::<S, M>(s, vh, vh1);
+            vh1
+        } else {
+            v1
+        };
+        store::<S, M>(s, m, m1);
+        store::<S, M>(s, v, v1);
+        let root = if ALT { s.sqrt_alt(d) } else { s.sqrt(d) };
+        s.div(s.mul(k.lr_t, m1), s.add(root, k.eps))
+    }
+}
+
+/// The parameter half of one vector step of Adam: `p = p - step` (after the decoupled weight
+/// decay, when not `PLAIN`). `index` is the row index of lane 0.
+///
+/// # Safety
+///
+/// `p` must be valid for reading and writing `S::LANES` elements.
+#[inline(always)]
+unsafe fn adam_apply<S: Simd, P: Element, const PLAIN: bool>(
+    s: S,
+    k: &Coeffs<S::F>,
+    p: *mut P,
+    step: S::F,
+    index: usize,
+) {
+    // SAFETY: the caller guarantees `p` is valid for LANES elements.
+    unsafe {
+        let mut p0 = load::<S, P>(s, p);
+        if !PLAIN && let Some(wd) = k.wd {
+            p0 = s.sub(p0, s.mul(wd, p0));
+        }
+        let p1 = s.sub(p0, step);
+        if PLAIN {
+            store::<S, P>(s, p, p1);
+        } else {
+            store_param::<S, P>(s, p, p1, k.sr, index);
+        }
+    }
+}
+
+/// One vector step of Adam on `LANES` elements at the given pointers ([`adam_moments`] then
+/// [`adam_apply`]); `index` is the row index of lane 0.
 ///
 /// # Safety
 ///
@@ -317,42 +382,10 @@ unsafe fn adam_step<
     g: *const G,
     index: usize,
 ) {
-    // SAFETY: the caller guarantees every pointer is valid for LANES elements.
+    // SAFETY: forwarded from the caller.
     unsafe {
-        let mut g = load::<S, G>(s, g);
-        let mut m0 = load::<S, M>(s, m);
-        let mut v0 = load::<S, M>(s, v);
-        if !PLAIN {
-            g = k.t.apply(s, g);
-            if let Some(d) = k.m_pre {
-                m0 = s.mul(m0, d);
-            }
-            if let Some(d) = k.v_pre {
-                v0 = s.mul(v0, d);
-            }
-        }
-        let m1 = s.add(s.mul(k.beta1, m0), s.mul(k.omb1, g));
-        let v1 = s.add(s.mul(k.beta2, v0), s.mul(k.omb2, s.mul(g, g)));
-        let d = if AMS {
-            let vh1 = s.ge_select(load::<S, M>(s, vh), v1);
-            store::<S, M>(s, vh, vh1);
-            vh1
-        } else {
-            v1
-        };
-        let mut p0 = load::<S, P>(s, p);
-        if !PLAIN && let Some(wd) = k.wd {
-            p0 = s.sub(p0, s.mul(wd, p0));
-        }
-        let root = if ALT { s.sqrt_alt(d) } else { s.sqrt(d) };
-        let p1 = s.sub(p0, s.div(s.mul(k.lr_t, m1), s.add(root, k.eps)));
-        store::<S, M>(s, m, m1);
-        store::<S, M>(s, v, v1);
-        if PLAIN {
-            store::<S, P>(s, p, p1);
-        } else {
-            store_param::<S, P>(s, p, p1, k.sr, index);
-        }
+        let step = adam_moments::<S, G, M, AMS, PLAIN, ALT>(s, k, m, v, vh, g);
+        adam_apply::<S, P, PLAIN>(s, k, p, step, index);
     }
 }
 
@@ -472,6 +505,15 @@ pub(crate) fn accumulate_rows<S: Simd, G: Element>(
     }
 }
 
+/// Rows at least this long (unlikely to be in the first two cache levels) are updated by
+/// [`adam_split`]. In the first-level cache the split loop measured 10-15% slower for f32
+/// rows, so shorter rows keep the one-pass loop.
+const SPLIT_MIN: usize = 1 << 16;
+
+/// Vectors per chunk of [`adam_split`]: a multiple of both unrolls (2 and [`ALT_UNROLL`]).
+/// 576 elements with AVX-512; of 18, 36 and 72 vectors, 36 measured best.
+const SPLIT_VECS: usize = 36;
+
 /// The row loop of [`adam_row`]; `base` is the stochastic-rounding index of `param[0]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -485,11 +527,109 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
     grad: &[G],
     base: usize,
 ) {
+    if param.len() >= SPLIT_MIN {
+        adam_split::<S, P, G, M, AMS, PLAIN>(s, k, param, m, v, vhat, grad, base)
+    } else {
+        adam_direct::<S, P, G, M, AMS, PLAIN>(s, k, param, m, v, vhat, grad, base)
+    }
+}
+
+/// The row loop for long rows, in two passes over each chunk of [`SPLIT_VECS`] vectors: first
+/// the moments (the gradient, `m`, `v` and `vhat` streams), keeping each vector's step in a
+/// local buffer, then the parameters (their stream alone). Same operations per element as
+/// [`adam_direct`], so the same bits; the rest of the row after the last whole chunk goes
+/// through [`adam_direct`].
+///
+/// Why: out of cache the one-pass loop touches four or five streams at once, and on this
+/// project's AMD Zen 4 machine some placements of the streams relative to each other cost up
+/// to 1.6x (two streams whose lines share a first-level set and virtual-address hash evict
+/// each other). Fewer streams at a time, and no software prefetch (which measured slower
+/// here), gave 6-13% (f32) and 10-16% (f16) lower geometric-mean time over seven stream
+/// placements at 2^24 elements with AVX-512, and about 20% with AVX2; see the `adam-spacing`
+/// bench, which times both loops side by side.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
+    s: S,
+    k: &Coeffs<S::F>,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: &mut [M],
+    grad: &[G],
+    base: usize,
+) {
+    let n = param.len();
+    assert!(m.len() == n && v.len() == n && grad.len() == n && (!AMS || vhat.len() == n));
+    let w = S::LANES;
+    let chunk = SPLIT_VECS * w;
+    let alt = P::DTYPE == DType::F32 && M::DTYPE == DType::F32;
+    let unroll = if alt { ALT_UNROLL } else { 2 };
+    let mut steps = [s.splat(0.0); SPLIT_VECS];
+    let mut i = 0;
+    while i + chunk <= n {
+        for b in (0..SPLIT_VECS).step_by(unroll) {
+            for u in 0..unroll {
+                let j = i + (b + u) * w;
+                // SAFETY: j + LANES <= i + chunk <= n, the length of every slice (asserted
+                // above); distinct `&mut` slices do not alias. When !AMS `vhat` is never
+                // dereferenced.
+                unsafe {
+                    let (mp, vp, gp) = (
+                        m.as_mut_ptr().add(j),
+                        v.as_mut_ptr().add(j),
+                        grad.as_ptr().add(j),
+                    );
+                    let hp = if AMS {
+                        vhat.as_mut_ptr().add(j)
+                    } else {
+                        vhat.as_mut_ptr()
+                    };
+                    steps[b + u] = if alt && u == unroll - 1 {
+                        adam_moments::<S, G, M, AMS, PLAIN, true>(s, k, mp, vp, hp, gp)
+                    } else {
+                        adam_moments::<S, G, M, AMS, PLAIN, false>(s, k, mp, vp, hp, gp)
+                    };
+                }
+            }
+        }
+        for (b, &step) in steps.iter().enumerate() {
+            let j = i + b * w;
+            // SAFETY: j + LANES <= i + chunk <= n = param.len().
+            unsafe { adam_apply::<S, P, PLAIN>(s, k, param.as_mut_ptr().add(j), step, base + j) }
+        }
+        i += chunk;
+    }
+    adam_direct::<S, P, G, M, AMS, PLAIN>(
+        s,
+        k,
+        &mut param[i..],
+        &mut m[i..],
+        &mut v[i..],
+        if AMS { &mut vhat[i..] } else { &mut [] },
+        &grad[i..],
+        base + i,
+    )
+}
+
+/// The row loop, one whole step per vector; `base` is the stochastic-rounding index of
+/// `param[0]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn adam_direct<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
+    s: S,
+    k: &Coeffs<S::F>,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: &mut [M],
+    grad: &[G],
+    base: usize,
+) {
     let n = param.len();
     assert!(m.len() == n && v.len() == n && grad.len() == n && (!AMS || vhat.len() == n));
     let w = S::LANES;
     let body = n - n % w;
-    let prefetch = n >= PREFETCH_MIN && P::DTYPE != DType::F32;
     let mut i = 0;
     // Several independent vectors per iteration (more work in flight for the long-latency
     // square root and division). With f32 parameters and moments, three, the last taking
@@ -501,19 +641,6 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
     while i + unroll * w <= body {
         for u in 0..unroll {
             let j = i + u * w;
-            if prefetch {
-                // Long rows stream from memory: prefetch each stream a fixed distance ahead.
-                // The addresses are hints computed with wrapping arithmetic; they may lie
-                // past the end of the slices, which prefetching tolerates.
-                let ahead = j + PREFETCH_ELEMS;
-                s.prefetch_stream(param.as_ptr().wrapping_add(ahead));
-                s.prefetch_stream(m.as_ptr().wrapping_add(ahead));
-                s.prefetch_stream(v.as_ptr().wrapping_add(ahead));
-                s.prefetch_stream(grad.as_ptr().wrapping_add(ahead));
-                if AMS {
-                    s.prefetch_stream(vhat.as_ptr().wrapping_add(ahead));
-                }
-            }
             // SAFETY: j + LANES <= n, the length of every slice (asserted above); distinct
             // `&mut` slices do not alias. When !AMS `vhat` is never dereferenced.
             unsafe {
@@ -537,8 +664,7 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
         }
         i += unroll * w;
     }
-    // Fewer than `unroll` vectors left before the tail (prefetching is pointless this close
-    // to the end).
+    // Fewer than `unroll` vectors left before the tail.
     while i < body {
         // SAFETY: i + LANES <= n, the length of every slice (asserted above); distinct
         // `&mut` slices do not alias. When !AMS `vhat` is never dereferenced.

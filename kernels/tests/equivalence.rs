@@ -277,7 +277,8 @@ fn dense_16_bit_narrowing() {
     }
 }
 
-/// Rows long enough for the software-prefetching loop (and its tail) on every path.
+/// Rows long enough for the two-pass loop of long rows (and the one-pass rest after its last
+/// whole chunk) on every path.
 #[test]
 fn long_rows_match_reference() {
     let n = (1 << 16) + 37;

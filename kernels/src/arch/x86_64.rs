@@ -155,11 +155,6 @@ unsafe impl Simd for Avx2 {
         // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
-    #[inline(always)]
-    fn prefetch_stream<T>(self, p: *const T) {
-        // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
-    }
 
     #[inline(always)]
     fn acc_zero(self) -> (__m256d, __m256d) {
@@ -358,11 +353,6 @@ unsafe impl Simd for Avx512 {
     fn prefetch<T>(self, p: *const T) {
         // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
-    }
-    #[inline(always)]
-    fn prefetch_stream<T>(self, p: *const T) {
-        // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
     }
 
     #[inline(always)]
