@@ -270,9 +270,9 @@ unsafe fn store_param<S: Simd, P: Element>(
     }
 }
 
-/// The moment half of one vector step of Adam on `LANES` elements: updates `m` and `v` (and
-/// with `AMS` `vh`) in place and returns the step `lr_t * m1 / (sqrt(d) + eps)` that
-/// [`adam_apply`] subtracts from the parameters. With `PLAIN`, the optional parts (all
+/// The moment half of one vector step of Adam on `LANES` elements: returns the new `m` and
+/// `v` (for the caller to store) and the step `lr_t * m1 / (sqrt(d) + eps)` that
+/// [`adam_apply`] subtracts from the parameters; with `AMS` it updates `vh` in place. With `PLAIN`, the optional parts (all
 /// neutral, checked by the caller) are compiled out; with `ALT` the root is
 /// [`Simd::sqrt_alt`] (same bits).
 ///
@@ -295,7 +295,7 @@ unsafe fn adam_moments<
     v: *mut M,
     vh: *mut M,
     g: *const G,
-) -> S::F {
+) -> (S::F, S::F, S::F) {
     // SAFETY: the caller guarantees every pointer is valid for LANES elements.
     unsafe {
         let mut g = load::<S, G>(s, g);
@@ -319,10 +319,8 @@ unsafe fn adam_moments<
         } else {
             v1
         };
-        store::<S, M>(s, m, m1);
-        store::<S, M>(s, v, v1);
         let root = if ALT { s.sqrt_alt(d) } else { s.sqrt(d) };
-        s.div(s.mul(k.lr_t, m1), s.add(root, k.eps))
+        (m1, v1, s.div(s.mul(k.lr_t, m1), s.add(root, k.eps)))
     }
 }
 
@@ -384,8 +382,13 @@ unsafe fn adam_step<
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let step = adam_moments::<S, G, M, AMS, PLAIN, ALT>(s, k, m, v, vh, g);
+        // Every load before the stores: loading `p` after storing `m` and `v` measured 1.3x
+        // slower on 4096-element f32 rows (1.59 against 1.20 us; likely loads waiting on
+        // earlier stores to addresses equal modulo 4 KiB).
+        let (m1, v1, step) = adam_moments::<S, G, M, AMS, PLAIN, ALT>(s, k, m, v, vh, g);
         adam_apply::<S, P, PLAIN>(s, k, p, step, index);
+        store::<S, M>(s, m, m1);
+        store::<S, M>(s, v, v1);
     }
 }
 
@@ -585,11 +588,14 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
                     } else {
                         vhat.as_mut_ptr()
                     };
-                    steps[b + u] = if alt && u == unroll - 1 {
+                    let (m1, v1, step) = if alt && u == unroll - 1 {
                         adam_moments::<S, G, M, AMS, PLAIN, true>(s, k, mp, vp, hp, gp)
                     } else {
                         adam_moments::<S, G, M, AMS, PLAIN, false>(s, k, mp, vp, hp, gp)
                     };
+                    store::<S, M>(s, mp, m1);
+                    store::<S, M>(s, vp, v1);
+                    steps[b + u] = step;
                 }
             }
         }
