@@ -544,12 +544,12 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
 /// through [`adam_direct`].
 ///
 /// Why: out of cache the one-pass loop touches four or five streams at once, and on this
-/// project's AMD Zen 4 machine some placements of the streams relative to each other cost up
-/// to 1.6x (two streams whose lines share a first-level set and virtual-address hash evict
-/// each other). Fewer streams at a time, and no software prefetch (which measured slower
-/// here), gave 6-13% (f32) and 10-16% (f16) lower geometric-mean time over seven stream
-/// placements at 2^24 elements with AVX-512, and about 20% with AVX2; see the `adam-spacing`
-/// bench, which times both loops side by side.
+/// project's AMD Zen 4 machine its time depends on where the streams lie relative to each
+/// other (up to 1.5x between placements). Touching fewer streams at a time measured faster:
+/// the `adam-spacing` bench times this loop and the one-pass loop side by side at six stream
+/// spacings (2^24 elements, AVX-512), and over two runs the geometric-mean time was 4-6%
+/// lower for all-f32 rows and 14-20% lower for all-f16 rows. Software prefetching on top of
+/// it measured slower, so there is none.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
