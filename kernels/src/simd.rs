@@ -272,9 +272,9 @@ unsafe fn store_param<S: Simd, P: Element>(
 
 /// The moment half of one vector step of Adam on `LANES` elements: returns the new `m` and
 /// `v` (for the caller to store) and the step `lr_t * m1 / (sqrt(d) + eps)` that
-/// [`adam_apply`] subtracts from the parameters; with `AMS` it updates `vh` in place. With `PLAIN`, the optional parts (all
-/// neutral, checked by the caller) are compiled out; with `ALT` the root is
-/// [`Simd::sqrt_alt`] (same bits).
+/// [`adam_apply`] subtracts from the parameters; with `AMS` it updates `vh` in place. With
+/// `PLAIN`, the optional parts (all neutral, checked by the caller) are compiled out; with
+/// `ALT` the root is [`Simd::sqrt_alt`] (same bits).
 ///
 /// # Safety
 ///
@@ -509,12 +509,14 @@ pub(crate) fn accumulate_rows<S: Simd, G: Element>(
 }
 
 /// Rows at least this long (unlikely to be in the first two cache levels) are updated by
-/// [`adam_split`]. In the first-level cache the split loop measured 10-15% slower for f32
-/// rows, so shorter rows keep the one-pass loop.
+/// [`adam_split`]. In cache the one-pass loop is faster: on 4096-element rows the split loop
+/// measured 1.27 against 1.05 us (all f32) and 1.43 against 1.37 us (all f16), with this
+/// constant lowered (`adam/all-f32/avx512/4096` and `adam/all-f16/avx512/4096`).
 const SPLIT_MIN: usize = 1 << 16;
 
 /// Vectors per chunk of [`adam_split`]: a multiple of both unrolls (2 and [`ALT_UNROLL`]).
-/// 576 elements with AVX-512; of 18, 36 and 72 vectors, 36 measured best.
+/// 576 elements with AVX-512; of 18, 36 and 72 vectors, 36 measured best over seven stream
+/// placements at 2^24 elements (`adam-spacing` reruns such a comparison).
 const SPLIT_VECS: usize = 36;
 
 /// The row loop of [`adam_row`]; `base` is the stochastic-rounding index of `param[0]`.
@@ -545,10 +547,10 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
 ///
 /// Why: out of cache the one-pass loop touches four or five streams at once, and on this
 /// project's AMD Zen 4 machine its time depends on where the streams lie relative to each
-/// other (up to 1.5x between placements). Touching fewer streams at a time measured faster:
-/// the `adam-spacing` bench times this loop and the one-pass loop side by side at six stream
-/// spacings (2^24 elements, AVX-512), and over two runs the geometric-mean time was 4-6%
-/// lower for all-f32 rows and 14-20% lower for all-f16 rows. Software prefetching on top of
+/// other (up to 1.7x between the placements `adam-spacing` tries). Touching fewer streams at
+/// a time measured faster: that bench times this loop and the one-pass loop side by side at
+/// six stream spacings (2^24 elements, AVX-512), and over two runs the geometric-mean time
+/// was 4-6% lower for all-f32 rows and 14-20% lower for all-f16 rows. Software prefetching on top of
 /// it measured slower, so there is none.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
