@@ -270,18 +270,19 @@ unsafe fn store_param<S: Simd, P: Element>(
     }
 }
 
-/// The moment half of one vector step of Adam on `LANES` elements: returns the new `m` and
-/// `v` (for the caller to store) and the step `lr_t * m1 / (sqrt(d) + eps)` that
-/// [`adam_apply`] subtracts from the parameters; with `AMS` it updates `vh` in place. With
-/// `PLAIN`, the optional parts (all neutral, checked by the caller) are compiled out; with
-/// `ALT` the root is [`Simd::sqrt_alt`] (same bits).
+/// The second-moment part of one vector step of Adam on `LANES` elements: returns the
+/// gradient (transformed, when not `PLAIN`), the new `v` (for the caller to store) and the
+/// denominator `sqrt(d) + eps`; with `AMS` it updates `vh` in place. With `PLAIN`, the
+/// optional parts (all neutral, checked by the caller) are compiled out; with `ALT` the root
+/// is [`Simd::sqrt_alt`] (same bits).
 ///
 /// # Safety
 ///
-/// `m`, `v` and `g` (and `vh` if `AMS`) must be valid for `S::LANES` elements, and the
-/// mutable ones must not alias each other or `g`.
+/// `v` and `g` (and `vh` if `AMS`) must be valid for `S::LANES` elements, and `v` and `vh`
+/// must not alias each other or `g`.
 #[inline(always)]
-unsafe fn adam_moments<
+#[allow(clippy::type_complexity)]
+unsafe fn adam_v<
     S: Simd,
     G: Element,
     M: Element,
@@ -291,7 +292,6 @@ unsafe fn adam_moments<
 >(
     s: S,
     k: &Coeffs<S::F>,
-    m: *mut M,
     v: *mut M,
     vh: *mut M,
     g: *const G,
@@ -299,18 +299,13 @@ unsafe fn adam_moments<
     // SAFETY: the caller guarantees every pointer is valid for LANES elements.
     unsafe {
         let mut g = load::<S, G>(s, g);
-        let mut m0 = load::<S, M>(s, m);
         let mut v0 = load::<S, M>(s, v);
         if !PLAIN {
             g = k.t.apply(s, g);
-            if let Some(d) = k.m_pre {
-                m0 = s.mul(m0, d);
-            }
             if let Some(d) = k.v_pre {
                 v0 = s.mul(v0, d);
             }
         }
-        let m1 = s.add(s.mul(k.beta1, m0), s.mul(k.omb1, g));
         let v1 = s.add(s.mul(k.beta2, v0), s.mul(k.omb2, s.mul(g, g)));
         let d = if AMS {
             let vh1 = s.ge_select(load::<S, M>(s, vh), v1);
@@ -320,8 +315,35 @@ unsafe fn adam_moments<
             v1
         };
         let root = if ALT { s.sqrt_alt(d) } else { s.sqrt(d) };
-        (m1, v1, s.div(s.mul(k.lr_t, m1), s.add(root, k.eps)))
+        (g, v1, s.add(root, k.eps))
     }
+}
+
+/// The first-moment part of one vector step of Adam: the new `m` (for the caller to store)
+/// from the gradient `g` that [`adam_v`] returned.
+///
+/// # Safety
+///
+/// `m` must be valid for reading `S::LANES` elements.
+#[inline(always)]
+unsafe fn adam_m<S: Simd, M: Element, const PLAIN: bool>(
+    s: S,
+    k: &Coeffs<S::F>,
+    m: *const M,
+    g: S::F,
+) -> S::F {
+    // SAFETY: forwarded from the caller.
+    let mut m0 = unsafe { load::<S, M>(s, m) };
+    if !PLAIN && let Some(d) = k.m_pre {
+        m0 = s.mul(m0, d);
+    }
+    s.add(s.mul(k.beta1, m0), s.mul(k.omb1, g))
+}
+
+/// The step `lr_t * m1 / den` that [`adam_apply`] subtracts from the parameters.
+#[inline(always)]
+fn adam_quotient<S: Simd>(s: S, k: &Coeffs<S::F>, m1: S::F, den: S::F) -> S::F {
+    s.div(s.mul(k.lr_t, m1), den)
 }
 
 /// The parameter half of one vector step of Adam: `p = p - step` (after the decoupled weight
@@ -353,8 +375,8 @@ unsafe fn adam_apply<S: Simd, P: Element, const PLAIN: bool>(
     }
 }
 
-/// One vector step of Adam on `LANES` elements at the given pointers ([`adam_moments`] then
-/// [`adam_apply`]); `index` is the row index of lane 0.
+/// One vector step of Adam on `LANES` elements at the given pointers ([`adam_v`],
+/// [`adam_m`], [`adam_apply`]); `index` is the row index of lane 0.
 ///
 /// # Safety
 ///
@@ -385,8 +407,9 @@ unsafe fn adam_step<
         // Every load before the stores: loading `p` after storing `m` and `v` measured 1.3x
         // slower on 4096-element f32 rows (1.59 against 1.20 us; likely loads waiting on
         // earlier stores to addresses equal modulo 4 KiB).
-        let (m1, v1, step) = adam_moments::<S, G, M, AMS, PLAIN, ALT>(s, k, m, v, vh, g);
-        adam_apply::<S, P, PLAIN>(s, k, p, step, index);
+        let (g, v1, den) = adam_v::<S, G, M, AMS, PLAIN, ALT>(s, k, v, vh, g);
+        let m1 = adam_m::<S, M, PLAIN>(s, k, m, g);
+        adam_apply::<S, P, PLAIN>(s, k, p, adam_quotient(s, k, m1, den), index);
         store::<S, M>(s, m, m1);
         store::<S, M>(s, v, v1);
     }
@@ -539,19 +562,21 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
     }
 }
 
-/// The row loop for long rows, in two passes over each chunk of [`SPLIT_VECS`] vectors: first
-/// the moments (the gradient, `m`, `v` and `vhat` streams), keeping each vector's step in a
-/// local buffer, then the parameters (their stream alone). Same operations per element as
-/// [`adam_direct`], so the same bits; the rest of the row after the last whole chunk goes
-/// through [`adam_direct`].
+/// The row loop for long rows, in three passes over each chunk of [`SPLIT_VECS`] vectors,
+/// each touching as few streams as it can: the gradient and `v` (and `vhat`), keeping each
+/// vector's gradient and denominator in local buffers; then `m`, turning the denominators into
+/// steps; then the parameters. Same operations per element as [`adam_direct`], so the same
+/// bits; the rest of the row after the last whole chunk goes through [`adam_direct`].
 ///
 /// Why: out of cache the one-pass loop touches four or five streams at once, and on this
 /// project's AMD Zen 4 machine its time depends on where the streams lie relative to each
-/// other (up to 1.7x between the placements `adam-spacing` tries). Touching fewer streams at
-/// a time measured faster: that bench times this loop and the one-pass loop side by side at
-/// six stream spacings (2^24 elements, AVX-512), and over two runs the geometric-mean time
-/// was 4-6% lower for all-f32 rows and 14-20% lower for all-f16 rows. Software prefetching on top of
-/// it measured slower, so there is none.
+/// other (up to 1.9x between the placements `adam-spacing` tries). That bench times this loop
+/// and the one-pass loop side by side at six stream spacings (2^24 elements, AVX-512): over
+/// two runs the geometric-mean time was 2-6% lower for all-f32 rows (though 10-30% higher
+/// at the two kindest spacings) and 24-25% lower for all-f16 rows, whose time no longer
+/// depended much on the spacing (6.4-7.4 ms against 6.3-11.9 ms). A two-pass variant (`m`
+/// with `v`) gained less for f16 (14-20%), and software prefetching on top of either measured
+/// slower, so there is none.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
@@ -570,6 +595,9 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
     let chunk = SPLIT_VECS * w;
     let alt = P::DTYPE == DType::F32 && M::DTYPE == DType::F32;
     let unroll = if alt { ALT_UNROLL } else { 2 };
+    // Per vector of the chunk: the (transformed) gradient, then the denominator and then the
+    // step of `adam_apply`.
+    let mut grads = [s.splat(0.0); SPLIT_VECS];
     let mut steps = [s.splat(0.0); SPLIT_VECS];
     let mut i = 0;
     while i + chunk <= n {
@@ -580,25 +608,30 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
                 // above); distinct `&mut` slices do not alias. When !AMS `vhat` is never
                 // dereferenced.
                 unsafe {
-                    let (mp, vp, gp) = (
-                        m.as_mut_ptr().add(j),
-                        v.as_mut_ptr().add(j),
-                        grad.as_ptr().add(j),
-                    );
+                    let (vp, gp) = (v.as_mut_ptr().add(j), grad.as_ptr().add(j));
                     let hp = if AMS {
                         vhat.as_mut_ptr().add(j)
                     } else {
                         vhat.as_mut_ptr()
                     };
-                    let (m1, v1, step) = if alt && u == unroll - 1 {
-                        adam_moments::<S, G, M, AMS, PLAIN, true>(s, k, mp, vp, hp, gp)
+                    let (g, v1, den) = if alt && u == unroll - 1 {
+                        adam_v::<S, G, M, AMS, PLAIN, true>(s, k, vp, hp, gp)
                     } else {
-                        adam_moments::<S, G, M, AMS, PLAIN, false>(s, k, mp, vp, hp, gp)
+                        adam_v::<S, G, M, AMS, PLAIN, false>(s, k, vp, hp, gp)
                     };
-                    store::<S, M>(s, mp, m1);
                     store::<S, M>(s, vp, v1);
-                    steps[b + u] = step;
+                    grads[b + u] = g;
+                    steps[b + u] = den;
                 }
+            }
+        }
+        for (b, (step, &g)) in steps.iter_mut().zip(grads.iter()).enumerate() {
+            let mp = m[i + b * w..].as_mut_ptr();
+            // SAFETY: i + b * w + LANES <= i + chunk <= n = m.len().
+            unsafe {
+                let m1 = adam_m::<S, M, PLAIN>(s, k, mp, g);
+                store::<S, M>(s, mp, m1);
+                *step = adam_quotient(s, k, m1, *step);
             }
         }
         for (b, &step) in steps.iter().enumerate() {
