@@ -542,6 +542,18 @@ const SPLIT_MIN: usize = 1 << 16;
 /// placements at 2^24 elements (`adam-spacing` reruns such a comparison).
 const SPLIT_VECS: usize = 36;
 
+/// How the Adam row loops interleave vectors: `(alt, unroll)`, `unroll` independent vectors
+/// per iteration (more work in flight for the long-latency square root and division), the
+/// last of them taking its root from [`Simd::sqrt_alt`] when `alt`. With f32 parameters and
+/// moments, three with `alt`: on AVX-512 that leaves the divider to the other vectors' roots
+/// and divisions (measured: 4096-element rows 10-17% faster). With 16-bit storage the
+/// conversions already keep those other units busy (measured slower), so two without.
+#[inline(always)]
+fn adam_unroll<P: Element, M: Element>() -> (bool, usize) {
+    let alt = P::DTYPE == DType::F32 && M::DTYPE == DType::F32;
+    (alt, if alt { ALT_UNROLL } else { 2 })
+}
+
 /// The row loop of [`adam_row`]; `base` is the stochastic-rounding index of `param[0]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -593,8 +605,7 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
     assert!(m.len() == n && v.len() == n && grad.len() == n && (!AMS || vhat.len() == n));
     let w = S::LANES;
     let chunk = SPLIT_VECS * w;
-    let alt = P::DTYPE == DType::F32 && M::DTYPE == DType::F32;
-    let unroll = if alt { ALT_UNROLL } else { 2 };
+    let (alt, unroll) = adam_unroll::<P, M>();
     // Per vector of the chunk: the (transformed) gradient, then the denominator and then the
     // step of `adam_apply`.
     let mut grads = [s.splat(0.0); SPLIT_VECS];
@@ -672,13 +683,7 @@ fn adam_direct<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, con
     let w = S::LANES;
     let body = n - n % w;
     let mut i = 0;
-    // Several independent vectors per iteration (more work in flight for the long-latency
-    // square root and division). With f32 parameters and moments, three, the last taking
-    // its root from `sqrt_alt`, which on AVX-512 leaves the divider to the other vectors'
-    // roots and divisions (measured: 4096-element rows 10-17% faster). With 16-bit storage
-    // the conversions already keep those other units busy (measured slower), so two.
-    let alt = P::DTYPE == DType::F32 && M::DTYPE == DType::F32;
-    let unroll = if alt { ALT_UNROLL } else { 2 };
+    let (alt, unroll) = adam_unroll::<P, M>();
     while i + unroll * w <= body {
         for u in 0..unroll {
             let j = i + u * w;
