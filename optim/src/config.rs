@@ -151,9 +151,11 @@ fn wide_f32(x: f32) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// A step count: an integer when integral, as Keras writes it.
+/// A step count: an integer when integral, as Keras writes it. Negative zero stays a float
+/// (`-0.0`): as an integer it would load back as `+0.0`, and writing must not change a value.
 fn steps_value(x: f64) -> Value {
-    if x.is_finite() && x.fract() == 0.0 && x.abs() < 9.0e15 {
+    let negative_zero = x == 0.0 && x.is_sign_negative();
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 9.0e15 && !negative_zero {
         if x >= 0.0 {
             Value::Number(Number::from(x as u64))
         } else {

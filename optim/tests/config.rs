@@ -1,6 +1,8 @@
 //! Config JSON: the reference's keys, defaults, aliases and typed errors.
 
-use lazyadam::{ConfigError, CustomSchedule, LazyAdamConfig, LearningRate, LearningRateSchedule};
+use lazyadam::{
+    ConfigError, CustomSchedule, LazyAdamConfig, LearningRate, LearningRateSchedule, Schedule,
+};
 
 fn err(json: &str) -> ConfigError {
     LazyAdamConfig::from_keras_json(json).unwrap_err()
@@ -162,4 +164,26 @@ fn floats_round_trip() {
         let back = LazyAdamConfig::from_keras_json(&c.to_keras_json().unwrap()).unwrap();
         assert_eq!(back, c);
     }
+}
+
+/// A step count written as an integer loses the sign of zero; writing must keep every value's
+/// bits (found by the `config_json` fuzz target: `"boundaries": [-0, 3]`).
+#[test]
+fn negative_zero_step_counts_round_trip() {
+    let text = r#"{"learning_rate": {"class_name": "PiecewiseConstantDecay",
+        "config": {"boundaries": [-0, 3], "values": [0.1, 0.01, 0.001]}}}"#;
+    let c = LazyAdamConfig::from_keras_json(text).unwrap();
+    let boundaries = |c: &LazyAdamConfig| match &c.learning_rate {
+        LearningRate::Schedule(Schedule::PiecewiseConstantDecay { boundaries, .. }) => {
+            boundaries.iter().map(|b| b.to_bits()).collect::<Vec<_>>()
+        }
+        other => panic!("expected PiecewiseConstantDecay, got {other:?}"),
+    };
+    assert_eq!(boundaries(&c), [(-0.0f64).to_bits(), 3.0f64.to_bits()]);
+    let written = c.to_keras_json().unwrap();
+    // Integral step counts other than -0 are still written as integers, as Keras writes them.
+    assert!(written.contains(r#""boundaries":[-0.0,3]"#), "{written}");
+    let back = LazyAdamConfig::from_keras_json(&written).unwrap();
+    assert_eq!(boundaries(&back), boundaries(&c));
+    assert_eq!(back.to_keras_json().unwrap(), written);
 }
