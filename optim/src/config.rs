@@ -60,7 +60,7 @@ pub struct LazyAdamConfig {
     pub beta_1: f32,
     /// Decay of the second moment (default 0.999), in `[0, 1)`.
     pub beta_2: f32,
-    /// Added to the denominator (default 1e-7), `>= 0`.
+    /// Added to the denominator (default 1e-7), `> 0`.
     pub epsilon: f32,
     /// Keep the maximum of the second moments (default false). As in the
     /// reference, sparse gradients ignore it unless
@@ -425,9 +425,11 @@ fn schedule_to_value(s: &Schedule) -> Value {
 
 impl LazyAdamConfig {
     /// Reads the reference's `get_config()` JSON (the `lr` alias of
-    /// `learning_rate` is accepted). Missing keys take the defaults.
+    /// `learning_rate` is accepted). Missing keys take the defaults. A key
+    /// given twice in one object is an error (JSON parsers disagree on which
+    /// one wins).
     pub fn from_keras_json(json: &str) -> Result<Self, ConfigError> {
-        let v: Value = serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let v = crate::json::parse_strict(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         Self::from_keras_value(&v)
     }
 
@@ -525,7 +527,8 @@ impl LazyAdamConfig {
     }
 
     /// Checks every value: learning rate and clip values finite and not
-    /// negative, betas in `[0, 1)`, epsilon and decay finite and not negative,
+    /// negative, betas in `[0, 1)`, epsilon finite and positive, decay finite
+    /// and not negative,
     /// not both `clipnorm` and `global_clipnorm`, valid schedule fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let non_negative = |key: &str, x: f32| {
@@ -557,6 +560,15 @@ impl LazyAdamConfig {
             }
         }
         non_negative("epsilon", self.epsilon)?;
+        if self.epsilon == 0.0 {
+            // The reference replaces 0 by 1e-7 (`epsilon or
+            // backend_config.epsilon()`); a zero denominator would turn a
+            // zero first gradient into NaN.
+            return Err(ConfigError::invalid(
+                "epsilon",
+                "must be positive (the reference silently replaces 0 by 1e-7)",
+            ));
+        }
         non_negative("decay", self.decay)?;
         for (key, c) in [
             ("clipnorm", self.clipnorm),

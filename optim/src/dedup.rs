@@ -13,6 +13,8 @@
 //! disjoint row ranges directly. All buffers are kept across steps: no
 //! allocation once they have grown to the largest gradient seen.
 
+use crate::step::mix64;
+
 /// One distinct row of a sparse gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Distinct {
@@ -202,6 +204,13 @@ struct Slot {
 /// L1/L2 whatever the size of the embedding table). Distinct rows are listed
 /// in order of first occurrence. Everything is kept across steps; a
 /// generation stamp makes old entries empty, so the table is not cleared.
+///
+/// Ids chosen to collide must not make a step quadratic: the hash is keyed
+/// with a random key of this table (the splitmix64 finalizer of `id ^ key`,
+/// so colliding ids cannot be chosen without the key), and a build gives up
+/// once its probes exceed [`RowHash::probe_budget`], linear in the number of
+/// ids; the caller then sorts the ids instead, which costs the same for any
+/// ids. Neither changes a result: only which rows share a bucket.
 #[derive(Debug, Default)]
 pub(crate) struct RowHash {
     /// Distinct rows, in order of first occurrence.
@@ -212,26 +221,58 @@ pub(crate) struct RowHash {
     /// [`RowHash::build`]).
     table: Vec<Slot>,
     generation: u32,
+    /// The hash key (0: not drawn yet).
+    key: u64,
+    /// Probes of the last build (for tests).
+    pub probes: usize,
+}
+
+/// A random key for [`RowHash`], from std's per-process random hasher keys.
+fn random_key() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x5EED);
+    h.finish() | 1
 }
 
 impl RowHash {
     /// Largest number of ids [`RowHash::build`] takes.
     pub(crate) const MAX_IDS: usize = 1 << 30;
 
-    /// Maps the `n` ids (`n <= MAX_IDS`) given by `id`.
+    /// Most probes a build of `n` ids may take before it gives up: with the
+    /// table at most half full and a random hash, a build takes about 1.5
+    /// probes per id; four per id (plus slack for tiny steps) is never
+    /// reached by chance in practice, and keeps the worst case linear.
+    pub(crate) fn probe_budget(n: usize) -> usize {
+        4 * n + 64
+    }
+
+    /// Maps the `n` ids (`n <= MAX_IDS`) given by `id`; returns `false`
+    /// (and leaves `rows`/`slot_of` meaningless) if the ids took more than
+    /// [`RowHash::probe_budget`] probes.
     ///
-    /// One probe per id (the table is at most half full). A repeated row
-    /// writes its entry to a dummy slot instead of back to its own: a hot row
-    /// (one of the peer workloads has a row in 31% of the ids) would otherwise
-    /// chain every lookup of it through store-to-load forwarding. (Measured:
-    /// forcing branch-free selects here was slower than the compiler's
-    /// branches.)
-    pub(crate) fn build(&mut self, n: usize, id: impl Fn(usize) -> usize) {
+    /// About one probe per id (the table is at most half full). A repeated
+    /// row writes its entry to a dummy slot instead of back to its own: a hot
+    /// row (one of the peer workloads has a row in 31% of the ids) would
+    /// otherwise chain every lookup of it through store-to-load forwarding.
+    /// (Measured: forcing branch-free selects here was slower than the
+    /// compiler's branches.)
+    #[must_use]
+    pub(crate) fn build(&mut self, n: usize, id: impl Fn(usize) -> usize) -> bool {
+        if self.key == 0 {
+            self.key = random_key();
+        }
+        self.build_keyed(n, id)
+    }
+
+    /// [`RowHash::build`] with the current key.
+    fn build_keyed(&mut self, n: usize, id: impl Fn(usize) -> usize) -> bool {
         debug_assert!(n <= Self::MAX_IDS);
         self.rows.clear();
         self.slot_of.clear();
+        self.probes = 0;
         if n == 0 {
-            return;
+            return true;
         }
         // At most half full: short probe sequences.
         let cap = (2 * n).next_power_of_two().max(16);
@@ -244,6 +285,9 @@ impl RowHash {
         let generation = self.generation;
         let shift = u64::BITS - cap.trailing_zeros();
         let mask = cap - 1;
+        let key = self.key;
+        let budget = Self::probe_budget(n);
+        let mut probes = 0usize;
         // Room for every id to be new, so that a new row is recorded without a
         // branch (the entry past the end is overwritten until a row claims it).
         self.rows.resize(n, 0);
@@ -252,22 +296,27 @@ impl RowHash {
         let mut len = 0usize;
         for (i, so) in self.slot_of.iter_mut().enumerate() {
             let row = id(i);
-            let key = row as u64;
-            // Fibonacci hashing: the top bits of a product with 2^64 / phi.
-            let mut h = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize;
+            let row_key = row as u64;
+            // The top bits of a keyed splitmix64 finalizer.
+            let mut h = (mix64(row_key ^ key) >> shift) as usize;
             let mut e = table[h];
             // Stop at this row's entry or at an empty one.
-            let stop = |e: &Slot| (e.row == key) | (e.generation != generation);
+            let stop = |e: &Slot| (e.row == row_key) | (e.generation != generation);
             while !stop(&e) {
                 h = (h + 1) & mask;
                 e = table[h];
+                probes += 1;
+            }
+            if probes > budget {
+                self.probes = probes;
+                return false;
             }
             let new = e.generation != generation;
             let index = if new { len } else { e.index as usize };
             table[if new { h } else { cap }] = Slot {
                 generation,
                 index: index as u32,
-                row: key,
+                row: row_key,
             };
             if len < n {
                 rows[len] = row;
@@ -276,6 +325,8 @@ impl RowHash {
             *so = index as u32;
         }
         self.rows.truncate(len);
+        self.probes = probes;
+        true
     }
 }
 
@@ -374,7 +425,7 @@ mod tests {
                     .map(|i| ((i * 7919 + 13) % 1237).wrapping_mul(2_654_435_761) % rows)
                     .collect();
                 // The same state reused across sizes and generations.
-                h.build(ids.len(), |i| ids[i]);
+                assert!(h.build(ids.len(), |i| ids[i]));
                 let g = hashed(&h);
                 let firsts: Vec<usize> = g.iter().map(|(_, p)| p[0]).collect();
                 assert!(firsts.windows(2).all(|w| w[0] < w[1]), "rows {rows}, n {n}");
@@ -383,28 +434,60 @@ mod tests {
                 assert_eq!(g, reference(&ids), "rows {rows}, n {n}");
             }
         }
-        // Many rows sharing home slots: 500 distinct rows in a 1024-entry
-        // table (checked below to collide), so probe sequences are exercised.
-        let ids: Vec<usize> = (0..512).map(|i| (i % 500) * 1_000_003).collect();
-        h.build(ids.len(), |i| ids[i]);
-        let mut homes: Vec<u64> = (0..500u64)
-            .map(|r| (r * 1_000_003).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 10))
-            .collect();
-        homes.sort();
-        homes.dedup();
-        assert!(homes.len() < 450, "{} distinct home slots", homes.len());
-        let mut g = hashed(&h);
-        g.sort();
-        assert_eq!(g, reference(&ids));
         // Generation wrap-around clears the table instead of reusing stale
         // entries.
         h.generation = u32::MAX - 1;
         for ids in [[5usize, 6, 5], [6, 6, 7], [7, 5, 5]] {
-            h.build(3, |i| ids[i]);
+            assert!(h.build(3, |i| ids[i]));
             let mut g = hashed(&h);
             g.sort();
             assert_eq!(g, reference(&ids));
         }
+    }
+
+    /// Ids whose home slots all collide under a known key: found by search,
+    /// as an attacker who knew the key would.
+    fn colliding_ids(key: u64, cap: usize, count: usize) -> Vec<usize> {
+        let shift = u64::BITS - cap.trailing_zeros();
+        (0usize..)
+            .filter(|&r| mix64(r as u64 ^ key) >> shift == 0)
+            .take(count)
+            .collect()
+    }
+
+    #[test]
+    fn probing_is_exercised_and_bounded() {
+        let mut h = RowHash {
+            key: 0x1234_5678_9abc_def1,
+            ..RowHash::default()
+        };
+        // 12 distinct ids sharing one home slot of a 64-entry table (24 ids,
+        // each twice): 132 probes, within the budget of 160; the result is
+        // still exact.
+        let mut ids = colliding_ids(h.key, 64, 12);
+        ids.extend_from_slice(&ids.clone());
+        assert!(h.build_keyed(ids.len(), |i| ids[i]));
+        assert_eq!(h.probes, 132);
+        let mut g = hashed(&h);
+        g.sort();
+        assert_eq!(g, reference(&ids));
+        // 2048 ids all in one home slot (a 4096-entry table): about n^2/2
+        // probes if the build went on; it stops at the budget instead.
+        let ids = colliding_ids(h.key, 4096, 2048);
+        assert!(!h.build_keyed(ids.len(), |i| ids[i]));
+        assert!(h.probes <= RowHash::probe_budget(2048) + 4096, "{}", h.probes);
+        // The same table keeps working afterwards.
+        let ids = [3usize, 1, 3];
+        assert!(h.build_keyed(3, |i| ids[i]));
+        let mut g = hashed(&h);
+        g.sort();
+        assert_eq!(g, reference(&ids));
+        // A fresh table draws its own key: the crafted ids are ordinary ids
+        // for it (the chance of ten of them sharing a home is nil).
+        let mut fresh = RowHash::default();
+        let ids = colliding_ids(0x1234_5678_9abc_def1, 4096, 2048);
+        assert!(fresh.build(ids.len(), |i| ids[i]));
+        assert!(fresh.probes < 2048 * 2, "{}", fresh.probes);
     }
 
     #[test]

@@ -50,7 +50,8 @@ pub enum Error {
     /// Invalid configuration or extension settings.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The [`VarId`](crate::VarId) does not belong to this optimizer.
+    /// The [`VarId`](crate::VarId) does not belong to this optimizer (it was
+    /// issued by another optimizer, or its index is out of range).
     #[error("unknown variable {variable}")]
     UnknownVariable {
         /// A description of the unknown variable (`VarId(n)` or a name).
@@ -146,6 +147,31 @@ pub enum Error {
     OutOfMemory {
         /// What was being allocated.
         what: String,
+    },
+    /// A step counter above `i64::MAX`, the largest the reference's
+    /// `iterations` (an int64) and a checkpoint can hold.
+    #[error("step counter {iterations} is out of range: at most {max} (i64::MAX)", max = i64::MAX)]
+    IterationsOutOfRange {
+        /// The rejected value.
+        iterations: u64,
+    },
+    /// The step counter is at `i64::MAX`: one more step cannot be counted.
+    #[error("the step counter is at its maximum ({iterations}); no further step can be taken")]
+    StepCounterExhausted {
+        /// The step counter.
+        iterations: u64,
+    },
+    /// The learning rate a step would use is NaN, infinite or negative (a
+    /// schedule, legacy decay, bias correction or weight decay out of range).
+    #[error("step {step} (iterations = {step}): the {what} is {value:e}; it must be finite and not negative")]
+    InvalidLearningRate {
+        /// The step counter when the step was attempted.
+        step: u64,
+        /// Which value: `"learning rate"`, `"bias-corrected step size"` or
+        /// `"weight-decay factor"`.
+        what: &'static str,
+        /// The offending value.
+        value: f32,
     },
 }
 

@@ -37,6 +37,37 @@ pub struct Extensions {
     /// Below this many updated elements in a step, the step stays on the
     /// calling thread (default 32 768).
     pub parallel_min_elements: usize,
+    /// How the bias-corrected step size is evaluated (default: as the
+    /// reference, in f32).
+    pub bias_correction: BiasCorrection,
+}
+
+/// How the bias-corrected step size `lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`
+/// is evaluated, once per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BiasCorrection {
+    /// As the reference: the step `t` rounded to f32, the powers
+    /// `beta^t` correctly rounded to f32 (what the reference's `tf.pow` gives
+    /// on glibc), then `lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)` in f32, in
+    /// that order. The conformance guarantees refer to this mode.
+    #[default]
+    Reference,
+    /// Everything in f64 from the f32 inputs, rounded to f32 once: closer to
+    /// the exact value (the reference's f32 evaluation is off by up to tens
+    /// of ulps in the first steps, where `1 - beta_1^t` is small), but not
+    /// the reference's bits.
+    F64,
+}
+
+impl BiasCorrection {
+    /// The name used in serialized extensions (`"reference"`, `"f64"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BiasCorrection::Reference => "reference",
+            BiasCorrection::F64 => "f64",
+        }
+    }
 }
 
 /// Default of [`Extensions::parallel_min_elements`].
@@ -54,6 +85,7 @@ impl Default for Extensions {
             stochastic_rounding: None,
             kernel: None,
             parallel_min_elements: DEFAULT_PARALLEL_MIN_ELEMENTS,
+            bias_correction: BiasCorrection::Reference,
         }
     }
 }
@@ -81,7 +113,8 @@ pub enum NonFinitePolicy {
 /// the optimizer are `scale` times the true gradients.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DynamicLossScale {
-    /// The initial scale (> 0, finite), e.g. 32768.
+    /// The initial scale (finite, at least `f32::MIN_POSITIVE` so that its
+    /// inverse is finite), e.g. 32768.
     pub scale: f32,
     /// Multiplier after `growth_interval` consecutive finite steps (>= 1), e.g. 2.
     pub growth_factor: f32,
@@ -150,6 +183,7 @@ impl Extensions {
             "stochastic_rounding": self.stochastic_rounding,
             "kernel": self.kernel.map(|k| k.name()),
             "parallel_min_elements": self.parallel_min_elements,
+            "bias_correction": self.bias_correction.name(),
         })
     }
 
@@ -195,6 +229,13 @@ impl Extensions {
                 "parallel_min_elements" => {
                     e.parallel_min_elements = usize::try_from(get_u64(k, val)?)
                         .map_err(|_| bad(k, "a smaller integer"))?
+                }
+                "bias_correction" => {
+                    e.bias_correction = match val.as_str() {
+                        Some("reference") => BiasCorrection::Reference,
+                        Some("f64") => BiasCorrection::F64,
+                        _ => return Err(bad(k, "\"reference\" or \"f64\"")),
+                    }
                 }
                 "non_finite" => {
                     e.non_finite = match val {
@@ -251,10 +292,17 @@ fn loss_scale_from_value(v: &Value) -> Result<DynamicLossScale, ConfigError> {
 impl DynamicLossScale {
     /// Checks the values.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.scale.is_finite() && self.scale > 0.0) {
+        // At least the smallest normal f32, so that the unscale factor
+        // `1 / scale` is finite (it is at most 2^126); the backoff never goes
+        // below it either.
+        if !(self.scale.is_finite() && self.scale >= f32::MIN_POSITIVE) {
             return Err(ConfigError::invalid(
                 "loss_scale.scale",
-                "must be finite and positive",
+                format!(
+                    "must be finite and at least {:e} (so that 1/scale is finite), got {:e}",
+                    f32::MIN_POSITIVE,
+                    self.scale
+                ),
             ));
         }
         if !(self.growth_factor.is_finite() && self.growth_factor >= 1.0) {

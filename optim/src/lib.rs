@@ -107,10 +107,14 @@
 //! safetensors, readable by numpy or torch.
 #![deny(missing_docs)]
 
+mod checkpoint;
 mod config;
+mod crc64;
 mod dedup;
 mod error;
 mod extensions;
+mod json;
+mod lr;
 mod optimizer;
 mod profile;
 mod schedule;
@@ -125,13 +129,13 @@ pub use lazyadam_kernels::{DType, Element, Isa, bf16, f16};
 pub use config::{LazyAdamConfig, LearningRate};
 pub use error::{ConfigError, Error};
 pub use extensions::{
-    DEFAULT_PARALLEL_MIN_ELEMENTS, DynamicLossScale, Extensions, NonFinitePolicy,
+    BiasCorrection, DEFAULT_PARALLEL_MIN_ELEMENTS, DynamicLossScale, Extensions, NonFinitePolicy,
 };
 pub use optimizer::LazyAdam;
 #[doc(hidden)]
 pub use profile::phase_times;
 pub use schedule::{CustomSchedule, LearningRateSchedule, Schedule};
-pub use state::CHECKPOINT_FORMAT;
+pub use checkpoint::CHECKPOINT_FORMAT;
 pub use store::advise_huge_pages;
 pub use tensor::{
     Gradient, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,

@@ -1,6 +1,7 @@
 //! The stateful optimizer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Kernels, bf16, f16};
 
@@ -10,7 +11,8 @@ use crate::error::{ConfigError, Error};
 use crate::extensions::{Extensions, NonFinitePolicy};
 use crate::profile::{Phase, Timer};
 use crate::step::HashedScratch;
-use crate::step::{self, RowList, StepCtx, Tables, bias_corrected_lr, mix64};
+use crate::lr::bias_corrected_lr;
+use crate::step::{self, RowList, StepCtx, Tables, mix64};
 use crate::store::{Store, StoreElem, try_zeros};
 use crate::tensor::{
     Gradient, RawId, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,
@@ -50,6 +52,8 @@ pub(crate) struct Scratch {
     pub hashed: HashedScratch,
     pub transforms: Vec<GradTransform>,
     pub seen: Vec<bool>,
+    /// Unscaled gradient values of a chunk (the loss-scale finiteness check).
+    pub unscaled: Vec<f32>,
 }
 
 /// LazyAdam: Adam that updates, for sparse gradients, only the rows present
@@ -66,6 +70,30 @@ pub struct LazyAdam {
     pub(crate) names: HashMap<String, usize>,
     pub(crate) loss_scale: Option<LossScaleState>,
     pub(crate) scratch: Scratch,
+    /// This optimizer's instance number, stamped into the [`VarId`]s it
+    /// issues (no two optimizers of a process share one).
+    pub(crate) instance: u64,
+}
+
+/// The instance number of the next optimizer.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+/// The largest step counter: the reference's `iterations` is an int64, and
+/// checkpoints store it as one.
+pub(crate) const MAX_ITERATIONS: u64 = i64::MAX as u64;
+
+/// The learning rate, step size and weight-decay factor of one step, all
+/// checked finite and not negative.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepRates {
+    /// The scheduled (and legacy-decayed) learning rate.
+    pub lr: f32,
+    /// `iterations + 1`.
+    pub t: u64,
+    /// The bias-corrected step size.
+    pub lr_t: f32,
+    /// `weight_decay * lr`.
+    pub weight_decay: f32,
 }
 
 fn shape_numel(name: &str, shape: &[usize]) -> Result<usize, Error> {
@@ -126,6 +154,38 @@ fn all_finite(k: &Kernels, values: &TensorRef<'_>) -> bool {
         TensorRef::F32(s) => k.all_finite(s),
         TensorRef::F16(s) => k.all_finite(s),
         TensorRef::BF16(s) => k.all_finite(s),
+    }
+}
+
+/// Whether every `values[i] * scale` (in f32, as the step's transform
+/// computes it) is finite; `buf` holds the products of a chunk.
+fn all_finite_scaled(k: &Kernels, values: &TensorRef<'_>, scale: f32, buf: &mut Vec<f32>) -> bool {
+    if scale == 1.0 {
+        return all_finite(k, values);
+    }
+    const CHUNK: usize = 4096;
+    let t = GradTransform {
+        scale,
+        clip: None,
+        negate: false,
+    };
+    buf.resize(CHUNK, 0.0);
+    fn chunks<G: lazyadam_kernels::Element>(
+        k: &Kernels,
+        src: &[G],
+        t: &GradTransform,
+        buf: &mut [f32],
+    ) -> bool {
+        src.chunks(CHUNK).all(|c| {
+            let dst = &mut buf[..c.len()];
+            // Lengths match by construction.
+            k.load_row(dst, c, t).is_ok() && k.all_finite(dst)
+        })
+    }
+    match values {
+        TensorRef::F32(s) => chunks(k, s, &t, buf),
+        TensorRef::F16(s) => chunks(k, s, &t, buf),
+        TensorRef::BF16(s) => chunks(k, s, &t, buf),
     }
 }
 
@@ -211,11 +271,17 @@ impl LazyAdam {
             names: HashMap::new(),
             loss_scale,
             scratch: Scratch::default(),
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
         })
     }
 
     /// Registers a variable; its slots start at zero. Rows are `shape[0]` (1
     /// for a scalar), a row holds the product of the other dimensions.
+    ///
+    /// A shape with a zero dimension is accepted: the variable has no
+    /// elements, a sparse gradient's ids are still checked against its rows
+    /// (`shape[0]`), and its updates write nothing (per-row counters of the
+    /// extensions included).
     pub fn add_variable(
         &mut self,
         name: &str,
@@ -238,17 +304,30 @@ impl LazyAdam {
         let id = self.vars.len();
         self.vars.push(state);
         self.names.insert(name.to_string(), id);
-        Ok(VarId(id))
+        Ok(self.var_id(id))
     }
 
-    /// The variable's registration.
+    /// The handle of registration index `index`.
+    fn var_id(&self, index: usize) -> VarId {
+        VarId {
+            owner: self.instance,
+            index,
+        }
+    }
+
+    /// The registration index of `id`, if this optimizer issued it.
+    pub(crate) fn index_of(&self, id: VarId) -> Option<usize> {
+        (id.owner == self.instance && id.index < self.vars.len()).then_some(id.index)
+    }
+
+    /// The variable's registration (`None` for a handle of another optimizer).
     pub fn variable(&self, id: VarId) -> Option<&VariableInfo> {
-        self.vars.get(id.0).map(|v| &v.info)
+        Some(&self.vars[self.index_of(id)?].info)
     }
 
     /// The variable registered under `name`.
     pub fn variable_id(&self, name: &str) -> Option<VarId> {
-        self.names.get(name).copied().map(VarId)
+        self.names.get(name).map(|&i| self.var_id(i))
     }
 
     /// Number of registered variables.
@@ -258,7 +337,7 @@ impl LazyAdam {
 
     /// All variable ids, in registration order.
     pub fn variable_ids(&self) -> impl Iterator<Item = VarId> + '_ {
-        (0..self.vars.len()).map(VarId)
+        (0..self.vars.len()).map(|i| self.var_id(i))
     }
 
     /// The step counter (number of applied steps).
@@ -266,15 +345,68 @@ impl LazyAdam {
         self.iterations
     }
 
-    /// Sets the step counter (e.g. to resume a schedule).
-    pub fn set_iterations(&mut self, iterations: u64) {
+    /// Sets the step counter (e.g. to resume a schedule). Values above
+    /// `i64::MAX` (the reference's int64 `iterations`, and what a checkpoint
+    /// stores) are [`Error::IterationsOutOfRange`], and the counter is kept.
+    pub fn set_iterations(&mut self, iterations: u64) -> Result<(), Error> {
+        if iterations > MAX_ITERATIONS {
+            return Err(Error::IterationsOutOfRange { iterations });
+        }
         self.iterations = iterations;
+        Ok(())
     }
 
     /// The learning rate the next step will use (schedule and legacy decay
-    /// applied, before bias correction).
+    /// applied, before bias correction). It may be invalid (NaN, infinite or
+    /// negative, from a schedule); the step then fails with
+    /// [`Error::InvalidLearningRate`] and [`LazyAdam::step_rates`] says so
+    /// now.
     pub fn learning_rate(&self) -> f32 {
         self.config.learning_rate_at(self.iterations)
+    }
+
+    /// The rates of the next step, checked as the step checks them: the
+    /// scheduled learning rate, the bias-corrected step size (for the global
+    /// step count and, with per-row bias correction, its largest possible
+    /// value) and the weight-decay factor must be finite and not negative;
+    /// the step counter must be below `i64::MAX`.
+    pub(crate) fn step_rates(&self) -> Result<StepRates, Error> {
+        let step = self.iterations;
+        if step >= MAX_ITERATIONS {
+            return Err(Error::StepCounterExhausted { iterations: step });
+        }
+        let invalid = |what, value: f32| Error::InvalidLearningRate { step, what, value };
+        let valid = |x: f32| x.is_finite() && x >= 0.0;
+        let lr = self.config.learning_rate_at(step);
+        if !valid(lr) {
+            return Err(invalid("learning rate", lr));
+        }
+        let t = step + 1;
+        let (b1, b2) = (self.config.beta_1, self.config.beta_2);
+        let mode = self.ext.bias_correction;
+        let lr_t = bias_corrected_lr(mode, lr, b1, b2, t);
+        if !valid(lr_t) {
+            return Err(invalid("bias-corrected step size", lr_t));
+        }
+        if self.ext.per_row_bias_correction {
+            // A row's own count `s` is in 1..=t; `sqrt(1 - b2^s) <= 1` and
+            // `1 - b1^s >= 1 - b1`, so `lr / (1 - b1)` bounds every row's step
+            // size (with a margin for the roundings of the f32 evaluation).
+            let bound = (lr as f64) / (1.0 - b1 as f64) * (1.0 + 1e-5);
+            if bound > f32::MAX as f64 {
+                return Err(invalid("bias-corrected step size", bound as f32));
+            }
+        }
+        let weight_decay = self.ext.weight_decay * lr;
+        if !valid(weight_decay) {
+            return Err(invalid("weight-decay factor", weight_decay));
+        }
+        Ok(StepRates {
+            lr,
+            t,
+            lr_t,
+            weight_decay,
+        })
     }
 
     /// Replaces the learning rate (or schedule) by the constant `lr`.
@@ -313,7 +445,7 @@ impl LazyAdam {
 
     /// The slots of a variable.
     pub fn slots(&self, id: VarId) -> Option<Slots<'_>> {
-        let v = self.vars.get(id.0)?;
+        let v = &self.vars[self.index_of(id)?];
         Some(Slots {
             m: v.m.as_ref(),
             v: v.v.as_ref(),
@@ -324,27 +456,36 @@ impl LazyAdam {
     /// Per-row update counts of a variable (with
     /// [`Extensions::per_row_bias_correction`]).
     pub fn row_steps(&self, id: VarId) -> Option<&[u64]> {
-        self.vars.get(id.0)?.row_steps.as_deref()
+        self.vars[self.index_of(id)?].row_steps.as_deref()
     }
 
     /// Per-row step of the last update (`iterations + 1` at that step, 0 =
     /// never) of a variable (with [`Extensions::catch_up_decay`]).
     pub fn last_update_steps(&self, id: VarId) -> Option<&[u64]> {
-        self.vars.get(id.0)?.last_step.as_deref()
+        self.vars[self.index_of(id)?].last_step.as_deref()
     }
 
     /// Checks every update; writes nothing.
     fn validate(&mut self, updates: &[Update<'_>]) -> Result<(), Error> {
-        let seen = &mut self.scratch.seen;
+        let mut seen = std::mem::take(&mut self.scratch.seen);
+        let r = self.validate_with(updates, &mut seen);
+        self.scratch.seen = seen;
+        r
+    }
+
+    fn validate_with(&self, updates: &[Update<'_>], seen: &mut Vec<bool>) -> Result<(), Error> {
         seen.clear();
         seen.resize(self.vars.len(), false);
         for u in updates {
-            let i = u.var.0;
-            let Some(var) = self.vars.get(i) else {
-                return Err(Error::UnknownVariable {
-                    variable: format!("VarId({i})"),
-                });
+            let Some(i) = self.index_of(u.var) else {
+                let why = if u.var.owner != self.instance {
+                    format!("{} (issued by another optimizer; this is #{})", u.var, self.instance)
+                } else {
+                    format!("{} (out of range)", u.var)
+                };
+                return Err(Error::UnknownVariable { variable: why });
             };
+            let var = &self.vars[i];
             let name = || var.info.name.clone();
             if std::mem::replace(&mut seen[i], true) {
                 return Err(Error::DuplicateUpdate { variable: name() });
@@ -412,7 +553,7 @@ impl LazyAdam {
                     continue;
                 }
                 if let Some((element, value)) = first_non_finite(&values) {
-                    let var = &self.vars[u.var.0];
+                    let var = &self.vars[u.var.index];
                     let row = match &u.grad {
                         Gradient::Sparse { ids, .. } => {
                             ids.get(element / var.row_len.max(1)).and_then(|r| r.ok())
@@ -432,32 +573,76 @@ impl LazyAdam {
     }
 
     /// Applies one step: the gradients of every update, one increment of the
-    /// step counter. All or nothing: every update is validated (variable
-    /// known and not repeated, parameter dtype and length, gradient length,
-    /// row ids, non-finite policy) before anything is written; on error,
-    /// parameters, slots and the step counter are unchanged.
+    /// step counter.
+    ///
+    /// All or nothing: everything the step needs is checked before anything
+    /// is written (variables known to this optimizer and not repeated,
+    /// parameter dtype and length, gradient length, row ids, the non-finite
+    /// policy, the step counter below `i64::MAX`, and the step's learning
+    /// rate, step size and weight-decay factor finite and not negative); on
+    /// error, parameters, slots, the step counter and the loss scale are
+    /// exactly as before. Once writing starts, nothing can fail.
     ///
     /// Variables without an update in the step are untouched.
+    ///
+    /// ```
+    /// use lazyadam::{DType, Error, Gradient, LazyAdam, LazyAdamConfig, StepOutcome, Update};
+    ///
+    /// let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
+    /// let table = opt.add_variable("table", &[3, 2], DType::F32, DType::F32)?;
+    /// let bias = opt.add_variable("bias", &[2], DType::F32, DType::F32)?;
+    /// let (mut t, mut b) = (vec![0.0f32; 6], vec![0.0f32; 2]);
+    ///
+    /// // One step: sparse rows of the table, a dense gradient for the bias.
+    /// let outcome = opt.apply_gradients(&mut [
+    ///     Update::new(table, &mut t, Gradient::sparse(&[2u32], &[1.0f32, -1.0])),
+    ///     Update::new(bias, &mut b, Gradient::dense(&[0.5f32, 0.5])),
+    /// ])?;
+    /// assert_eq!(outcome, StepOutcome::Applied);
+    /// assert_eq!(opt.iterations(), 1);
+    ///
+    /// // A bad id in any update fails the whole step; nothing is written.
+    /// let before = (t.clone(), b.clone());
+    /// let err = opt.apply_gradients(&mut [
+    ///     Update::new(bias, &mut b, Gradient::dense(&[0.5f32, 0.5])),
+    ///     Update::new(table, &mut t, Gradient::sparse(&[3u32], &[1.0f32, 1.0])),
+    /// ]);
+    /// assert!(matches!(err, Err(Error::RowIdOutOfRange { id: 3, rows: 3, .. })));
+    /// assert_eq!((t, b), before);
+    /// assert_eq!(opt.iterations(), 1);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn apply_gradients(&mut self, updates: &mut [Update<'_>]) -> Result<StepOutcome, Error> {
         let mut timer = Timer::start();
         self.validate(updates)?;
+        let rates = self.step_rates()?;
         timer.lap(Phase::Validate);
         let k = self.kernels;
 
+        // The loss scale's unscale factor: finite, since the scale is at
+        // least f32::MIN_POSITIVE (validated, and the floor of the backoff).
+        let inv_scale = self.loss_scale.map(|l| 1.0 / l.scale).unwrap_or(1.0);
+
         // Non-finite gradients under SkipStep: skip, back off the loss scale.
+        // The check sees the unscaled values, which is what the step applies
+        // (clipping cannot make a finite value non-finite): a finite gradient
+        // whose unscaled value overflows is skipped too.
         if let NonFinitePolicy::SkipStep { loss_scale } = &self.ext.non_finite {
-            let finite = updates.iter().all(|u| all_finite(&k, &u.grad.values()));
+            let buf = &mut self.scratch.unscaled;
+            let finite = updates
+                .iter()
+                .all(|u| all_finite_scaled(&k, &u.grad.values(), inv_scale, buf));
             if !finite {
                 if let (Some(ls), Some(cfg)) = (self.loss_scale.as_mut(), loss_scale) {
                     ls.scale = (ls.scale * cfg.backoff_factor).max(f32::MIN_POSITIVE);
                     ls.good_steps = 0;
                 }
+                timer.finish();
                 return Ok(StepOutcome::Skipped);
             }
         }
 
         // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm, maximize.
-        let inv_scale = self.loss_scale.map(|l| 1.0 / l.scale).unwrap_or(1.0);
         let transforms = &mut self.scratch.transforms;
         transforms.clear();
         for u in updates.iter() {
@@ -500,17 +685,16 @@ impl LazyAdam {
         }
         timer.lap(Phase::Transforms);
 
-        // Coefficients.
-        let lr = self.config.learning_rate_at(self.iterations);
-        let t = self.iterations + 1;
+        // Everything is checked: from here on the step writes, and cannot fail.
+        let StepRates {
+            lr,
+            t,
+            lr_t,
+            weight_decay,
+        } = rates;
         let (b1, b2) = (self.config.beta_1, self.config.beta_2);
-        let mut base = AdamCoeffs::new(
-            bias_corrected_lr(lr, b1, b2, t),
-            b1,
-            b2,
-            self.config.epsilon,
-        );
-        base.weight_decay = self.ext.weight_decay * lr;
+        let mut base = AdamCoeffs::new(lr_t, b1, b2, self.config.epsilon);
+        base.weight_decay = weight_decay;
 
         #[cfg(feature = "rayon")]
         let threads = rayon::current_num_threads();
@@ -518,8 +702,12 @@ impl LazyAdam {
         let threads = 1usize;
 
         for (u, &tf) in updates.iter_mut().zip(self.scratch.transforms.iter()) {
-            let vi = u.var.0;
+            let vi = u.var.index;
             let var = &mut self.vars[vi];
+            if var.numel == 0 {
+                // Nothing to write (its ids were checked against its rows).
+                continue;
+            }
             let sparse = matches!(u.grad, Gradient::Sparse { .. });
             let row_path = sparse || self.ext.per_row_bias_correction || self.ext.catch_up_decay;
             let min_parallel = self.ext.parallel_min_elements.max(1);
@@ -528,13 +716,15 @@ impl LazyAdam {
             let updated = if let Gradient::Sparse { ids, .. } = &u.grad {
                 // Small steps take the hash table; large ones the radix sort,
                 // whose parallel path also sums the duplicates in parallel
-                // (the hashed path sums them on one thread).
+                // (the hashed path sums them on one thread). The hash table
+                // gives up on ids that probe too long (crafted to collide),
+                // and the sort takes them: it costs the same for any ids.
                 let n_elems = ids.len().saturating_mul(var.row_len);
                 let hashed = ids.len() <= RowHash::MAX_IDS
                     && (n_elems < min_parallel.saturating_mul(HASHED_PARALLEL_FACTOR)
-                        || (threads == 1 && n_elems <= HASHED_MAX_ELEMENTS));
+                        || (threads == 1 && n_elems <= HASHED_MAX_ELEMENTS))
+                    && with_ids!(ids, |n, id| hash.build(n, id));
                 if hashed {
-                    with_ids!(ids, |n, id| hash.build(n, id));
                     rows = Rows::Hashed(&*hash);
                     hash.rows.len() * var.row_len
                 } else {
@@ -556,6 +746,7 @@ impl LazyAdam {
                 base,
                 lr,
                 t,
+                bias_correction: self.ext.bias_correction,
                 per_row_bias: self.ext.per_row_bias_correction,
                 catch_up: self.ext.catch_up_decay,
                 sr_seed: self
@@ -579,7 +770,7 @@ impl LazyAdam {
             job.dispatch(var, &mut u.param, &u.grad.values(), bufs)?;
         }
 
-        self.iterations += 1;
+        self.iterations = t;
         if let (
             Some(ls),
             NonFinitePolicy::SkipStep {
@@ -587,7 +778,7 @@ impl LazyAdam {
             },
         ) = (self.loss_scale.as_mut(), &self.ext.non_finite)
         {
-            ls.good_steps += 1;
+            ls.good_steps = ls.good_steps.saturating_add(1);
             if ls.good_steps >= cfg.growth_interval {
                 let grown = ls.scale * cfg.growth_factor;
                 if grown.is_finite() {

@@ -261,8 +261,14 @@ impl Schedule {
         }
     }
 
-    /// Checks the fields (positive period lengths, finite values, one more
-    /// value than boundaries, ...). `prefix` names the key in errors.
+    /// Checks the fields: positive period lengths, learning rates finite, not
+    /// negative and within f32, one more value than boundaries, and the
+    /// parameters that would make the rate NaN, infinite or negative at some
+    /// step (a negative `power`, a negative `alpha`, `t_mul` below 1).
+    /// Schedules that grow (`decay_rate` above 1, `m_mul` above 1) are
+    /// accepted: a step whose rate overflows fails with
+    /// [`Error::InvalidLearningRate`](crate::Error::InvalidLearningRate).
+    /// `prefix` names the key in errors.
     pub(crate) fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         let key = |k: &str| format!("{prefix}.config.{k}");
         let finite = |k: &str, x: f64| {
@@ -288,6 +294,30 @@ impl Schedule {
                 Err(ConfigError::invalid(key(k), "must be positive"))
             }
         };
+        // A learning rate the schedule takes as is: it must fit an f32 (as a
+        // constant rate must).
+        let rate = |k: &str, x: f64| {
+            non_negative(k, x)?;
+            if x <= f32::MAX as f64 {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    key(k),
+                    format!("{x:e} does not fit a float32 learning rate"),
+                ))
+            }
+        };
+        let at_least = |k: &str, x: f64, min: f64, why: &str| {
+            finite(k, x)?;
+            if x >= min {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    key(k),
+                    format!("must be at least {min}, got {x}: {why}"),
+                ))
+            }
+        };
         match self {
             Schedule::ExponentialDecay {
                 initial_learning_rate,
@@ -301,7 +331,7 @@ impl Schedule {
                 decay_rate,
                 ..
             } => {
-                non_negative("initial_learning_rate", *initial_learning_rate)?;
+                rate("initial_learning_rate", *initial_learning_rate)?;
                 positive("decay_steps", *decay_steps)?;
                 non_negative("decay_rate", *decay_rate)?;
             }
@@ -326,7 +356,7 @@ impl Schedule {
                     ));
                 }
                 for &v in values {
-                    non_negative("values", v)?;
+                    rate("values", v)?;
                 }
             }
             Schedule::PolynomialDecay {
@@ -336,10 +366,15 @@ impl Schedule {
                 power,
                 ..
             } => {
-                non_negative("initial_learning_rate", *initial_learning_rate)?;
+                rate("initial_learning_rate", *initial_learning_rate)?;
                 positive("decay_steps", *decay_steps)?;
-                non_negative("end_learning_rate", *end_learning_rate)?;
-                finite("power", *power)?;
+                rate("end_learning_rate", *end_learning_rate)?;
+                at_least(
+                    "power",
+                    *power,
+                    0.0,
+                    "a negative power makes the rate infinite where the decay ends",
+                )?;
             }
             Schedule::CosineDecay {
                 initial_learning_rate,
@@ -348,11 +383,16 @@ impl Schedule {
                 warmup_target,
                 warmup_steps,
             } => {
-                non_negative("initial_learning_rate", *initial_learning_rate)?;
+                rate("initial_learning_rate", *initial_learning_rate)?;
                 positive("decay_steps", *decay_steps)?;
-                finite("alpha", *alpha)?;
+                at_least(
+                    "alpha",
+                    *alpha,
+                    0.0,
+                    "a negative alpha makes the rate negative (gradient ascent)",
+                )?;
                 if let Some(t) = warmup_target {
-                    non_negative("warmup_target", *t)?;
+                    rate("warmup_target", *t)?;
                     if *warmup_steps != 0.0 {
                         positive("warmup_steps", *warmup_steps)?;
                     }
@@ -366,11 +406,22 @@ impl Schedule {
                 m_mul,
                 alpha,
             } => {
-                non_negative("initial_learning_rate", *initial_learning_rate)?;
+                rate("initial_learning_rate", *initial_learning_rate)?;
                 positive("first_decay_steps", *first_decay_steps)?;
-                positive("t_mul", *t_mul)?;
+                at_least(
+                    "t_mul",
+                    *t_mul,
+                    1.0,
+                    "with t_mul < 1 the periods shrink and the rate is NaN after \
+                     first_decay_steps / (1 - t_mul) steps",
+                )?;
                 non_negative("m_mul", *m_mul)?;
-                finite("alpha", *alpha)?;
+                at_least(
+                    "alpha",
+                    *alpha,
+                    0.0,
+                    "a negative alpha makes the rate negative (gradient ascent)",
+                )?;
             }
         }
         Ok(())

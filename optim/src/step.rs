@@ -4,6 +4,8 @@
 use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, KernelError, Kernels, Rounding};
 
 use crate::dedup::{Dedup, Distinct, RowHash};
+use crate::extensions::BiasCorrection;
+use crate::lr::bias_corrected_lr;
 
 /// Elements per leaf task of the parallel paths.
 #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
@@ -20,6 +22,8 @@ pub(crate) struct StepCtx {
     pub lr: f32,
     /// `iterations + 1`.
     pub t: u64,
+    /// How step sizes are evaluated (per-row bias correction).
+    pub bias_correction: BiasCorrection,
     pub per_row_bias: bool,
     pub catch_up: bool,
     /// Stochastic-rounding seed for this variable and step.
@@ -32,15 +36,6 @@ pub(crate) struct StepCtx {
     pub parallel: bool,
     /// The variable's gradient transform (clipping, unscaling, maximize).
     pub transform: GradTransform,
-}
-
-/// `lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`, evaluated in f64 from the f32
-/// inputs and rounded to f32 once.
-pub(crate) fn bias_corrected_lr(lr: f32, beta_1: f32, beta_2: f32, t: u64) -> f32 {
-    let t = t as f64;
-    let b1t = (beta_1 as f64).powf(t);
-    let b2t = (beta_2 as f64).powf(t);
-    ((lr as f64) * (1.0 - b2t).sqrt() / (1.0 - b1t)) as f32
 }
 
 /// `beta^k` in f64, rounded to f32 (catch-up decay factors).
@@ -131,7 +126,7 @@ fn update_row<P: Element, G: Element, M: Element>(
     {
         let s = &mut steps[local];
         *s = s.saturating_add(1);
-        c.lr_t = bias_corrected_lr(ctx.lr, c.beta1, c.beta2, *s);
+        c.lr_t = bias_corrected_lr(ctx.bias_correction, ctx.lr, c.beta1, c.beta2, *s);
     }
     if ctx.catch_up
         && let Some(last) = tb.last.as_deref_mut()

@@ -3,13 +3,31 @@
 use lazyadam_kernels::{DType, bf16, f16};
 
 /// A variable registered with [`LazyAdam::add_variable`](crate::LazyAdam::add_variable).
+///
+/// A handle belongs to the optimizer that issued it: every other optimizer
+/// (including one loaded from a checkpoint of this one) rejects it with
+/// [`Error::UnknownVariable`](crate::Error::UnknownVariable), even when its
+/// index is in range there. Look variables up by name with
+/// [`LazyAdam::variable_id`](crate::LazyAdam::variable_id) to move between
+/// optimizers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VarId(pub(crate) usize);
+pub struct VarId {
+    /// The issuing optimizer's instance number.
+    pub(crate) owner: u64,
+    /// The registration index.
+    pub(crate) index: usize,
+}
 
 impl VarId {
     /// The registration index (0 for the first variable).
     pub fn index(self) -> usize {
-        self.0
+        self.index
+    }
+}
+
+impl core::fmt::Display for VarId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "VarId({}) of optimizer #{}", self.index, self.owner)
     }
 }
 
