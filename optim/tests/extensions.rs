@@ -180,7 +180,8 @@ fn per_row_bias_correction_uses_the_row_count() {
     assert_eq!(w.last().unwrap().name, "t/row_steps");
     assert_eq!(w.last().unwrap().data, WeightData::I64(vec![2, 2]));
     let restored = LazyAdam::from_bytes(&a.to_bytes().unwrap()).unwrap();
-    assert_eq!(restored.row_steps(ia).unwrap(), &[2, 2]);
+    let ir = restored.variable_id("t").unwrap();
+    assert_eq!(restored.row_steps(ir).unwrap(), &[2, 2]);
 }
 
 #[test]
