@@ -291,7 +291,7 @@ impl LazyAdam {
             offset = end;
         }
         header.push('}');
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(' ');
         }
         let mut out = Vec::new();
@@ -638,18 +638,24 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
         match map.next_key::<Cow<'de, str>>()? {
             Some(k) if k == "__metadata__" => {}
             Some(k) => {
-                return Err(stop(self.0, ck(format!(
-                    "the header must start with `__metadata__`, found `{k}`"
-                ))));
+                return Err(stop(
+                    self.0,
+                    ck(format!(
+                        "the header must start with `__metadata__`, found `{k}`"
+                    )),
+                ));
             }
             None => return Err(stop(self.0, ck("empty header: no `__metadata__`"))),
         }
         let meta: Meta = map.next_value_seed(MetaSeed(&mut *self.0))?;
         if meta.format != CHECKPOINT_FORMAT {
-            return Err(stop(self.0, ck(format!(
-                "unknown format `{}` (this version reads `{CHECKPOINT_FORMAT}`)",
-                meta.format
-            ))));
+            return Err(stop(
+                self.0,
+                ck(format!(
+                    "unknown format `{}` (this version reads `{CHECKPOINT_FORMAT}`)",
+                    meta.format
+                )),
+            ));
         }
         let (config, ext, infos, specs) = declared(&meta).map_err(|e| stop(self.0, e))?;
         let index: HashMap<&str, usize> = specs
@@ -660,9 +666,12 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
         let mut entries: Vec<Option<Entry>> = (0..specs.len()).map(|_| None).collect();
         while let Some(k) = map.next_key::<Cow<'de, str>>()? {
             let Some(&i) = index.get(&*k) else {
-                return Err(stop(self.0, ck(format!(
-                    "unexpected tensor `{k}` (not declared by the metadata)"
-                ))));
+                return Err(stop(
+                    self.0,
+                    ck(format!(
+                        "unexpected tensor `{k}` (not declared by the metadata)"
+                    )),
+                ));
             };
             if entries[i].is_some() {
                 return Err(stop(self.0, ck(format!("tensor `{k}` listed twice"))));
@@ -670,15 +679,22 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
             let e: Entry = map.next_value()?;
             let spec = &specs[i];
             let shape_ok = e.shape.0.len() == spec.shape.len()
-                && e.shape.0.iter().zip(&spec.shape).all(|(&a, &b)| a == b as u64);
+                && e.shape
+                    .0
+                    .iter()
+                    .zip(&spec.shape)
+                    .all(|(&a, &b)| a == b as u64);
             if e.dtype != spec.dtype.name() || !shape_ok {
-                return Err(stop(self.0, ck(format!(
-                    "tensor `{k}` is {} {:?}, expected {} {:?}",
-                    e.dtype,
-                    e.shape.0,
-                    spec.dtype.name(),
-                    spec.shape
-                ))));
+                return Err(stop(
+                    self.0,
+                    ck(format!(
+                        "tensor `{k}` is {} {:?}, expected {} {:?}",
+                        e.dtype,
+                        e.shape.0,
+                        spec.dtype.name(),
+                        spec.shape
+                    )),
+                ));
             }
             entries[i] = Some(e);
         }
@@ -796,14 +812,24 @@ impl<'de> Visitor<'de> for MetaVisitor<'_> {
             }
             let Text(v) = map.next_value()?;
             if v.len() > cap {
-                return Err(stop(self.0, ck(format!(
-                    "metadata `{k}` is {} bytes, more than {cap}",
-                    v.len()
-                ))));
+                return Err(stop(
+                    self.0,
+                    ck(format!(
+                        "metadata `{k}` is {} bytes, more than {cap}",
+                        v.len()
+                    )),
+                ));
             }
             *slot = v.into_owned();
         }
-        let names = ["checksum", "config", "extensions", "format", "loss_scale", "variables"];
+        let names = [
+            "checksum",
+            "config",
+            "extensions",
+            "format",
+            "loss_scale",
+            "variables",
+        ];
         if let Some(i) = seen.iter().position(|&s| !s) {
             return Err(stop(self.0, ck(format!("metadata `{}` missing", names[i]))));
         }

@@ -475,7 +475,11 @@ mod tests {
         // probes if the build went on; it stops at the budget instead.
         let ids = colliding_ids(h.key, 4096, 2048);
         assert!(!h.build_keyed(ids.len(), |i| ids[i]));
-        assert!(h.probes <= RowHash::probe_budget(2048) + 4096, "{}", h.probes);
+        assert!(
+            h.probes <= RowHash::probe_budget(2048) + 4096,
+            "{}",
+            h.probes
+        );
         // The same table keeps working afterwards.
         let ids = [3usize, 1, 3];
         assert!(h.build_keyed(3, |i| ids[i]));

@@ -163,7 +163,9 @@ pub enum Error {
     },
     /// The learning rate a step would use is NaN, infinite or negative (a
     /// schedule, legacy decay, bias correction or weight decay out of range).
-    #[error("step {step} (iterations = {step}): the {what} is {value:e}; it must be finite and not negative")]
+    #[error(
+        "step {step} (iterations = {step}): the {what} is {value:e}; it must be finite and not negative"
+    )]
     InvalidLearningRate {
         /// The step counter when the step was attempted.
         step: u64,

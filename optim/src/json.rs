@@ -94,7 +94,10 @@ mod tests {
         assert!(e.to_string().contains("duplicate key `c`"), "{e}");
         // The same key in different objects is fine.
         let v = parse_strict(r#"{"a": {"a": 1}, "b": [{"a": 2}, {"a": 3}]}"#).unwrap();
-        assert_eq!(v, serde_json::json!({"a": {"a": 1}, "b": [{"a": 2}, {"a": 3}]}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": {"a": 1}, "b": [{"a": 2}, {"a": 3}]})
+        );
     }
 
     #[test]

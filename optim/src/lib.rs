@@ -126,6 +126,7 @@ mod tensor;
 pub use lazyadam_kernels as kernels;
 pub use lazyadam_kernels::{DType, Element, Isa, bf16, f16};
 
+pub use checkpoint::CHECKPOINT_FORMAT;
 pub use config::{LazyAdamConfig, LearningRate};
 pub use error::{ConfigError, Error};
 pub use extensions::{
@@ -135,7 +136,6 @@ pub use optimizer::LazyAdam;
 #[doc(hidden)]
 pub use profile::phase_times;
 pub use schedule::{CustomSchedule, LearningRateSchedule, Schedule};
-pub use checkpoint::CHECKPOINT_FORMAT;
 pub use store::advise_huge_pages;
 pub use tensor::{
     Gradient, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,

@@ -277,7 +277,10 @@ mod tests {
             }
         }
         // Measured: 1,329 of 200,000 (0.7%).
-        assert!(power_mismatches < 2_000, "{power_mismatches} of 200,000 powers");
+        assert!(
+            power_mismatches < 2_000,
+            "{power_mismatches} of 200,000 powers"
+        );
         // The step size: within one ulp of TF's at every step for the
         // betas of the conformance traces and the defaults (the powers agree
         // bit for bit until t = 685 there, and later an ulp of a power moves

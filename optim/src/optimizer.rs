@@ -9,9 +9,9 @@ use crate::config::{LazyAdamConfig, LearningRate};
 use crate::dedup::{Dedup, RowHash};
 use crate::error::{ConfigError, Error};
 use crate::extensions::{Extensions, NonFinitePolicy};
+use crate::lr::bias_corrected_lr;
 use crate::profile::{Phase, Timer};
 use crate::step::HashedScratch;
-use crate::lr::bias_corrected_lr;
 use crate::step::{self, RowList, StepCtx, Tables, mix64};
 use crate::store::{Store, StoreElem, try_zeros};
 use crate::tensor::{
@@ -479,7 +479,10 @@ impl LazyAdam {
         for u in updates {
             let Some(i) = self.index_of(u.var) else {
                 let why = if u.var.owner != self.instance {
-                    format!("{} (issued by another optimizer; this is #{})", u.var, self.instance)
+                    format!(
+                        "{} (issued by another optimizer; this is #{})",
+                        u.var, self.instance
+                    )
                 } else {
                     format!("{} (out of range)", u.var)
                 };

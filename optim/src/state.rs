@@ -135,7 +135,8 @@ impl LazyAdam {
             idx += 1;
             match &w.data {
                 WeightData::I64(v)
-                    if v.len() == var.rows && v.iter().all(|&x| x >= 0 && x as u64 <= iterations) =>
+                    if v.len() == var.rows
+                        && v.iter().all(|&x| x >= 0 && x as u64 <= iterations) =>
                 {
                     Ok(v.iter().map(|&x| x as u64).collect())
                 }
@@ -184,5 +185,4 @@ impl LazyAdam {
         }
         Ok(())
     }
-
 }

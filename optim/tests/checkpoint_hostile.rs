@@ -56,15 +56,25 @@ fn trained() -> LazyAdam {
         ..LazyAdamConfig::default()
     };
     let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
-    let a = opt.add_variable("emb", &[3, 2], DType::F32, DType::F32).unwrap();
-    let b = opt.add_variable("b", &[2], DType::F16, DType::BF16).unwrap();
-    let z = opt.add_variable("z", &[2, 0], DType::F32, DType::F16).unwrap();
+    let a = opt
+        .add_variable("emb", &[3, 2], DType::F32, DType::F32)
+        .unwrap();
+    let b = opt
+        .add_variable("b", &[2], DType::F16, DType::BF16)
+        .unwrap();
+    let z = opt
+        .add_variable("z", &[2, 0], DType::F32, DType::F16)
+        .unwrap();
     let mut pa = vec![0.5f32; 6];
     let mut pb = vec![lazyadam::f16::ONE; 2];
     let mut pz: Vec<f32> = vec![];
     for s in 0..3u32 {
         opt.apply_gradients(&mut [
-            Update::new(a, &mut pa, Gradient::sparse(&[s % 3, 2], &[0.1f32, 0.2, -0.3, 0.4])),
+            Update::new(
+                a,
+                &mut pa,
+                Gradient::sparse(&[s % 3, 2], &[0.1f32, 0.2, -0.3, 0.4]),
+            ),
             Update::new(b, &mut pb, Gradient::dense(&[0.5f32, -1.0])),
             Update::new(z, &mut pz, Gradient::sparse(&[1u32], &[] as &[f32])),
         ])
@@ -109,7 +119,11 @@ fn every_single_bit_flip_is_refused() {
                 Err(e) => assert!(matches!(e, Error::Checkpoint(_) | Error::Config(_)), "{e}"),
                 Ok(o) => {
                     // Allowed only if nothing observable changed.
-                    assert_eq!(bits(&o), want, "byte {i} bit {bit} loaded a different state");
+                    assert_eq!(
+                        bits(&o),
+                        want,
+                        "byte {i} bit {bit} loaded a different state"
+                    );
                     loaded_same += 1;
                 }
             }
@@ -132,7 +146,7 @@ fn a_huge_header_costs_memory_in_proportion_to_the_declarations() {
         h.push_str(&header[..header.len() - 1]); // drop the closing brace
         h.push_str(extra);
         h.push('}');
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -144,7 +158,9 @@ fn a_huge_header_costs_memory_in_proportion_to_the_declarations() {
     let mut junk = String::with_capacity(80 << 20);
     let mut k = 0u64;
     while junk.len() < 80 << 20 {
-        junk.push_str(&format!(",\"t{k}\":{{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,0]}}"));
+        junk.push_str(&format!(
+            ",\"t{k}\":{{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,0]}}"
+        ));
         k += 1;
     }
     let forged = forge(&junk);
@@ -154,7 +170,10 @@ fn a_huge_header_costs_memory_in_proportion_to_the_declarations() {
     let e = LazyAdam::from_bytes(&forged).unwrap_err();
     let extra = PEAK.load(Ordering::Relaxed) - base;
     assert!(e.to_string().contains("unexpected tensor `t0`"), "{e}");
-    assert!(extra < 1 << 20, "{extra} bytes allocated to refuse an 80 MB header");
+    assert!(
+        extra < 1 << 20,
+        "{extra} bytes allocated to refuse an 80 MB header"
+    );
 
     // 80 MB of junk inside one metadata value: refused by the cap on it.
     let meta_junk = format!(
@@ -170,7 +189,10 @@ fn a_huge_header_costs_memory_in_proportion_to_the_declarations() {
     let extra = PEAK.load(Ordering::Relaxed) - base;
     assert!(e.to_string().contains("more than"), "{e}");
     // The value is borrowed from the header, never copied.
-    assert!(extra < 1 << 20, "{extra} bytes allocated to refuse 80 MB of metadata");
+    assert!(
+        extra < 1 << 20,
+        "{extra} bytes allocated to refuse 80 MB of metadata"
+    );
 }
 
 #[test]

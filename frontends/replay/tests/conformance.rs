@@ -57,8 +57,8 @@ fn check_trajectory(file: &Path, case: &Case) -> Result<(), String> {
         prefix.steps.truncate(k + 1);
         prefix.expected = None;
         let got = replay(&prefix).map_err(|e| format!("step {k}: {e}"))?;
-        let want: Vec<Vec<f64>> = serde_json::from_value(want.clone())
-            .map_err(|e| format!("trajectory[{k}]: {e}"))?;
+        let want: Vec<Vec<f64>> =
+            serde_json::from_value(want.clone()).map_err(|e| format!("trajectory[{k}]: {e}"))?;
         for (i, (g, w)) in got.variables.iter().zip(&want).enumerate() {
             for (j, (&a, &b)) in g.iter().zip(w).enumerate() {
                 let a = a as f64;
