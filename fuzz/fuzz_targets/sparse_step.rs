@@ -6,6 +6,14 @@
 //! global_clipnorm, duplicate rows summed in first-occurrence order, Adam on the distinct rows
 //! only, dense gradients on every element, AMSGrad on dense gradients only).
 //!
+//! A quarter of the inputs (first byte = 3 mod 4) take the hostile mode instead ([`hostile`]):
+//! zero-width and zero-row variables, every schedule kind with arbitrary (often invalid)
+//! parameters and custom schedules that turn NaN, negative or infinite, every extension, loss
+//! scaling down to its floor, step counters near the maximum, and handles from a second
+//! optimizer; it checks the all-or-nothing rule (an error or a skip changes no byte; no error is
+//! a kernel error) and that an applied step with finite, moderate inputs and a valid rate leaves
+//! finite parameters.
+//!
 //! Where the model performs the library's own f32 operations in the same order (no norm clipping)
 //! the gradients agree to the bit and the rest within a forward error bound tracked per element;
 //! elements whose bound stops being meaningful (heavy cancellation under a rounded clip factor)
@@ -15,8 +23,9 @@
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    DType, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy,
-    RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId, bf16, f16,
+    BiasCorrection, CustomSchedule, DType, DynamicLossScale, Extensions, Gradient, Isa, LazyAdam,
+    LazyAdamConfig, LearningRate, LearningRateSchedule, NonFinitePolicy, RowIds, Schedule,
+    StepOutcome, TensorMut, TensorRef, Update, VarId, bf16, f16,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -510,7 +519,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         lr: choose(u, &[1e-3, 0.1, 1.0, 1e-6, 0.0, 0.5])?,
         beta_1: choose(u, &[0.9, 0.0, 0.5, 0.99, 0.3])?,
         beta_2: choose(u, &[0.999, 0.9, 0.0, 0.5, 0.99999])?,
-        epsilon: choose(u, &[1e-7, 1e-3, 1.0, 1e-30, 0.0])?,
+        epsilon: choose(u, &[1e-7, 1e-3, 1.0, 1e-30])?,
         decay: if u.ratio(1u8, 5u8)? {
             choose(u, &[0.01, 0.5, 3.0])?
         } else {
@@ -920,7 +929,364 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Everything a step may change, bitwise: the weights (step counter, slots, per-row counters),
+/// the loss scale and the parameters.
+type HostileState = (
+    Vec<(String, Vec<usize>, Vec<u64>)>,
+    Option<u32>,
+    Vec<Vec<u32>>,
+);
+
+fn hostile_state(opt: &LazyAdam, params: &[Store]) -> HostileState {
+    (
+        weight_bits(opt),
+        opt.loss_scale().map(f32::to_bits),
+        params.iter().map(Store::bits).collect(),
+    )
+}
+
+/// A user schedule that returns `value` from step `from` on (0.01 before).
+#[derive(Debug)]
+struct TurnsBad {
+    value: f32,
+    from: u64,
+}
+
+impl LearningRateSchedule for TurnsBad {
+    fn learning_rate(&self, step: u64) -> f32 {
+        if step < self.from { 0.01 } else { self.value }
+    }
+}
+
+fn hostile_rate(u: &mut Unstructured<'_>) -> Result<LearningRate> {
+    let lr = |u: &mut Unstructured<'_>| {
+        choose(
+            u,
+            &[
+                0.01f64,
+                0.0,
+                1.0,
+                1e-7,
+                -1.0,
+                f64::NAN,
+                f64::INFINITY,
+                1e39,
+                3e38,
+                1e300,
+            ],
+        )
+    };
+    let steps = |u: &mut Unstructured<'_>| choose(u, &[1.0f64, 2.0, 0.0, -1.0, 1e18, f64::NAN]);
+    let any = |u: &mut Unstructured<'_>| {
+        choose(
+            u,
+            &[
+                0.5f64,
+                0.0,
+                1.0,
+                2.0,
+                -1.0,
+                -2.0,
+                1e300,
+                f64::NAN,
+                0.9,
+                1e-3,
+            ],
+        )
+    };
+    Ok(match u.int_in_range(0u8..=7)? {
+        0 => LearningRate::Constant(lr(u)? as f32),
+        1 => LearningRate::Schedule(Schedule::ExponentialDecay {
+            initial_learning_rate: lr(u)?,
+            decay_steps: steps(u)?,
+            decay_rate: any(u)?,
+            staircase: u.arbitrary()?,
+        }),
+        2 => LearningRate::Schedule(Schedule::InverseTimeDecay {
+            initial_learning_rate: lr(u)?,
+            decay_steps: steps(u)?,
+            decay_rate: any(u)?,
+            staircase: u.arbitrary()?,
+        }),
+        3 => LearningRate::Schedule(Schedule::PiecewiseConstantDecay {
+            boundaries: vec![steps(u)?, steps(u)?],
+            values: vec![lr(u)?, lr(u)?, lr(u)?],
+        }),
+        4 => LearningRate::Schedule(Schedule::PolynomialDecay {
+            initial_learning_rate: lr(u)?,
+            decay_steps: steps(u)?,
+            end_learning_rate: lr(u)?,
+            power: any(u)?,
+            cycle: u.arbitrary()?,
+        }),
+        5 => LearningRate::Schedule(Schedule::CosineDecay {
+            initial_learning_rate: lr(u)?,
+            decay_steps: steps(u)?,
+            alpha: any(u)?,
+            warmup_target: if u.arbitrary()? { Some(lr(u)?) } else { None },
+            warmup_steps: steps(u)?.abs(),
+        }),
+        6 => LearningRate::Schedule(Schedule::CosineDecayRestarts {
+            initial_learning_rate: lr(u)?,
+            first_decay_steps: steps(u)?,
+            t_mul: any(u)?,
+            m_mul: any(u)?,
+            alpha: any(u)?,
+        }),
+        _ => LearningRate::Custom(CustomSchedule::new(TurnsBad {
+            value: choose(u, &[f32::NAN, -1.0, f32::INFINITY, 0.5, -0.0])?,
+            from: u.int_in_range(0u64..=4)?,
+        })),
+    })
+}
+
+/// Hostile mode (see the module documentation).
+fn hostile(u: &mut Unstructured<'_>) -> Result<()> {
+    let config = LazyAdamConfig {
+        learning_rate: hostile_rate(u)?,
+        beta_1: choose(u, &[0.9f32, 0.0, 0.99, 0.999_999_9, 1.0, -0.1])?,
+        beta_2: choose(u, &[0.999f32, 0.0, 0.5, 0.999_999_9, 1.0])?,
+        epsilon: choose(u, &[1e-7f32, 1.0, 1e-30, 0.0, -1.0])?,
+        amsgrad: u.arbitrary()?,
+        decay: choose(u, &[0.0f32, 0.0, 0.5, 1e30, -1.0])?,
+        clipnorm: if u.ratio(1u8, 4u8)? {
+            Some(choose(u, &[1.0f32, 0.0, 1e-30])?)
+        } else {
+            None
+        },
+        clipvalue: if u.ratio(1u8, 4u8)? {
+            Some(choose(u, &[0.5f32, 0.0, 1e30])?)
+        } else {
+            None
+        },
+        global_clipnorm: if u.ratio(1u8, 4u8)? {
+            Some(choose(u, &[1.0f32, 0.0])?)
+        } else {
+            None
+        },
+        ..LazyAdamConfig::default()
+    };
+    let loss_scale = |u: &mut Unstructured<'_>| -> Result<Option<DynamicLossScale>> {
+        Ok(if u.arbitrary()? {
+            Some(DynamicLossScale {
+                scale: choose(u, &[32768.0f32, 1e-39, f32::MIN_POSITIVE, 1e38, 1.0, 0.0])?,
+                growth_factor: choose(u, &[2.0f32, 1.0, 1e30, 0.5])?,
+                backoff_factor: choose(u, &[0.5f32, 1e-30, 1.0, 0.0])?,
+                growth_interval: choose(u, &[1u64, 2, 2000, 0, u64::MAX])?,
+            })
+        } else {
+            None
+        })
+    };
+    let non_finite = match u.int_in_range(0u8..=2)? {
+        0 => NonFinitePolicy::Propagate,
+        1 => NonFinitePolicy::Error,
+        _ => NonFinitePolicy::SkipStep {
+            loss_scale: loss_scale(u)?,
+        },
+    };
+    let ext = Extensions {
+        sparse_amsgrad: u.arbitrary()?,
+        weight_decay: choose(u, &[0.0f32, 0.0, 0.01, 1e30, -1.0, f32::NAN])?,
+        maximize: u.arbitrary()?,
+        per_row_bias_correction: u.arbitrary()?,
+        catch_up_decay: u.arbitrary()?,
+        non_finite,
+        stochastic_rounding: if u.arbitrary()? {
+            Some(u.arbitrary()?)
+        } else {
+            None
+        },
+        parallel_min_elements: choose(u, &[1usize, 4, 32_768])?,
+        bias_correction: choose(u, &[BiasCorrection::Reference, BiasCorrection::F64])?,
+        ..Extensions::default()
+    };
+    let Ok(mut opt) = LazyAdam::with_extensions(config.clone(), ext.clone()) else {
+        return Ok(());
+    };
+    // Step counters near the maximum; out-of-range ones are refused without a change.
+    let start = choose(
+        u,
+        &[
+            0u64,
+            0,
+            1,
+            i64::MAX as u64 - 2,
+            i64::MAX as u64 - 1,
+            i64::MAX as u64,
+            u64::MAX,
+        ],
+    )?;
+    match opt.set_iterations(start) {
+        Ok(()) => assert_eq!(opt.iterations(), start),
+        Err(_) => {
+            assert!(start > i64::MAX as u64);
+            assert_eq!(opt.iterations(), 0);
+        }
+    }
+
+    // Variables, zero dimensions included.
+    let nvars = u.int_in_range(1usize..=3)?;
+    let mut ids = Vec::new();
+    let mut params = Vec::new();
+    let mut shapes = Vec::new();
+    for k in 0..nvars {
+        let rows = u.int_in_range(0usize..=5)?;
+        let row_len = u.int_in_range(0usize..=3)?;
+        let shape = if u.ratio(1u8, 6u8)? {
+            vec![rows]
+        } else {
+            vec![rows, row_len]
+        };
+        let dtype = choose(u, &[DType::F32, DType::F32, DType::BF16, DType::F16])?;
+        let moment = choose(u, &[DType::F32, DType::F32, DType::BF16, DType::F16])?;
+        let id = opt
+            .add_variable(&format!("h{k}"), &shape, dtype, moment)
+            .expect("a zero-free or zero-sized shape is valid");
+        let info = opt.variable(id).expect("just added").clone();
+        let init: Vec<f32> = (0..info.numel())
+            .map(|_| Ok(choose(u, &[0.5f32, -1.0, 0.0, 100.0])?))
+            .collect::<Result<_>>()?;
+        params.push(Store::from_f32(dtype, &init));
+        shapes.push((info.rows(), info.row_len(), dtype, moment));
+        ids.push(id);
+    }
+    // Handles issued by a second optimizer with the same names and shapes.
+    let mut other = LazyAdam::new(LazyAdamConfig::default()).expect("default config");
+    let foreign: Vec<VarId> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, &(rows, row_len, dtype, moment))| {
+            other
+                .add_variable(&format!("h{k}"), &[rows, row_len], dtype, moment)
+                .expect("valid")
+        })
+        .collect();
+
+    for _ in 0..u.int_in_range(0usize..=4)? {
+        let nupd = u.int_in_range(0usize..=3)?;
+        let mut chosen = Vec::new();
+        for _ in 0..nupd {
+            let k = u.int_in_range(0..=nvars - 1)?;
+            let foreign_handle = u.ratio(1u8, 8u8)?;
+            let (rows, row_len, _, _) = shapes[k];
+            let sparse = u.arbitrary()?;
+            let ids_k: Vec<i64> = if sparse {
+                (0..u.int_in_range(0usize..=4)?)
+                    .map(|_| u.int_in_range(-1i64..=rows as i64))
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            };
+            let n = if sparse {
+                ids_k.len() * row_len
+            } else {
+                rows * row_len
+            };
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    Ok(if u.ratio(1u8, 16u8)? {
+                        choose(u, &[f32::NAN, f32::INFINITY, 1e30, -1e30])?
+                    } else {
+                        choose(u, &[0.5f32, -1.0, 0.0, 100.0, 1e-30, -3.0])?
+                    })
+                })
+                .collect::<Result<_>>()?;
+            chosen.push((k, foreign_handle, sparse, ids_k, values));
+        }
+        let moderate = chosen.iter().all(|(k, foreign_handle, _, _, values)| {
+            let (_, _, dtype, moment) = shapes[*k];
+            !foreign_handle
+                && dtype != DType::F16
+                && moment != DType::F16
+                && values.iter().all(|x| x.is_finite() && x.abs() <= 100.0)
+        }) && params
+            .iter()
+            .all(|p| p.f32s().iter().all(|x| x.is_finite() && x.abs() <= 1e4))
+            && opt.learning_rate() <= 10.0
+            && ext.weight_decay <= 0.1
+            && config.epsilon >= 1e-30;
+        let before = hostile_state(&opt, &params);
+        let it = opt.iterations();
+        let result = {
+            let mut own: Vec<Option<&mut Store>> = params.iter_mut().map(Some).collect();
+            let mut spare: Vec<Store> = chosen
+                .iter()
+                .map(|(k, ..)| Store::zeros(shapes[*k].2, params_len(&shapes[*k])))
+                .collect();
+            let mut spare_iter = spare.iter_mut();
+            let grads: Vec<Store> = chosen
+                .iter()
+                .map(|(_, _, _, _, v)| Store::from_f32(DType::F32, v))
+                .collect();
+            let mut updates = Vec::new();
+            for ((k, foreign_handle, sparse, ids_k, _), g) in chosen.iter().zip(&grads) {
+                let spare = spare_iter.next().expect("one per update");
+                let param = match own[*k].take() {
+                    Some(p) => p.as_mut(),
+                    None => spare.as_mut(),
+                };
+                let var = if *foreign_handle {
+                    foreign[*k]
+                } else {
+                    ids[*k]
+                };
+                let grad = if *sparse {
+                    Gradient::sparse(&ids_k[..], g.as_ref())
+                } else {
+                    Gradient::dense(g.as_ref())
+                };
+                updates.push(Update::new(var, param, grad));
+            }
+            opt.apply_gradients(&mut updates)
+        };
+        let after = hostile_state(&opt, &params);
+        match result {
+            Err(e) => {
+                assert!(
+                    !matches!(e, lazyadam::Error::Kernel(_)),
+                    "kernel error escaped: {e}"
+                );
+                assert_eq!(before, after, "a failed step changed the state: {e}");
+            }
+            Ok(StepOutcome::Skipped) => {
+                assert_eq!(before.0, after.0, "a skipped step changed the weights");
+                assert_eq!(before.2, after.2, "a skipped step changed the parameters");
+                if let (Some(a), Some(b)) = (before.1, after.1) {
+                    let (a, b) = (f32::from_bits(a), f32::from_bits(b));
+                    assert!(b <= a && b >= f32::MIN_POSITIVE, "loss scale {a} -> {b}");
+                }
+            }
+            Ok(StepOutcome::Applied) => {
+                assert_eq!(opt.iterations(), it + 1, "one step, one increment");
+                if let Some(s) = opt.loss_scale() {
+                    assert!(s.is_finite() && s >= f32::MIN_POSITIVE, "loss scale {s}");
+                }
+                if moderate {
+                    for (k, p) in params.iter().enumerate() {
+                        assert!(
+                            p.f32s().iter().all(|x| x.is_finite()),
+                            "var {k}: non-finite parameters after a valid step: {:?}\n{config:?}\n{ext:?}",
+                            p.f32s()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn params_len(s: &(usize, usize, DType, DType)) -> usize {
+    s.0 * s.1
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let _ = run(&mut u);
+    if data.first().is_some_and(|b| b % 4 == 3) {
+        let _ = u.bytes(1);
+        let _ = hostile(&mut u);
+    } else {
+        let _ = run(&mut u);
+    }
 });
