@@ -44,7 +44,7 @@ fn replay_dir(dir: &Path) -> usize {
 }
 
 fn repo_cases() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/cases")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/cases")
 }
 
 #[test]
