@@ -198,3 +198,26 @@ fn a_wrong_expectation_is_reported() {
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].what, "variables[0][4]");
 }
+
+#[test]
+fn non_finite_values_are_written_as_strings() {
+    let r = lazyadam_replay::ReplayResult {
+        name: "x".into(),
+        iterations: 3,
+        variables: vec![vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1.5]],
+        m: vec![vec![]],
+        v: vec![vec![f32::MAX]],
+    };
+    let line = r.to_json_line();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        v["variables"][0],
+        serde_json::json!(["NaN", "Infinity", "-Infinity", -0.0, 1.5]),
+        "{line}"
+    );
+    assert!(v["variables"][0][3].as_f64().unwrap().is_sign_negative());
+    // Finite values: the shortest decimal that reads back as the same f32.
+    assert_eq!(v["v"][0][0].as_f64().unwrap() as f32, f32::MAX);
+    assert_eq!(v["m"][0], serde_json::json!([]));
+    assert!(!line.contains("null"), "{line}");
+}
