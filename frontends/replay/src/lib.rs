@@ -32,7 +32,7 @@ use std::path::Path;
 use lazyadam::{
     DType, Error, Extensions, Gradient, LazyAdam, LazyAdamConfig, TensorRef, Update, f16,
 };
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 /// The format tag of a case file.
@@ -56,9 +56,21 @@ pub enum ReplayError {
     /// The JSON is not a valid `lazyadam-case/1` case.
     #[error("invalid case: {0}")]
     InvalidCase(String),
-    /// The optimizer rejected the configuration or a step.
+    /// The optimizer rejected the configuration or a variable.
     #[error("optimizer error: {0}")]
     Optimizer(#[from] Error),
+    /// The optimizer rejected a step of the case.
+    #[error("case `{case}`, step {step} of {steps}: optimizer error: {source}")]
+    Step {
+        /// The case's name.
+        case: String,
+        /// The index of the failed step in the case's `steps` (0-based).
+        step: usize,
+        /// The number of steps in the case.
+        steps: usize,
+        /// The optimizer's error.
+        source: Error,
+    },
 }
 
 fn invalid(msg: impl Into<String>) -> ReplayError {
@@ -152,6 +164,47 @@ fn as_f64_list(v: &Value, what: &str) -> Result<Vec<f64>, ReplayError> {
         .collect()
 }
 
+impl CaseDType {
+    /// The name used in case files.
+    pub fn name(self) -> &'static str {
+        match self {
+            CaseDType::Float32 => "float32",
+            CaseDType::Float16 => "float16",
+        }
+    }
+
+    /// The largest finite value of the storage type, in its shortest decimal form.
+    fn max(self) -> String {
+        match self {
+            CaseDType::Float32 => format!("{:e}", f32::MAX),
+            CaseDType::Float16 => format!("{:e}", f16::MAX.to_f32()),
+        }
+    }
+
+    /// Whether `x` rounds to a finite value of the storage type.
+    fn fits(self, x: f64) -> bool {
+        match self {
+            CaseDType::Float32 => (x as f32).is_finite(),
+            CaseDType::Float16 => f16::from_f64(x).is_finite(),
+        }
+    }
+}
+
+/// Reads a list of input values that are stored in `dtype`: a value that would round to
+/// infinity there (JSON has no infinities, so it can only be an out-of-range number) is an
+/// error naming the field and the element.
+fn as_input_list(v: &Value, what: &str, dtype: CaseDType) -> Result<Vec<f64>, ReplayError> {
+    let values = as_f64_list(v, what)?;
+    if let Some((i, x)) = values.iter().enumerate().find(|&(_, &x)| !dtype.fits(x)) {
+        return Err(invalid(format!(
+            "{what}[{i}]: {x:e} does not fit {} (largest finite value {})",
+            dtype.name(),
+            dtype.max()
+        )));
+    }
+    Ok(values)
+}
+
 fn as_nested_list(v: &Value, what: &str) -> Result<Vec<Vec<f64>>, ReplayError> {
     v.as_array()
         .ok_or_else(|| invalid(format!("{what}: expected a list of lists")))?
@@ -232,10 +285,11 @@ impl Case {
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| invalid(format!("{what}: shape too large")))?;
-            let initial = as_f64_list(
+            let initial = as_input_list(
                 var.get("initial")
                     .ok_or_else(|| invalid(format!("{what}: missing `initial`")))?,
                 &format!("{what}.initial"),
+                dtype,
             )?;
             if initial.len() != numel {
                 return Err(invalid(format!(
@@ -282,10 +336,11 @@ impl Case {
                             .ok_or_else(|| invalid(format!("{what}: bad `indices`")))?,
                     ),
                 };
-                let values = as_f64_list(
+                let values = as_input_list(
                     g.get("values")
                         .ok_or_else(|| invalid(format!("{what}: missing `values`")))?,
                     &format!("{what}.values"),
+                    dtype,
                 )?;
                 grads.push(CaseGradient {
                     variable,
@@ -348,6 +403,11 @@ impl Case {
 }
 
 /// The state after replaying a case (storage values widened to f32).
+///
+/// Serialized (and printed by [`ReplayResult::to_json_line`]) as JSON, which has no
+/// infinities or NaN: a non-finite value is written as the string `"NaN"`, `"Infinity"` or
+/// `"-Infinity"` (the spellings of JavaScript and Python), every finite value as the shortest
+/// number that reads back as the same `f32`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReplayResult {
     /// Case name.
@@ -355,17 +415,52 @@ pub struct ReplayResult {
     /// Step counter.
     pub iterations: u64,
     /// Final variables.
+    #[serde(serialize_with = "serialize_rows")]
     pub variables: Vec<Vec<f32>>,
     /// Final `m` slots.
+    #[serde(serialize_with = "serialize_rows")]
     pub m: Vec<Vec<f32>>,
     /// Final `v` slots.
+    #[serde(serialize_with = "serialize_rows")]
     pub v: Vec<Vec<f32>>,
 }
 
+/// An `f32` as JSON: a number when finite, else `"NaN"`, `"Infinity"` or `"-Infinity"`.
+struct JsonF32(f32);
+
+impl Serialize for JsonF32 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let x = self.0;
+        if x.is_nan() {
+            s.serialize_str("NaN")
+        } else if x == f32::INFINITY {
+            s.serialize_str("Infinity")
+        } else if x == f32::NEG_INFINITY {
+            s.serialize_str("-Infinity")
+        } else {
+            s.serialize_f32(x)
+        }
+    }
+}
+
+struct JsonRow<'a>(&'a [f32]);
+
+impl Serialize for JsonRow<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|&x| JsonF32(x)))
+    }
+}
+
+fn serialize_rows<S: Serializer>(rows: &[Vec<f32>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(rows.iter().map(|r| JsonRow(r)))
+}
+
 impl ReplayResult {
-    /// The one-line JSON output of the command line.
+    /// The one-line JSON output of the command line (see the type's documentation for
+    /// non-finite values).
     pub fn to_json_line(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| error_line(&self.name, &ReplayError::Json(e.to_string())))
     }
 }
 
@@ -450,7 +545,13 @@ pub fn replay_with(case: &Case, ext: Extensions) -> Result<ReplayResult, ReplayE
                 grad,
             });
         }
-        opt.apply_gradients(&mut updates)?;
+        opt.apply_gradients(&mut updates)
+            .map_err(|source| ReplayError::Step {
+                case: case.name.clone(),
+                step: s,
+                steps: case.steps.len(),
+                source,
+            })?;
     }
     let variables = match &params {
         Params::F32(p) => p.clone(),
@@ -498,61 +599,156 @@ impl std::fmt::Display for Mismatch {
     }
 }
 
-/// Compares a replay with the case's `expected` block within its tolerance.
-/// A case without `expected` fails with one mismatch.
-pub fn check(case: &Case, result: &ReplayResult) -> Result<(), Vec<Mismatch>> {
-    let Some(exp) = &case.expected else {
-        return Err(vec![Mismatch {
-            what: "expected (missing)".into(),
-            got: f64::NAN,
-            expected: f64::NAN,
-        }]);
-    };
-    let tol = case.tolerance;
-    let mut out = Vec::new();
-    if result.iterations != exp.iterations {
-        out.push(Mismatch {
-            what: "iterations".into(),
-            got: result.iterations as f64,
-            expected: exp.iterations as f64,
-        });
+/// The largest deviation of a replay from its expectation, relative to the tolerance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deviation {
+    /// Where (`"variables[0][3]"`, `"iterations"`, ...).
+    pub what: String,
+    /// `abs(got - expected)` (infinite or NaN for a non-finite result).
+    pub error: f64,
+    /// The largest error the tolerance allows there, `atol + rtol * abs(expected)` (0 for
+    /// counts, which must match exactly).
+    pub allowed: f64,
+}
+
+impl Deviation {
+    /// `error / allowed`: at most 1 within the tolerance. A NaN error counts as infinite; a
+    /// zero error within a zero allowance as 0.
+    pub fn ratio(&self) -> f64 {
+        if self.error.is_nan() {
+            f64::INFINITY
+        } else if self.error == 0.0 {
+            0.0
+        } else {
+            self.error / self.allowed
+        }
     }
+}
+
+/// The comparison of a replay with its case's `expected` block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    /// Every value outside the tolerance (empty: the case passes).
+    pub mismatches: Vec<Mismatch>,
+    /// The value with the largest [`Deviation::ratio`] (the first of equals), passing or not,
+    /// or a count that differs; `None` when no value was compared and every count matched
+    /// (or the case has no `expected` block).
+    pub worst: Option<Deviation>,
+}
+
+impl Comparison {
+    /// Whether every value is within the tolerance.
+    pub fn passed(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+/// Compares a replay with the case's `expected` block within its tolerance: every
+/// mismatch, and the worst deviation. A case without `expected` fails with one mismatch.
+pub fn compare(case: &Case, result: &ReplayResult) -> Comparison {
+    let Some(exp) = &case.expected else {
+        return Comparison {
+            mismatches: vec![Mismatch {
+                what: "expected (missing)".into(),
+                got: f64::NAN,
+                expected: f64::NAN,
+            }],
+            worst: None,
+        };
+    };
+    let mut cmp = Comparison {
+        mismatches: Vec::new(),
+        worst: None,
+    };
+    // Counts (iterations, numbers of variables, lengths) must match exactly.
+    cmp.count("iterations".into(), result.iterations, exp.iterations);
     for (label, got, want) in [
         ("variables", &result.variables, &exp.variables),
         ("m", &result.m, &exp.m),
         ("v", &result.v, &exp.v),
     ] {
-        if got.len() != want.len() {
-            out.push(Mismatch {
-                what: format!("{label} (count)"),
-                got: got.len() as f64,
-                expected: want.len() as f64,
-            });
+        if !cmp.count(
+            format!("{label} (count)"),
+            got.len() as u64,
+            want.len() as u64,
+        ) {
             continue;
         }
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            if g.len() != w.len() {
-                out.push(Mismatch {
-                    what: format!("{label}[{i}] (length)"),
-                    got: g.len() as f64,
-                    expected: w.len() as f64,
-                });
+            if !cmp.count(
+                format!("{label}[{i}] (length)"),
+                g.len() as u64,
+                w.len() as u64,
+            ) {
                 continue;
             }
             for (j, (&a, &b)) in g.iter().zip(w).enumerate() {
-                let a = a as f64;
-                let ok = (a - b).abs() <= tol.atol + tol.rtol * b.abs();
-                if !ok {
-                    out.push(Mismatch {
-                        what: format!("{label}[{i}][{j}]"),
-                        got: a,
-                        expected: b,
-                    });
+                let got = a as f64;
+                let error = (got - b).abs();
+                let allowed = case.tolerance.atol + case.tolerance.rtol * b.abs();
+                let fails = error.is_nan() || error > allowed;
+                let d = Deviation {
+                    what: String::new(),
+                    error,
+                    allowed,
+                };
+                if fails || cmp.is_worse(&d) {
+                    let what = format!("{label}[{i}][{j}]");
+                    if fails {
+                        cmp.mismatches.push(Mismatch {
+                            what: what.clone(),
+                            got,
+                            expected: b,
+                        });
+                    }
+                    cmp.see(Deviation { what, ..d });
                 }
             }
         }
     }
-    if out.is_empty() { Ok(()) } else { Err(out) }
+    cmp
+}
+
+impl Comparison {
+    fn is_worse(&self, d: &Deviation) -> bool {
+        self.worst.as_ref().is_none_or(|w| d.ratio() > w.ratio())
+    }
+
+    fn see(&mut self, d: Deviation) {
+        if self.is_worse(&d) {
+            self.worst = Some(d);
+        }
+    }
+
+    /// Compares a count that must match exactly; returns whether it does.
+    fn count(&mut self, what: String, got: u64, expected: u64) -> bool {
+        let d = Deviation {
+            what,
+            error: got.abs_diff(expected) as f64,
+            allowed: 0.0,
+        };
+        if got == expected {
+            return true;
+        }
+        self.mismatches.push(Mismatch {
+            what: d.what.clone(),
+            got: got as f64,
+            expected: expected as f64,
+        });
+        self.see(d);
+        false
+    }
+}
+
+/// Compares a replay with the case's `expected` block within its tolerance.
+/// A case without `expected` fails with one mismatch.
+pub fn check(case: &Case, result: &ReplayResult) -> Result<(), Vec<Mismatch>> {
+    let c = compare(case, result);
+    if c.mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(c.mismatches)
+    }
 }
 
 /// The error line of the command line: `{"name": ..., "error": ...}`.

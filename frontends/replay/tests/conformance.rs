@@ -106,7 +106,7 @@ fn replay_dir(dir: &Path) -> usize {
 }
 
 fn repo_cases() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/cases")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/cases")
 }
 
 #[test]
@@ -115,18 +115,94 @@ fn every_repository_case_passes() {
     assert!(n >= 22, "expected at least 22 cases, found {n}");
 }
 
-/// CI also replays the shared cases directly, in case more appear there.
+/// Whether this is a CI run: `CI` set to anything but empty, `0` or `false` (CI services set
+/// `CI=true`; `.ci/run` runs with it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The shared conformance cases: `$LAZYADAM_SHARED_CASES`, or `../shared/conformance/cases`
+/// beside the repository.
+fn shared_cases() -> PathBuf {
+    match std::env::var_os("LAZYADAM_SHARED_CASES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/cases"),
+    }
+}
+
+/// Whether this is the repository's checkout (its CI script beside the workspace), not the
+/// crate as published, which does not promise a `../shared` beside it.
+fn in_repository() -> bool {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.ci/run")
+        .is_file()
+}
+
+/// The shared cases (the recording's own directory, which may hold more cases than the
+/// repository's copy) replay too. Outside CI a missing directory is skipped, with a note on
+/// stderr that `cargo test` shows; in the repository's CI it is a failure, so that CI never
+/// passes without having replayed them.
 #[test]
 fn every_shared_case_passes() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/cases");
+    let dir = shared_cases();
     if !dir.is_dir() {
-        println!(
-            "note: {} does not exist; skipping the shared conformance cases",
+        assert!(
+            !(in_ci() && in_repository()),
+            "CI is set but the shared conformance cases are missing: {} is not a directory \
+             (set LAZYADAM_SHARED_CASES to their directory)",
+            dir.display()
+        );
+        // Written to the stderr handle itself: the test harness captures `eprintln!` of a
+        // passing test, and a skip must be visible.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "every_shared_case_passes: SKIPPED (not in the repository's CI): {} is not a directory",
             dir.display()
         );
         return;
     }
     replay_dir(&dir);
+}
+
+/// Runs `every_shared_case_passes` of this test binary in a child process with a missing
+/// shared directory, with and without `CI`.
+#[test]
+fn a_missing_shared_directory_fails_in_ci_and_is_skipped_outside() {
+    let missing = std::env::temp_dir().join(format!(
+        "lazyadam-replay-no-shared-{}/conformance/cases",
+        std::process::id()
+    ));
+    assert!(!missing.exists());
+    assert!(
+        in_repository(),
+        "this test runs in the repository's checkout only"
+    );
+    let run = |ci: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["every_shared_case_passes", "--exact", "--test-threads", "1"])
+            .env("LAZYADAM_SHARED_CASES", &missing)
+            .env_remove("CI");
+        if let Some(v) = ci {
+            cmd.env("CI", v);
+        }
+        cmd.output().unwrap()
+    };
+    for ci in ["true", "1"] {
+        let out = run(Some(ci));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "CI={ci}: {text}");
+        assert!(
+            text.contains("shared conformance cases are missing"),
+            "{text}"
+        );
+    }
+    for ci in [None, Some("false"), Some("")] {
+        let out = run(ci);
+        assert!(out.status.success(), "CI={ci:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("SKIPPED"), "CI={ci:?}: {err}");
+    }
 }
 
 #[test]
@@ -195,4 +271,27 @@ fn a_wrong_expectation_is_reported() {
     let m = check(&case, &result).unwrap_err();
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].what, "variables[0][4]");
+}
+
+#[test]
+fn non_finite_values_are_written_as_strings() {
+    let r = lazyadam_replay::ReplayResult {
+        name: "x".into(),
+        iterations: 3,
+        variables: vec![vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1.5]],
+        m: vec![vec![]],
+        v: vec![vec![f32::MAX]],
+    };
+    let line = r.to_json_line();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        v["variables"][0],
+        serde_json::json!(["NaN", "Infinity", "-Infinity", -0.0, 1.5]),
+        "{line}"
+    );
+    assert!(v["variables"][0][3].as_f64().unwrap().is_sign_negative());
+    // Finite values: the shortest decimal that reads back as the same f32.
+    assert_eq!(v["v"][0][0].as_f64().unwrap() as f32, f32::MAX);
+    assert_eq!(v["m"][0], serde_json::json!([]));
+    assert!(!line.contains("null"), "{line}");
 }
