@@ -359,8 +359,7 @@ impl LazyAdam {
     /// The learning rate the next step will use (schedule and legacy decay
     /// applied, before bias correction). It may be invalid (NaN, infinite or
     /// negative, from a schedule); the step then fails with
-    /// [`Error::InvalidLearningRate`] and [`LazyAdam::step_rates`] says so
-    /// now.
+    /// [`Error::InvalidLearningRate`] and writes nothing.
     pub fn learning_rate(&self) -> f32 {
         self.config.learning_rate_at(self.iterations)
     }
