@@ -160,6 +160,9 @@ fn check(text: &str) {
         match (&loaded, &via_value) {
             (Ok(a), Ok(b)) => assert!(same(a, b), "json vs value: {a:?} / {b:?}"),
             (Err(_), Err(_)) => {}
+            // The text entry point refuses a repeated key (an ambiguous document) that
+            // serde_json's `Value` silently resolved to the last occurrence.
+            (Err(e), Ok(_)) if e.to_string().contains("duplicate key") => {}
             _ => panic!("from_keras_json {loaded:?} but from_keras_value {via_value:?}"),
         }
     }
