@@ -485,18 +485,60 @@ impl LazyAdam {
         Ok(opt)
     }
 
-    /// Writes [`LazyAdam::to_bytes`] to a file.
+    /// Writes [`LazyAdam::to_bytes`] to a file. A file error names the path
+    /// ([`Error::File`]).
+    ///
+    /// ```
+    /// use lazyadam::{LazyAdam, LazyAdamConfig};
+    /// let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
+    /// opt.add_variable("emb", &[10, 4], lazyadam::DType::F32, lazyadam::DType::F32)?;
+    /// let path = std::env::temp_dir().join(format!("lazyadam-doc-{}.safetensors", std::process::id()));
+    /// opt.save(&path)?;
+    /// let back = LazyAdam::load(&path)?;
+    /// assert!(back.variable_id("emb").is_some());
+    /// # std::fs::remove_file(&path).ok();
+    /// let missing = LazyAdam::load("/nonexistent/state.safetensors").unwrap_err();
+    /// assert!(missing.to_string().contains("/nonexistent/state.safetensors"));
+    /// # Ok::<(), lazyadam::Error>(())
+    /// ```
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), Error> {
         let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes)?;
-        Ok(())
+        let path = path.as_ref();
+        std::fs::write(path, bytes).map_err(|source| Error::File {
+            action: "write",
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
-    /// Reads a file written by [`LazyAdam::save`].
+    /// Reads a file written by [`LazyAdam::save`]. A file error names the
+    /// path ([`Error::File`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, Error> {
-        let bytes = std::fs::read(path)?;
-        Self::from_bytes(&bytes)
+        Self::from_bytes(&read_file(path.as_ref())?)
     }
+
+    /// Restores this optimizer's state by variable name from a file written
+    /// by [`LazyAdam::save`]: [`LazyAdam::restore_by_name`] with the loaded
+    /// state. On error nothing changes.
+    pub fn restore_from_file(&mut self, path: impl AsRef<Path>) -> Result<(), Error> {
+        self.restore_from_bytes(&read_file(path.as_ref())?)
+    }
+
+    /// Restores this optimizer's state by variable name from bytes written by
+    /// [`LazyAdam::to_bytes`]: [`LazyAdam::restore_by_name`] with the loaded
+    /// state. On error nothing changes.
+    pub fn restore_from_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let saved = Self::from_bytes(bytes)?;
+        self.restore_by_name(&saved)
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::File {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Copies little-endian elements into a slot (lengths checked by the caller

@@ -33,6 +33,16 @@ impl From<f32> for LearningRate {
     }
 }
 
+impl From<f64> for LearningRate {
+    /// A constant rate given as f64 (the type candle and most Rust training
+    /// code use), rounded to the nearest f32 as the reference stores it. A
+    /// value beyond f32's range becomes infinite and is refused by
+    /// [`LazyAdamConfig::validate`].
+    fn from(lr: f64) -> Self {
+        LearningRate::Constant(lr as f32)
+    }
+}
+
 impl From<Schedule> for LearningRate {
     fn from(s: Schedule) -> Self {
         LearningRate::Schedule(s)
@@ -94,6 +104,129 @@ impl Default for LazyAdamConfig {
         }
     }
 }
+
+/// Builder-style construction: start from [`LazyAdamConfig::new`] (or
+/// `default()`) and chain `with_*` calls. Nothing is checked until the
+/// optimizer is built ([`LazyAdam::new`](crate::LazyAdam::new) calls
+/// [`LazyAdamConfig::validate`]).
+///
+/// ```
+/// use lazyadam::{LazyAdam, LazyAdamConfig, Schedule};
+/// let config = LazyAdamConfig::new(0.05)
+///     .with_betas(0.9, 0.98)
+///     .with_epsilon(1e-8)
+///     .with_global_clipnorm(1.0);
+/// assert_eq!(config.beta_2, 0.98);
+/// let opt = LazyAdam::new(config)?;
+/// assert_eq!(opt.learning_rate(), 0.05);
+///
+/// // A schedule is a learning rate too.
+/// let decayed = LazyAdamConfig::new(Schedule::ExponentialDecay {
+///     initial_learning_rate: 0.1,
+///     decay_steps: 1000.0,
+///     decay_rate: 0.5,
+///     staircase: false,
+/// });
+/// assert_eq!(decayed.learning_rate_at(1000), 0.05);
+///
+/// // Invalid values are refused when the optimizer is built.
+/// assert!(LazyAdam::new(LazyAdamConfig::new(0.05).with_betas(1.0, 0.999)).is_err());
+/// # Ok::<(), lazyadam::Error>(())
+/// ```
+impl LazyAdamConfig {
+    /// The reference's defaults with this learning rate (a number, f32 or
+    /// f64, or a [`Schedule`]).
+    pub fn new(learning_rate: impl Into<LearningRate>) -> Self {
+        LazyAdamConfig {
+            learning_rate: learning_rate.into(),
+            ..LazyAdamConfig::default()
+        }
+    }
+
+    /// Sets the learning rate (a number or a schedule).
+    #[must_use]
+    pub fn with_learning_rate(mut self, learning_rate: impl Into<LearningRate>) -> Self {
+        self.learning_rate = learning_rate.into();
+        self
+    }
+
+    /// Sets `beta_1` and `beta_2`.
+    #[must_use]
+    pub fn with_betas(mut self, beta_1: f32, beta_2: f32) -> Self {
+        self.beta_1 = beta_1;
+        self.beta_2 = beta_2;
+        self
+    }
+
+    /// Sets `beta_1`.
+    #[must_use]
+    pub fn with_beta_1(mut self, beta_1: f32) -> Self {
+        self.beta_1 = beta_1;
+        self
+    }
+
+    /// Sets `beta_2`.
+    #[must_use]
+    pub fn with_beta_2(mut self, beta_2: f32) -> Self {
+        self.beta_2 = beta_2;
+        self
+    }
+
+    /// Sets `epsilon`.
+    #[must_use]
+    pub fn with_epsilon(mut self, epsilon: f32) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+
+    /// Turns AMSGrad on or off.
+    #[must_use]
+    pub fn with_amsgrad(mut self, amsgrad: bool) -> Self {
+        self.amsgrad = amsgrad;
+        self
+    }
+
+    /// Sets the legacy time-inverse `decay`.
+    #[must_use]
+    pub fn with_decay(mut self, decay: f32) -> Self {
+        self.decay = decay;
+        self
+    }
+
+    /// Clips each gradient to this L2 norm.
+    #[must_use]
+    pub fn with_clipnorm(mut self, clipnorm: f32) -> Self {
+        self.clipnorm = Some(clipnorm);
+        self
+    }
+
+    /// Clips each gradient value to `[-clipvalue, clipvalue]`.
+    #[must_use]
+    pub fn with_clipvalue(mut self, clipvalue: f32) -> Self {
+        self.clipvalue = Some(clipvalue);
+        self
+    }
+
+    /// Clips all gradients of a step to this global L2 norm.
+    #[must_use]
+    pub fn with_global_clipnorm(mut self, global_clipnorm: f32) -> Self {
+        self.global_clipnorm = Some(global_clipnorm);
+        self
+    }
+
+    /// Sets the optimizer's name.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+/// The keys [`LazyAdamConfig::from_keras_value`] reads.
+const ACCEPTED_KEYS: &str = "name, learning_rate (or lr), decay, beta_1, beta_2, epsilon, \
+    amsgrad, clipnorm, clipvalue, global_clipnorm, is_legacy_optimizer, jit_compile, \
+    weight_decay, use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor, \
+    gradient_accumulation_steps";
 
 const MODULE: &str = "keras.optimizers.schedules";
 
@@ -201,7 +334,12 @@ fn schedule_from_value(v: &Value) -> Result<Schedule, ConfigError> {
                     ));
                 }
             }
-            other => return Err(ConfigError::UnknownKey(format!("learning_rate.{other}"))),
+            other => {
+                return Err(ConfigError::unknown(
+                    format!("learning_rate.{other}"),
+                    "class_name, config, module, registered_name",
+                ));
+            }
         }
     }
     let class_name =
@@ -256,7 +394,10 @@ fn schedule_from_value(v: &Value) -> Result<Schedule, ConfigError> {
             continue;
         }
         if !allowed.contains(&k.as_str()) {
-            return Err(ConfigError::UnknownKey(format!("learning_rate.config.{k}")));
+            return Err(ConfigError::unknown(
+                format!("learning_rate.config.{k}"),
+                format!("name, {}", allowed.join(", ")),
+            ));
         }
     }
     let key = |k: &str| format!("learning_rate.config.{k}");
@@ -435,7 +576,71 @@ impl LazyAdamConfig {
 
     /// Reads the reference's `get_config()` as a JSON value. A whole
     /// `{"class_name": ..., "config": {...}}` serialization is accepted too.
+    ///
+    /// Keras 3 (and Keras 2.11+) optimizer configs are read too, where their
+    /// keys map onto this optimizer: `jit_compile`, `is_legacy_optimizer`,
+    /// `use_ema: false` (with its `ema_momentum` and
+    /// `ema_overwrite_frequency`, unused), `loss_scale_factor: null`,
+    /// `gradient_accumulation_steps: null` and `weight_decay` null or 0. A
+    /// non-zero `weight_decay` is decoupled weight decay, an extension here:
+    /// read such a config with [`LazyAdamConfig::from_keras_json_with_extensions`].
+    /// `use_ema: true`, a `loss_scale_factor` or `gradient_accumulation_steps`
+    /// are refused (not implemented). Any other key is an error that lists
+    /// the accepted keys.
     pub fn from_keras_value(v: &Value) -> Result<Self, ConfigError> {
+        let (config, weight_decay) = Self::read_keras(v)?;
+        if weight_decay != 0.0 {
+            return Err(ConfigError::invalid(
+                "weight_decay",
+                format!(
+                    "{weight_decay} is decoupled weight decay, which is an extension here \
+                     (`Extensions::weight_decay`): read this config with \
+                     `LazyAdamConfig::from_keras_json_with_extensions`"
+                ),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Reads a Keras optimizer config as [`LazyAdamConfig::from_keras_json`]
+    /// does, and also its `weight_decay` (Keras 3, Keras 2.11+), as
+    /// [`Extensions::weight_decay`](crate::Extensions::weight_decay); the
+    /// other extensions are off.
+    ///
+    /// Keras applies `p = p - p * weight_decay * lr` (f32, `lr` the step's
+    /// current learning rate) to every variable before its update; the
+    /// extension applies `p -= (weight_decay * lr) * p` (the factor computed
+    /// once per step, so results can differ from Keras's in the last bit) to
+    /// the rows a step updates: every element for a dense gradient, only the
+    /// rows present for a sparse one (lazy, as the moments).
+    ///
+    /// ```
+    /// use lazyadam::LazyAdamConfig;
+    /// let keras3 = r#"{"name": "adam", "learning_rate": 0.001, "weight_decay": 0.004,
+    ///     "clipnorm": null, "global_clipnorm": null, "clipvalue": null, "use_ema": false,
+    ///     "ema_momentum": 0.99, "ema_overwrite_frequency": null, "loss_scale_factor": null,
+    ///     "gradient_accumulation_steps": null, "beta_1": 0.9, "beta_2": 0.999,
+    ///     "epsilon": 1e-07, "amsgrad": false}"#;
+    /// let (config, ext) = LazyAdamConfig::from_keras_json_with_extensions(keras3)?;
+    /// assert_eq!(ext.weight_decay, 0.004);
+    /// assert_eq!(config.learning_rate_at(0), 0.001);
+    /// // Without the extensions, weight decay is an error that says where to go.
+    /// let e = LazyAdamConfig::from_keras_json(keras3).unwrap_err();
+    /// assert!(e.to_string().contains("from_keras_json_with_extensions"), "{e}");
+    /// # Ok::<(), lazyadam::ConfigError>(())
+    /// ```
+    pub fn from_keras_json_with_extensions(
+        json: &str,
+    ) -> Result<(Self, crate::Extensions), ConfigError> {
+        let v = crate::json::parse_strict(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let (config, weight_decay) = Self::read_keras(&v)?;
+        let ext = crate::Extensions::default().with_weight_decay(weight_decay);
+        ext.validate(config.amsgrad)?;
+        Ok((config, ext))
+    }
+
+    /// The config and the Keras 3 `weight_decay` (0 when absent or null).
+    fn read_keras(v: &Value) -> Result<(Self, f32), ConfigError> {
         let obj = v
             .as_object()
             .ok_or_else(|| ConfigError::Json("expected a JSON object".into()))?;
@@ -445,10 +650,12 @@ impl LazyAdamConfig {
             && let Some(inner) = obj.get("config")
             && inner.is_object()
         {
-            return Self::from_keras_value(inner);
+            return Self::read_keras(inner);
         }
         let mut c = LazyAdamConfig::default();
+        let mut weight_decay = 0.0f32;
         let mut seen_lr = false;
+        let mut use_ema = false;
         for (k, val) in obj {
             match k.as_str() {
                 "name" => {
@@ -479,15 +686,53 @@ impl LazyAdamConfig {
                 "clipnorm" => c.clipnorm = get_opt_f32(k, val)?,
                 "clipvalue" => c.clipvalue = get_opt_f32(k, val)?,
                 "global_clipnorm" => c.global_clipnorm = get_opt_f32(k, val)?,
-                // Written by `keras.optimizers.serialize` for legacy optimizers.
-                "is_legacy_optimizer" => {
+                // Written by `keras.optimizers.serialize` for legacy optimizers,
+                // and by Keras 2.11+ optimizers (no effect here).
+                "is_legacy_optimizer" | "jit_compile" => {
                     get_bool(k, val)?;
                 }
-                other => return Err(ConfigError::UnknownKey(other.to_string())),
+                // Keras 3 / Keras 2.11+.
+                "weight_decay" => {
+                    weight_decay = get_opt_f32(k, val)?.unwrap_or(0.0);
+                    if !weight_decay.is_finite() || weight_decay < 0.0 {
+                        return Err(ConfigError::invalid(
+                            k.as_str(),
+                            format!("must be finite and not negative, got {weight_decay}"),
+                        ));
+                    }
+                }
+                "use_ema" => use_ema = get_bool(k, val)?,
+                "ema_momentum" | "ema_overwrite_frequency" => {
+                    get_opt_f32(k, val)?;
+                }
+                "loss_scale_factor" | "gradient_accumulation_steps" => {
+                    if !val.is_null() {
+                        return Err(ConfigError::invalid(
+                            k.as_str(),
+                            format!(
+                                "{val} is not supported (only null): this optimizer has no \
+                                 {}",
+                                if k == "loss_scale_factor" {
+                                    "static loss scale (see `NonFinitePolicy::SkipStep` for a \
+                                     dynamic one)"
+                                } else {
+                                    "gradient accumulation"
+                                }
+                            ),
+                        ));
+                    }
+                }
+                other => return Err(ConfigError::unknown(other, ACCEPTED_KEYS)),
             }
         }
+        if use_ema {
+            return Err(ConfigError::invalid(
+                "use_ema",
+                "true is not supported: this optimizer keeps no moving average of the weights",
+            ));
+        }
         c.validate()?;
-        Ok(c)
+        Ok((c, weight_decay))
     }
 
     /// Writes the reference's `get_config()` JSON.

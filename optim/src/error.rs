@@ -9,9 +9,14 @@ use lazyadam_kernels::{DType, KernelError};
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A key the reference's `get_config()` never writes.
-    #[error("unknown configuration key `{0}`")]
-    UnknownKey(String),
+    /// A key this reader does not know, with the keys it accepts there.
+    #[error("unknown configuration key `{key}`; accepted keys: {accepted}")]
+    UnknownKey {
+        /// The unknown key (for schedules, its path).
+        key: String,
+        /// The keys accepted at that place, comma-separated.
+        accepted: String,
+    },
     /// A key whose value is out of range or of the wrong type.
     #[error("invalid value for `{key}`: {reason}")]
     InvalidValue {
@@ -32,6 +37,13 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    pub(crate) fn unknown(key: impl Into<String>, accepted: impl Into<String>) -> Self {
+        ConfigError::UnknownKey {
+            key: key.into(),
+            accepted: accepted.into(),
+        }
+    }
+
     pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::InvalidValue {
             key: key.into(),
@@ -135,9 +147,30 @@ pub enum Error {
     /// A checkpoint (bytes, file, or weight list) is corrupt or does not match.
     #[error("checkpoint error: {0}")]
     Checkpoint(String),
-    /// An I/O error while saving or loading.
+    /// An I/O error not tied to a file ([`LazyAdam::save`](crate::LazyAdam::save) and
+    /// [`LazyAdam::load`](crate::LazyAdam::load) report [`Error::File`], with the path).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A checkpoint file could not be read or written.
+    #[error("cannot {action} `{path}`: {source}", path = path.display())]
+    File {
+        /// `"read"` or `"write"`.
+        action: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A by-name restore ([`LazyAdam::restore_by_name`](crate::LazyAdam::restore_by_name))
+    /// found a variable (or a piece of optimizer state) that the saved state and this
+    /// optimizer do not agree on.
+    #[error("cannot restore `{variable}` by name: {reason}")]
+    StateMismatch {
+        /// The variable's name (or `loss_scale`).
+        variable: String,
+        /// What does not match.
+        reason: String,
+    },
     /// A kernel refused its input (a forced ISA the CPU lacks, or an internal
     /// length mismatch).
     #[error("kernel error: {0}")]

@@ -90,6 +90,96 @@ impl Default for Extensions {
     }
 }
 
+/// Builder-style construction: start from `Extensions::default()` (every
+/// extension off) and chain `with_*` calls; the values are checked when the
+/// optimizer is built.
+///
+/// ```
+/// use lazyadam::{Extensions, LazyAdam, LazyAdamConfig, NonFinitePolicy};
+/// let ext = Extensions::default()
+///     .with_weight_decay(0.01)
+///     .with_per_row_bias_correction(true)
+///     .with_non_finite(NonFinitePolicy::Error);
+/// let opt = LazyAdam::with_extensions(LazyAdamConfig::new(1e-3), ext)?;
+/// assert_eq!(opt.extensions().weight_decay, 0.01);
+/// // A negative weight decay is refused.
+/// let bad = Extensions::default().with_weight_decay(-1.0);
+/// assert!(LazyAdam::with_extensions(LazyAdamConfig::new(1e-3), bad).is_err());
+/// # Ok::<(), lazyadam::Error>(())
+/// ```
+impl Extensions {
+    /// AMSGrad on sparse gradients too (needs `amsgrad` in the config).
+    #[must_use]
+    pub fn with_sparse_amsgrad(mut self, on: bool) -> Self {
+        self.sparse_amsgrad = on;
+        self
+    }
+
+    /// Decoupled weight decay (LazyAdamW); 0 turns it off.
+    #[must_use]
+    pub fn with_weight_decay(mut self, weight_decay: f32) -> Self {
+        self.weight_decay = weight_decay;
+        self
+    }
+
+    /// Maximize the objective.
+    #[must_use]
+    pub fn with_maximize(mut self, on: bool) -> Self {
+        self.maximize = on;
+        self
+    }
+
+    /// Bias correction from each row's own update count.
+    #[must_use]
+    pub fn with_per_row_bias_correction(mut self, on: bool) -> Self {
+        self.per_row_bias_correction = on;
+        self
+    }
+
+    /// Catch-up decay of the moments of rows skipped for some steps.
+    #[must_use]
+    pub fn with_catch_up_decay(mut self, on: bool) -> Self {
+        self.catch_up_decay = on;
+        self
+    }
+
+    /// What to do with NaN and infinities in gradients.
+    #[must_use]
+    pub fn with_non_finite(mut self, policy: NonFinitePolicy) -> Self {
+        self.non_finite = policy;
+        self
+    }
+
+    /// Stochastic rounding of 16-bit parameter stores with this seed
+    /// (`None`: round to nearest).
+    #[must_use]
+    pub fn with_stochastic_rounding(mut self, seed: Option<u64>) -> Self {
+        self.stochastic_rounding = seed;
+        self
+    }
+
+    /// Forces a kernel path (`None`: the best one for this CPU).
+    #[must_use]
+    pub fn with_kernel(mut self, kernel: Option<Isa>) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Steps with fewer updated elements stay on the calling thread.
+    #[must_use]
+    pub fn with_parallel_min_elements(mut self, n: usize) -> Self {
+        self.parallel_min_elements = n;
+        self
+    }
+
+    /// How the bias-corrected step size is evaluated.
+    #[must_use]
+    pub fn with_bias_correction(mut self, mode: BiasCorrection) -> Self {
+        self.bias_correction = mode;
+        self
+    }
+}
+
 /// What to do when a gradient holds NaN or an infinity.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub enum NonFinitePolicy {
@@ -256,7 +346,14 @@ impl Extensions {
                         }
                     }
                 }
-                other => return Err(ConfigError::UnknownKey(other.to_string())),
+                other => {
+                    return Err(ConfigError::unknown(
+                        other,
+                        "sparse_amsgrad, weight_decay, maximize, per_row_bias_correction, \
+                         catch_up_decay, non_finite, stochastic_rounding, kernel, \
+                         parallel_min_elements, bias_correction",
+                    ));
+                }
             }
         }
         Ok(e)
@@ -282,7 +379,12 @@ fn loss_scale_from_value(v: &Value) -> Result<DynamicLossScale, ConfigError> {
                     ConfigError::invalid("growth_interval", "expected an unsigned integer")
                 })?
             }
-            other => return Err(ConfigError::UnknownKey(other.to_string())),
+            other => {
+                return Err(ConfigError::unknown(
+                    other,
+                    "scale, growth_factor, backoff_factor, growth_interval",
+                ));
+            }
         }
     }
     ls.validate()?;

@@ -82,7 +82,9 @@ impl LazyAdam {
             let slot = format!("{}/{what}", var.info.name);
             if w.shape != var.info.shape {
                 return Err(ck(format!(
-                    "weight {at} (`{}`) for {slot}: shape {:?}, expected {:?}",
+                    "weight {at} (`{}`) for {slot}: shape {:?}, expected {:?} (set_weights is \
+                     positional, in registration order; to match variables by name use \
+                     `restore_by_name`)",
                     w.name, w.shape, var.info.shape
                 )));
             }
@@ -183,6 +185,163 @@ impl LazyAdam {
                 var.last_step = l;
             }
         }
+        Ok(())
+    }
+}
+
+impl LazyAdam {
+    /// Restores the state of `saved` into this optimizer **by variable
+    /// name**: the step counter, the loss scale, and for every variable its
+    /// `m`, `v` (`vhat`) and per-row counters from the variable of the same
+    /// name in `saved`. Hyperparameters, extensions and kernels stay this
+    /// optimizer's own.
+    ///
+    /// Unlike the positional [`LazyAdam::set_weights`] (the reference's
+    /// semantics), the registration order does not matter, so a model whose
+    /// variables are registered in another order (a `HashMap` of parameters,
+    /// another process) gets each variable's own moments back.
+    ///
+    /// Every variable of this optimizer must be in `saved` with the same
+    /// shape and moment storage, `saved` must hold no other variable, and both
+    /// must keep the same kinds of state (`vhat` with AMSGrad, the per-row
+    /// counters of the extensions, a loss scale); otherwise
+    /// [`Error::StateMismatch`] names the variable and nothing changes.
+    ///
+    /// ```
+    /// use lazyadam::{DType, Gradient, LazyAdam, LazyAdamConfig, Update};
+    /// let config = LazyAdamConfig::new(0.1);
+    /// let mut a = LazyAdam::new(config.clone())?;
+    /// let w = a.add_variable("w", &[2], DType::F32, DType::F32)?;
+    /// let b = a.add_variable("b", &[2], DType::F32, DType::F32)?;
+    /// let (mut pw, mut pb) = (vec![1.0f32, 2.0], vec![3.0f32, 4.0]);
+    /// a.apply_gradients(&mut [
+    ///     Update::new(w, &mut pw, Gradient::dense(&[0.5f32, 0.5])),
+    ///     Update::new(b, &mut pb, Gradient::dense(&[-1.0f32, 1.0])),
+    /// ])?;
+    ///
+    /// // Another process registers the variables in the other order.
+    /// let mut resumed = LazyAdam::new(config)?;
+    /// resumed.add_variable("b", &[2], DType::F32, DType::F32)?;
+    /// resumed.add_variable("w", &[2], DType::F32, DType::F32)?;
+    /// resumed.restore_from_bytes(&a.to_bytes()?)?;
+    /// assert_eq!(resumed.iterations(), 1);
+    /// let m_b = resumed.slots(resumed.variable_id("b").unwrap()).unwrap().m;
+    /// assert_eq!(m_b.to_f32_vec(), a.slots(b).unwrap().m.to_f32_vec());
+    ///
+    /// // A variable the saved state does not have is an error naming it.
+    /// let mut other = LazyAdam::new(LazyAdamConfig::new(0.1))?;
+    /// for name in ["w", "b", "c"] {
+    ///     other.add_variable(name, &[2], DType::F32, DType::F32)?;
+    /// }
+    /// let e = other.restore_by_name(&a).unwrap_err();
+    /// assert!(e.to_string().contains("`c`"), "{e}");
+    /// assert_eq!(other.iterations(), 0);
+    /// # Ok::<(), lazyadam::Error>(())
+    /// ```
+    pub fn restore_by_name(&mut self, saved: &LazyAdam) -> Result<(), Error> {
+        let mismatch = |variable: &str, reason: String| Error::StateMismatch {
+            variable: variable.to_string(),
+            reason,
+        };
+        for var in &saved.vars {
+            if !self.names.contains_key(&var.info.name) {
+                return Err(mismatch(
+                    &var.info.name,
+                    "the saved state has this variable but this optimizer does not \
+                     (register it, or restore into an optimizer built for the saved model)"
+                        .into(),
+                ));
+            }
+        }
+        let kind = |present: bool| if present { "keeps" } else { "does not keep" };
+        let mut sources = Vec::with_capacity(self.vars.len());
+        for var in &self.vars {
+            let name = &var.info.name;
+            let Some(&j) = saved.names.get(name) else {
+                return Err(mismatch(
+                    name,
+                    "this optimizer has this variable but the saved state does not".into(),
+                ));
+            };
+            let old = &saved.vars[j];
+            if old.info.shape != var.info.shape {
+                return Err(mismatch(
+                    name,
+                    format!(
+                        "saved with shape {:?}, registered here with shape {:?}",
+                        old.info.shape, var.info.shape
+                    ),
+                ));
+            }
+            if old.info.moment_dtype != var.info.moment_dtype {
+                return Err(mismatch(
+                    name,
+                    format!(
+                        "saved with {} moments, registered here with {} moments",
+                        old.info.moment_dtype.name(),
+                        var.info.moment_dtype.name()
+                    ),
+                ));
+            }
+            for (what, here, there) in [
+                ("`vhat` (amsgrad)", var.vhat.is_some(), old.vhat.is_some()),
+                (
+                    "per-row step counters (per_row_bias_correction)",
+                    var.row_steps.is_some(),
+                    old.row_steps.is_some(),
+                ),
+                (
+                    "per-row last-update steps (catch_up_decay)",
+                    var.last_step.is_some(),
+                    old.last_step.is_some(),
+                ),
+            ] {
+                if here != there {
+                    return Err(mismatch(
+                        name,
+                        format!(
+                            "the saved state {} {what} and this optimizer {}",
+                            kind(there),
+                            kind(here)
+                        ),
+                    ));
+                }
+            }
+            sources.push(j);
+        }
+        if self.loss_scale.is_some() != saved.loss_scale.is_some() {
+            return Err(mismatch(
+                "loss_scale",
+                format!(
+                    "the saved state {} a dynamic loss scale and this optimizer {}",
+                    kind(saved.loss_scale.is_some()),
+                    kind(self.loss_scale.is_some())
+                ),
+            ));
+        }
+        // Everything checked: copy (the clones are built before any write).
+        let copies: Vec<_> = sources
+            .iter()
+            .map(|&j| {
+                let old = &saved.vars[j];
+                (
+                    old.m.clone(),
+                    old.v.clone(),
+                    old.vhat.clone(),
+                    old.row_steps.clone(),
+                    old.last_step.clone(),
+                )
+            })
+            .collect();
+        for (var, (m, v, vhat, row_steps, last_step)) in self.vars.iter_mut().zip(copies) {
+            var.m = m;
+            var.v = v;
+            var.vhat = vhat;
+            var.row_steps = row_steps;
+            var.last_step = last_step;
+        }
+        self.iterations = saved.iterations;
+        self.loss_scale = saved.loss_scale;
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! Config JSON: the reference's keys, defaults, aliases and typed errors.
 
 use lazyadam::{
-    ConfigError, CustomSchedule, LazyAdamConfig, LearningRate, LearningRateSchedule, Schedule,
+    BiasCorrection, ConfigError, CustomSchedule, Extensions, Isa, LazyAdam, LazyAdamConfig,
+    LearningRate, LearningRateSchedule, NonFinitePolicy, Schedule,
 };
 
 fn err(json: &str) -> ConfigError {
@@ -55,18 +56,182 @@ fn lr_alias() {
 }
 
 #[test]
-fn unknown_keys_are_named() {
-    assert_eq!(
-        err(r#"{"momentum": 0.9}"#),
-        ConfigError::UnknownKey("momentum".into())
+fn unknown_keys_are_named_with_the_accepted_ones() {
+    let e = err(r#"{"momentum": 0.9}"#);
+    let ConfigError::UnknownKey { key, accepted } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(key, "momentum");
+    for k in [
+        "learning_rate",
+        "beta_1",
+        "weight_decay",
+        "use_ema",
+        "clipnorm",
+    ] {
+        assert!(accepted.contains(k), "{accepted}");
+    }
+    assert!(
+        e.to_string().contains("accepted keys: name, learning_rate"),
+        "{e}"
     );
     let e = err(
         r#"{"learning_rate": {"class_name": "ExponentialDecay", "config":
             {"initial_learning_rate": 0.1, "decay_steps": 2, "decay_rate": 0.5, "foo": 1}}}"#,
     );
+    let ConfigError::UnknownKey { key, accepted } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(key, "learning_rate.config.foo");
+    assert!(
+        accepted.contains("decay_steps") && accepted.contains("staircase"),
+        "{accepted}"
+    );
+}
+
+/// A Keras 3 `keras.optimizers.Adam(...).get_config()` (keys and values as Keras 3.x writes
+/// them).
+const KERAS3: &str = r#"{"name": "adam", "learning_rate": 0.0010000000474974513,
+    "weight_decay": null, "clipnorm": null, "global_clipnorm": null, "clipvalue": null,
+    "use_ema": false, "ema_momentum": 0.99, "ema_overwrite_frequency": null,
+    "loss_scale_factor": null, "gradient_accumulation_steps": null, "beta_1": 0.9,
+    "beta_2": 0.999, "epsilon": 1e-07, "amsgrad": false}"#;
+
+#[test]
+fn keras3_configs_are_read_where_they_map() {
+    let c = LazyAdamConfig::from_keras_json(KERAS3).unwrap();
+    assert_eq!(c, LazyAdamConfig::default().with_name("adam"));
+    // Keras 2.11+ optimizers write `jit_compile` and `is_legacy_optimizer`.
+    let k211 = KERAS3.replacen(
+        '{',
+        r#"{"jit_compile": true, "is_legacy_optimizer": false, "#,
+        1,
+    );
+    assert_eq!(LazyAdamConfig::from_keras_json(&k211).unwrap(), c);
+    // weight_decay 0 is no decay; a non-zero one needs the extensions.
+    let zero = KERAS3.replace(r#""weight_decay": null"#, r#""weight_decay": 0.0"#);
+    assert_eq!(LazyAdamConfig::from_keras_json(&zero).unwrap(), c);
+    let wd = KERAS3.replace(r#""weight_decay": null"#, r#""weight_decay": 0.004"#);
+    let e = LazyAdamConfig::from_keras_json(&wd).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::InvalidValue { key, reason }
+            if key == "weight_decay" && reason.contains("from_keras_json_with_extensions")),
+        "{e:?}"
+    );
+    let (c2, ext) = LazyAdamConfig::from_keras_json_with_extensions(&wd).unwrap();
+    assert_eq!(c2, c);
+    assert_eq!(ext, Extensions::default().with_weight_decay(0.004));
+    let (_, none) = LazyAdamConfig::from_keras_json_with_extensions(KERAS3).unwrap();
+    assert_eq!(none, Extensions::default());
+    // What has no counterpart here is refused, naming the key.
+    for (from, to, key) in [
+        (r#""use_ema": false"#, r#""use_ema": true"#, "use_ema"),
+        (
+            r#""loss_scale_factor": null"#,
+            r#""loss_scale_factor": 128.0"#,
+            "loss_scale_factor",
+        ),
+        (
+            r#""gradient_accumulation_steps": null"#,
+            r#""gradient_accumulation_steps": 4"#,
+            "gradient_accumulation_steps",
+        ),
+        (
+            r#""weight_decay": null"#,
+            r#""weight_decay": -0.1"#,
+            "weight_decay",
+        ),
+        (
+            r#""weight_decay": null"#,
+            r#""weight_decay": "x""#,
+            "weight_decay",
+        ),
+        (
+            r#""ema_momentum": 0.99"#,
+            r#""ema_momentum": "x""#,
+            "ema_momentum",
+        ),
+    ] {
+        let text = KERAS3.replace(from, to);
+        assert_ne!(text, KERAS3);
+        for e in [
+            LazyAdamConfig::from_keras_json(&text).unwrap_err(),
+            LazyAdamConfig::from_keras_json_with_extensions(&text).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, ConfigError::InvalidValue { key: k, .. } if k == key),
+                "{key}: {e:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn builders_set_exactly_their_field() {
+    let c = LazyAdamConfig::new(0.05f64)
+        .with_betas(0.8, 0.99)
+        .with_epsilon(1e-8)
+        .with_amsgrad(true)
+        .with_decay(0.01)
+        .with_clipvalue(2.0)
+        .with_global_clipnorm(1.0)
+        .with_name("emb");
+    let expected = LazyAdamConfig {
+        learning_rate: LearningRate::Constant(0.05),
+        beta_1: 0.8,
+        beta_2: 0.99,
+        epsilon: 1e-8,
+        amsgrad: true,
+        decay: 0.01,
+        clipnorm: None,
+        clipvalue: Some(2.0),
+        global_clipnorm: Some(1.0),
+        name: "emb".into(),
+    };
+    assert_eq!(c, expected);
     assert_eq!(
-        e,
-        ConfigError::UnknownKey("learning_rate.config.foo".into())
+        LazyAdamConfig::default()
+            .with_beta_1(0.5)
+            .with_beta_2(0.6)
+            .with_clipnorm(3.0),
+        LazyAdamConfig {
+            beta_1: 0.5,
+            beta_2: 0.6,
+            clipnorm: Some(3.0),
+            ..LazyAdamConfig::default()
+        }
+    );
+    // An f64 rate is rounded to the nearest f32; one beyond f32 is refused at build time.
+    assert_eq!(
+        LazyAdamConfig::new(0.1f64).learning_rate,
+        LearningRate::Constant(0.1f32)
+    );
+    assert!(LazyAdam::new(LazyAdamConfig::new(1e300f64)).is_err());
+    let ext = Extensions::default()
+        .with_sparse_amsgrad(true)
+        .with_weight_decay(0.1)
+        .with_maximize(true)
+        .with_per_row_bias_correction(true)
+        .with_catch_up_decay(true)
+        .with_non_finite(NonFinitePolicy::Error)
+        .with_stochastic_rounding(Some(7))
+        .with_kernel(Some(Isa::Scalar))
+        .with_parallel_min_elements(5)
+        .with_bias_correction(BiasCorrection::F64);
+    assert_eq!(
+        ext,
+        Extensions {
+            sparse_amsgrad: true,
+            weight_decay: 0.1,
+            maximize: true,
+            per_row_bias_correction: true,
+            catch_up_decay: true,
+            non_finite: NonFinitePolicy::Error,
+            stochastic_rounding: Some(7),
+            kernel: Some(Isa::Scalar),
+            parallel_min_elements: 5,
+            bias_correction: BiasCorrection::F64,
+        }
     );
 }
 

@@ -127,7 +127,7 @@ fn checkpoint_files_round_trip() {
     assert_eq!(loaded.iterations(), 4);
     assert!(matches!(
         LazyAdam::load(dir.join("missing")),
-        Err(Error::Io(_))
+        Err(Error::File { action: "read", .. })
     ));
     std::fs::remove_dir_all(&dir).ok();
 }
