@@ -69,7 +69,9 @@ use ndarray::{ArrayRef, ArrayView, ArrayView1, ArrayViewMut, Dimension, Ix1};
 use ndarray::{Array, ArrayView2};
 
 pub use lazyadam::{
-    self, DType, Element, Extensions, LazyAdam, LazyAdamConfig, StepOutcome, VarId, bf16, f16,
+    self, BiasCorrection, ConfigError, CustomSchedule, DType, DynamicLossScale, Element,
+    Extensions, Isa, LazyAdam, LazyAdamConfig, LearningRate, LearningRateSchedule, NonFinitePolicy,
+    Schedule, StepOutcome, VarId, bf16, f16,
 };
 pub use ndarray;
 
@@ -475,6 +477,56 @@ impl NdLazyAdam {
             ids.view(),
             values.view(),
         )])
+    }
+
+    /// Writes the optimizer's whole state (configuration, step counter, every variable's
+    /// moments, by name) to a safetensors file; [`load_state`](Self::load_state) restores it
+    /// into an optimizer with the same variables, in any registration order. A file error
+    /// names the path.
+    ///
+    /// ```
+    /// use lazyadam_ndarray::ndarray::{Array1, Array2, array};
+    /// use lazyadam_ndarray::{LazyAdamConfig, NdLazyAdam};
+    ///
+    /// let mut emb = Array2::<f32>::zeros((4, 2));
+    /// let mut bias = Array1::<f32>::zeros(2);
+    /// let mut opt = NdLazyAdam::new(LazyAdamConfig::new(0.1))?;
+    /// let (e, b) = (opt.add_variable("emb", &emb)?, opt.add_variable("bias", &bias)?);
+    /// opt.step_sparse(e, &mut emb, &array![1u32], &array![[1.0f32, -1.0]])?;
+    /// opt.step_dense(b, &mut bias, &array![0.5f32, 0.5])?;
+    /// let path = std::env::temp_dir().join(format!("nd-doc-{}.safetensors", std::process::id()));
+    /// opt.save(&path)?;
+    ///
+    /// // Another process registers the variables in another order: each gets its own state.
+    /// let mut resumed = NdLazyAdam::new(LazyAdamConfig::new(0.1))?;
+    /// resumed.add_variable("bias", &bias)?;
+    /// resumed.add_variable("emb", &emb)?;
+    /// resumed.load_state(&path)?;
+    /// assert_eq!(resumed.iterations(), 2);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), lazyadam_ndarray::Error>(())
+    /// ```
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        Ok(self.inner.save(path)?)
+    }
+
+    /// The bytes [`save`](Self::save) writes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
+        Ok(self.inner.to_bytes()?)
+    }
+
+    /// Restores the state saved by [`save`](Self::save) by variable name: the step counter,
+    /// the loss scale and each variable's own moments (the hyperparameters stay this
+    /// optimizer's). A variable missing from the file, one the file has but this optimizer
+    /// does not, or one of another shape or moment type is an error naming it
+    /// ([`lazyadam::Error::StateMismatch`]); on error nothing changes.
+    pub fn load_state(&mut self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        Ok(self.inner.restore_from_file(path)?)
+    }
+
+    /// [`load_state`](Self::load_state) from the bytes of [`to_bytes`](Self::to_bytes).
+    pub fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        Ok(self.inner.restore_from_bytes(bytes)?)
     }
 
     /// The number of steps applied so far.

@@ -550,3 +550,148 @@ fn the_same_variable_twice_in_one_step_is_an_error() {
     );
     assert_unchanged(&f, &s);
 }
+
+/// Four same-shape layers and an embedding table, trained, saved; a fresh optimizer that
+/// registers them in another order gets each one's own moments back, by name.
+#[test]
+fn state_by_name_restores_each_variables_own_moments() {
+    let names = ["l0", "l1", "l2", "l3"];
+    let mut layers: Vec<Array2<f32>> = (0..4).map(|_| Array2::zeros((3, 3))).collect();
+    let mut emb = Array2::<f32>::zeros((6, 2));
+    let mut opt = NdLazyAdam::new(config()).unwrap();
+    let ids: Vec<VarIdOf> = names
+        .iter()
+        .zip(&layers)
+        .map(|(n, l)| opt.add_variable(n, l).unwrap())
+        .collect();
+    let e = opt.add_variable("emb", &emb).unwrap();
+    for s in 0..3 {
+        for (i, (l, &id)) in layers.iter_mut().zip(&ids).enumerate() {
+            let g = Array2::from_shape_vec((3, 3), values(9, (10 * i + s) as u64)).unwrap();
+            opt.step_dense(id, l, &g).unwrap();
+        }
+        opt.step_sparse(
+            e,
+            &mut emb,
+            &array![s as u32, 5],
+            &array![[0.1f32, 0.2], [0.3, 0.4]],
+        )
+        .unwrap();
+    }
+    let bytes = opt.to_bytes().unwrap();
+    let m = |o: &NdLazyAdam, n: &str| {
+        o.inner()
+            .slots(o.variable_id(n).unwrap())
+            .unwrap()
+            .m
+            .to_f32_vec()
+    };
+    let mut resumed = NdLazyAdam::new(config()).unwrap();
+    resumed.add_variable("emb", &emb).unwrap();
+    for n in names.iter().rev() {
+        resumed.add_variable(n, &layers[0]).unwrap();
+    }
+    resumed.load_state_bytes(&bytes).unwrap();
+    assert_eq!(resumed.iterations(), opt.iterations());
+    for n in names.iter().chain(&["emb"]) {
+        assert_eq!(bits(&m(&resumed, n)), bits(&m(&opt, n)), "{n}");
+    }
+    assert_ne!(m(&opt, "l0"), m(&opt, "l3"));
+
+    // A file round trip, and file errors that name the path.
+    let dir = std::env::temp_dir().join(format!("nd-by-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("opt.safetensors");
+    opt.save(&path).unwrap();
+    let mut again = NdLazyAdam::new(config()).unwrap();
+    for n in names {
+        again.add_variable(n, &layers[0]).unwrap();
+    }
+    again.add_variable("emb", &emb).unwrap();
+    again.load_state(&path).unwrap();
+    assert_eq!(bits(&m(&again, "l2")), bits(&m(&opt, "l2")));
+    let missing = dir.join("missing.safetensors");
+    let err = again.load_state(&missing).unwrap_err();
+    assert!(err.to_string().contains("missing.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A mismatch names the variable and changes nothing.
+    let mut other = NdLazyAdam::new(config()).unwrap();
+    for n in names {
+        other.add_variable(n, &layers[0]).unwrap();
+    }
+    other
+        .add_variable("emb", &Array2::<f32>::zeros((7, 2)))
+        .unwrap();
+    let before = other.inner().get_weights();
+    let err = other.load_state_bytes(&bytes).unwrap_err();
+    assert!(
+        matches!(&err, Error::Core(lazyadam::Error::StateMismatch { variable, .. }) if variable == "emb"),
+        "{err:?}"
+    );
+    assert_eq!(other.inner().get_weights(), before);
+    assert_eq!(other.iterations(), 0);
+}
+
+type VarIdOf = lazyadam_ndarray::VarId;
+
+/// Zero-width variables are accepted, as in the core: a step through them writes nothing,
+/// and their ids are still checked.
+#[test]
+fn zero_width_variables_are_no_ops_with_checked_ids() {
+    let mut opt = NdLazyAdam::new(config()).unwrap();
+    let mut a = Array1::<f32>::from(vec![1.0, 2.0]);
+    let mut b = Array2::<f32>::zeros((5, 0));
+    let va = opt.add_variable("a", &a).unwrap();
+    let vb = opt.add_variable("b", &b).unwrap();
+    let ga = array![0.5f32, -0.5];
+    let gb = Array2::<f32>::zeros((1, 0));
+    let outcome = opt
+        .step(&mut [
+            NdUpdate::dense(va, a.view_mut(), ga.view()),
+            NdUpdate::sparse(vb, b.view_mut(), array![1u32].view(), gb.view()),
+        ])
+        .unwrap();
+    assert_eq!(outcome, lazyadam_ndarray::StepOutcome::Applied);
+    assert_eq!(opt.iterations(), 1);
+    assert_ne!(a[0], 1.0);
+    // An id beyond the 5 rows is still an error, and nothing is written.
+    let before = a.clone();
+    let err = opt
+        .step(&mut [
+            NdUpdate::dense(va, a.view_mut(), ga.view()),
+            NdUpdate::sparse(vb, b.view_mut(), array![5u32].view(), gb.view()),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Core(lazyadam::Error::RowIdOutOfRange { id: 5, rows: 5, .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(a, before);
+    assert_eq!(opt.iterations(), 1);
+}
+
+/// Everything a user configures with is reachable from this crate (this test only compiles
+/// if the re-exports exist), and builders give the same config as the struct literal.
+#[test]
+fn configuration_types_are_re_exported() {
+    use lazyadam_ndarray::{
+        BiasCorrection, DynamicLossScale, Isa, LearningRate, NonFinitePolicy, Schedule,
+    };
+    let c = LazyAdamConfig::new(Schedule::PiecewiseConstantDecay {
+        boundaries: vec![10.0],
+        values: vec![0.1, 0.01],
+    });
+    assert!(matches!(c.learning_rate, LearningRate::Schedule(_)));
+    let ext = Extensions::default()
+        .with_kernel(Some(Isa::Scalar))
+        .with_bias_correction(BiasCorrection::F64)
+        .with_non_finite(NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale::default()),
+        });
+    let opt = NdLazyAdam::with_extensions(c, ext).unwrap();
+    assert_eq!(opt.learning_rate(), 0.1);
+}

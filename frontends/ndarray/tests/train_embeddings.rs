@@ -6,6 +6,10 @@
 #[path = "../examples/train_embeddings/mf.rs"]
 mod mf;
 
+#[allow(dead_code)]
+#[path = "../examples/train_embeddings/cli.rs"]
+mod cli;
+
 use lazyadam_ndarray::{NdElement, bf16};
 use mf::{DataConfig, Mode, TrainConfig};
 
@@ -93,4 +97,73 @@ fn the_data_is_deterministic() {
             .collect::<Vec<_>>()
     );
     assert_ne!(a.train.users[..100], a.test.users[..100]);
+}
+
+fn parse(args: &[&str]) -> Result<cli::Args, clap::Error> {
+    use clap::Parser;
+    cli::Args::try_parse_from(std::iter::once("train_embeddings").chain(args.iter().copied()))
+}
+
+/// Every option that used to panic, hang or run silently wrong is refused with a message
+/// naming the option.
+#[test]
+fn the_command_line_refuses_bad_options_by_name() {
+    let defaults = parse(&[]).unwrap();
+    cli::validate(&defaults).unwrap();
+    for (args, option) in [
+        (&["--users", "0"][..], "--users"),
+        (&["--items", "0"], "--items"),
+        (&["--dim", "0"], "--dim"),
+        (&["--batch", "0"], "--batch"),
+        (&["--epochs", "0"], "--epochs"),
+        (&["--train", "0"], "--train"),
+        (&["--test", "0"], "--test"),
+        (&["--rank", "0"], "--rank"),
+        (&["--threads", "99999"], "--threads"),
+        (&["--users", "5000000000"], "--users"),
+        (&["--dim", "100000"], "--dim"),
+        (&["--zipf", "0"], "--zipf"),
+        (&["--noise", "NaN"], "--noise"),
+        (&["--lr", "-1"], "--lr"),
+        (&["--lr", "inf"], "--lr"),
+        (&["--beta1", "1"], "--beta1"),
+        (&["--beta2", "-0.5"], "--beta2"),
+        (&["--epsilon", "0"], "--epsilon"),
+        (&["--weight-decay", "-1"], "--weight-decay"),
+        (&["--sparse-amsgrad"], "amsgrad"),
+    ] {
+        let a = parse(args).unwrap_or_else(|e| panic!("{args:?} does not parse: {e}"));
+        let e = cli::validate(&a).expect_err(&format!("{args:?} was accepted"));
+        assert!(e.contains(option), "{args:?}: {e}");
+    }
+    // A negative number is a value, not an unknown flag.
+    assert_eq!(parse(&["--lr", "-1"]).unwrap().lr, -1.0);
+    // Valid edge values pass.
+    for args in [
+        &["--threads", "1024"][..],
+        &[
+            "--users", "1", "--items", "1", "--batch", "1", "--epochs", "1",
+        ],
+        &["--lr", "0"],
+        &["--amsgrad", "--sparse-amsgrad"],
+    ] {
+        let a = parse(args).unwrap();
+        cli::validate(&a).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+}
+
+/// The smallest data set the command line accepts trains without a panic.
+#[test]
+fn the_smallest_accepted_sizes_train() {
+    let a = parse(&[
+        "--users", "1", "--items", "1", "--train", "1", "--test", "1", "--rank", "1", "--dim", "1",
+        "--batch", "1", "--epochs", "1",
+    ])
+    .unwrap();
+    cli::validate(&a).unwrap();
+    let (data, config) = cli::configs(&a);
+    let data = mf::generate(&data);
+    let (report, _) = mf::train::<f32>(&data, &config, Mode::Sparse, &mut |_| {}).unwrap();
+    assert_eq!(report.epochs.len(), 1);
+    assert!(report.final_test_loss.is_finite());
 }

@@ -6,181 +6,16 @@
 //! cargo run --release --example train_embeddings -- --help
 //! ```
 
+mod cli;
 mod mf;
 
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use cli::{Args, Storage, Which};
 use indicatif::{ProgressBar, ProgressStyle};
-use lazyadam_ndarray::lazyadam::LearningRate;
-use lazyadam_ndarray::{DType, Extensions, LazyAdamConfig, NdElement, bf16, f16};
-use mf::{DataConfig, Dataset, Event, Mode, RunReport, TrainConfig};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Storage {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Storage {
-    fn dtype(self) -> DType {
-        match self {
-            Storage::F32 => DType::F32,
-            Storage::F16 => DType::F16,
-            Storage::Bf16 => DType::BF16,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Which {
-    /// LazyAdam on sparse gradients, then Adam on dense gradients.
-    Both,
-    /// LazyAdam on sparse gradients only.
-    Sparse,
-    /// Adam on dense gradients only.
-    Dense,
-}
-
-/// Train a matrix-factorization recommender (dot product of user and item embeddings, MSE)
-/// on deterministic synthetic data (Zipf users and items, hidden low-rank truth plus noise),
-/// with LazyAdam on sparse gradients and with Adam on dense gradients.
-#[derive(Parser, Debug)]
-#[command(name = "train_embeddings", version)]
-struct Args {
-    /// Number of users (rows of the user embedding table).
-    #[arg(long, default_value_t = DataConfig::default().users)]
-    users: usize,
-    /// Number of items (rows of the item embedding table).
-    #[arg(long, default_value_t = DataConfig::default().items)]
-    items: usize,
-    /// Training ratings.
-    #[arg(long, default_value_t = DataConfig::default().train)]
-    train: usize,
-    /// Held-out ratings.
-    #[arg(long, default_value_t = DataConfig::default().test)]
-    test: usize,
-    /// Rank of the hidden truth.
-    #[arg(long, default_value_t = DataConfig::default().rank)]
-    rank: usize,
-    /// Zipf exponent of user and item popularity.
-    #[arg(long, default_value_t = DataConfig::default().zipf)]
-    zipf: f64,
-    /// Standard deviation of the rating noise.
-    #[arg(long, default_value_t = DataConfig::default().noise)]
-    noise: f64,
-    /// Seed of the data, the initialization and the shuffling.
-    #[arg(long, default_value_t = DataConfig::default().seed)]
-    seed: u64,
-    /// Embedding dimension of the model.
-    #[arg(long, default_value_t = TrainConfig::default().dim)]
-    dim: usize,
-    /// Epochs (passes over the training ratings).
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
-    epochs: usize,
-    /// Ratings per step.
-    #[arg(long, default_value_t = TrainConfig::default().batch)]
-    batch: usize,
-    /// Threads of the optimizer (rayon); 0 = all cores.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Storage type of the embedding tables.
-    #[arg(long, value_enum, default_value_t = Storage::F32)]
-    dtype: Storage,
-    /// Storage type of the optimizer's moments (f16 is fragile: small gradients underflow).
-    #[arg(long, value_enum, default_value_t = Storage::F32)]
-    moment_dtype: Storage,
-    /// Which optimizers to run.
-    #[arg(long, value_enum, default_value_t = Which::Both)]
-    run: Which,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    lr: f32,
-    /// Adam beta_1.
-    #[arg(long, default_value_t = 0.9)]
-    beta1: f32,
-    /// Adam beta_2.
-    #[arg(long, default_value_t = 0.999)]
-    beta2: f32,
-    /// Adam epsilon.
-    #[arg(long, default_value_t = 1e-7)]
-    epsilon: f32,
-    /// AMSGrad (on dense gradients, as the reference; add --sparse-amsgrad for sparse ones).
-    #[arg(long)]
-    amsgrad: bool,
-    /// AMSGrad on sparse gradients too (extension; needs --amsgrad).
-    #[arg(long)]
-    sparse_amsgrad: bool,
-    /// Clip each gradient to this L2 norm.
-    #[arg(long)]
-    clipnorm: Option<f32>,
-    /// Clip each gradient element to [-clipvalue, clipvalue].
-    #[arg(long)]
-    clipvalue: Option<f32>,
-    /// Clip all gradients together to this global L2 norm.
-    #[arg(long)]
-    global_clipnorm: Option<f32>,
-    /// Legacy learning-rate decay: lr / (1 + decay * iterations).
-    #[arg(long, default_value_t = 0.0)]
-    decay: f32,
-    /// Decoupled weight decay of the updated rows (LazyAdamW; extension).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f32,
-    /// Decay the moments of skipped rows when they come back (extension).
-    #[arg(long)]
-    catch_up_decay: bool,
-    /// Bias correction from each row's own update count (extension).
-    #[arg(long)]
-    per_row_bias_correction: bool,
-    /// Stochastic rounding of f16/bf16 parameters, with this seed (extension).
-    #[arg(long)]
-    stochastic_rounding: Option<u64>,
-}
-
-fn configs(a: &Args) -> (DataConfig, TrainConfig) {
-    let data = DataConfig {
-        users: a.users,
-        items: a.items,
-        rank: a.rank,
-        train: a.train,
-        test: a.test,
-        zipf: a.zipf,
-        noise: a.noise,
-        seed: a.seed,
-    };
-    let optimizer = LazyAdamConfig {
-        learning_rate: LearningRate::Constant(a.lr),
-        beta_1: a.beta1,
-        beta_2: a.beta2,
-        epsilon: a.epsilon,
-        amsgrad: a.amsgrad,
-        decay: a.decay,
-        clipnorm: a.clipnorm,
-        clipvalue: a.clipvalue,
-        global_clipnorm: a.global_clipnorm,
-        ..LazyAdamConfig::default()
-    };
-    let extensions = Extensions {
-        sparse_amsgrad: a.sparse_amsgrad,
-        weight_decay: a.weight_decay,
-        catch_up_decay: a.catch_up_decay,
-        per_row_bias_correction: a.per_row_bias_correction,
-        stochastic_rounding: a.stochastic_rounding,
-        ..Extensions::default()
-    };
-    let train = TrainConfig {
-        dim: a.dim,
-        epochs: a.epochs,
-        batch: a.batch,
-        optimizer,
-        extensions,
-        moment_dtype: a.moment_dtype.dtype(),
-        seed: a.seed.wrapping_add(1),
-        ..TrainConfig::default()
-    };
-    (data, train)
-}
+use lazyadam_ndarray::{NdElement, bf16, f16};
+use mf::{Dataset, Event, Mode, RunReport, TrainConfig};
 
 fn run<T: NdElement>(data: &Dataset, config: &TrainConfig, mode: Mode) -> RunReport {
     println!("\n{}", mode.label());
@@ -235,7 +70,11 @@ fn run_dtype(data: &Dataset, config: &TrainConfig, mode: Mode, dtype: Storage) -
 
 fn main() {
     let args = Args::parse();
-    let (data_config, train_config) = configs(&args);
+    if let Err(e) = cli::validate(&args) {
+        eprintln!("train_embeddings: {e}\n(see --help)");
+        std::process::exit(2);
+    }
+    let (data_config, train_config) = cli::configs(&args);
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)
         .build()

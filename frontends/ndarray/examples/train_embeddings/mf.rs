@@ -248,10 +248,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        let optimizer = LazyAdamConfig {
-            learning_rate: lazyadam_ndarray::lazyadam::LearningRate::Constant(0.01),
-            ..LazyAdamConfig::default()
-        };
+        let optimizer = LazyAdamConfig::new(0.01);
         TrainConfig {
             dim: 32,
             epochs: 5,
