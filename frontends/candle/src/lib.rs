@@ -129,6 +129,11 @@
 //! ```
 #![deny(missing_docs)]
 
+/// The README's example, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::cell::RefCell;
 use std::fmt;
 use std::path::Path;
