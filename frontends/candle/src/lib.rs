@@ -722,7 +722,8 @@ impl SparseEmbedding {
             )
         } else {
             // Mixed id dtypes are widened to I64 (U32 ids always fit).
-            let mixed = ids.iter().any(|t| t.dtype() != ids[0].dtype());
+            let first = ids.first().map(Tensor::dtype);
+            let mixed = ids.iter().any(|t| Some(t.dtype()) != first);
             if mixed {
                 for t in &mut ids {
                     *t = t.to_dtype(candle_core::DType::I64)?;

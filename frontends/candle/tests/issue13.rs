@@ -686,3 +686,33 @@ fn a_mismatched_missing_or_extra_variable_is_an_error_naming_it_and_changes_noth
     assert!(e.to_string().contains("/nonexistent/lazyadam"), "{e}");
     assert_eq!(o.inner().iterations(), 0);
 }
+
+#[test]
+fn sparse_embedding_lookups_with_different_id_dtypes_are_collected_together() {
+    let d = dev();
+    let table = Var::from_vec(seeded(6 * 2, 8), (6, 2), &d).unwrap();
+    let emb = SparseEmbedding::new("t", table.clone()).unwrap();
+    let a = emb.forward(&Tensor::new(&[5u8, 1], &d).unwrap()).unwrap();
+    let b = emb.forward(&Tensor::new(&[3i64], &d).unwrap()).unwrap();
+    let loss = a
+        .sum_all()
+        .unwrap()
+        .add(&b.affine(2.0, 0.0).unwrap().sum_all().unwrap())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let sg = emb.take_sparse_grad(&grads).unwrap();
+    assert_eq!(sg.ids().dtype(), CDType::I64);
+    assert_eq!(sg.ids().to_vec1::<i64>().unwrap(), [5, 1, 3]);
+    assert_eq!(
+        sg.values().to_vec2::<f32>().unwrap(),
+        [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0]]
+    );
+    // The rows are the table's rows.
+    assert_eq!(
+        bits(&a),
+        bits(&table.as_tensor().get(5).unwrap())
+            .into_iter()
+            .chain(bits(&table.as_tensor().get(1).unwrap()))
+            .collect::<Vec<_>>()
+    );
+}
