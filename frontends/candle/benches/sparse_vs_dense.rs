@@ -34,7 +34,8 @@ fn setup() -> Setup {
     let dev = Device::Cpu;
     let table = Var::from_tensor(&Tensor::randn(0f32, 0.1, (ROWS, DIM), &dev).expect("table"))
         .expect("var");
-    let opt = LazyAdamOptimizer::new(vec![table.clone()], Config::new(1e-3)).expect("optimizer");
+    let opt = LazyAdamOptimizer::new(vec![table.clone()], Config::new(1e-3).expect("config"))
+        .expect("optimizer");
     // 4,096 distinct pseudo-random rows (a multiplicative hash of 0..4096 modulo a prime).
     let ids: Vec<u32> = (0..BATCH as u64)
         .map(|i| ((i * 2_654_435_761 + 12_345) % 999_983) as u32)

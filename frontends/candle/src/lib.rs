@@ -45,6 +45,39 @@
 //! same result. Clipping agrees as well: zero rows add nothing to a norm and are fixed points of
 //! clipping by value.
 //!
+//! # Which path you get: dense by default
+//!
+//! A user who swaps candle's `AdamW` for [`LazyAdamOptimizer`] and changes nothing else gets
+//! **dense Adam on dense gradients**: candle's backward pass gives an embedding table looked
+//! up with [`Tensor::embedding`] (or [`candle_nn::Embedding`]) a dense gradient, and the
+//! default [`DenseGradients::Adam`] updates every row of it, like `AdamW` (moments of
+//! untouched rows decay too). Nothing is lazy and nothing is sparse yet. To get LazyAdam:
+//!
+//! - **Sparse path (recommended for large tables):** look the table up through a
+//!   [`SparseEmbedding`] instead of `embedding`, and step with
+//!   [`LazyAdamOptimizer::step_mixed`]`(&grads, &[emb.take_sparse_grad(&grads)?.as_sparse_grad()])`.
+//!   Backward then computes only the looked-up rows' gradient, and the step touches only
+//!   those rows. Or build a [`SparseGrad`] yourself and call
+//!   [`LazyAdamOptimizer::step_sparse`].
+//! - **Lazy mode:** keep the dense gradients and set
+//!   [`Config::with_dense_gradients`]`(`[`DenseGradients::LazyRows`]`)`: all-zero rows are
+//!   skipped (the semantics of a sparse step, at the cost of candle materializing the dense
+//!   gradient).
+//!
+//! Also when coming from `AdamW`: [`Config::new`] takes the learning rate as an `f64` like
+//! [`ParamsAdamW`](candle_nn::ParamsAdamW) (or use [`Config::from_adamw`]); Keras' defaults
+//! apply (`epsilon = 1e-7`, no weight decay unless [`Config::with_weight_decay`]); and to
+//! checkpoint, build the optimizer with [`LazyAdamOptimizer::from_varmap`], not
+//! `Optimizer::new(varmap.all_vars(), ..)` (see [`LazyAdamOptimizer`] for why).
+//!
+//! # Checkpoints
+//!
+//! [`LazyAdamOptimizer::save`] / [`LazyAdamOptimizer::load_state`] (and
+//! [`to_bytes`](LazyAdamOptimizer::to_bytes) / [`load_state_bytes`](LazyAdamOptimizer::load_state_bytes))
+//! write and restore the optimizer state keyed by variable name; save the parameters with
+//! [`VarMap::save`](candle_nn::VarMap::save). A missing, extra or mismatched variable is an
+//! error naming it, with nothing changed.
+//!
 //! # Errors
 //!
 //! Typed [`Error`]s for a tensor on a non-CPU device, an unsupported dtype, a non-contiguous
@@ -52,6 +85,11 @@
 //! ...). Every error leaves the variables, the optimizer state and the step counter
 //! unchanged. Through the [`candle_nn::Optimizer`] trait the error arrives as a
 //! [`candle_core::Error`]; [`Error::from_candle`] recovers the typed error.
+//! [`candle_nn::Optimizer::set_learning_rate`] cannot return an error: see its documentation
+//! on [`LazyAdamOptimizer`] (a rejected value makes the following steps fail) and prefer
+//! [`LazyAdamOptimizer::try_set_learning_rate`].
+//!
+//! Variables with zero elements (a `(5, 0)` table, say) are accepted; their steps are no-ops.
 //!
 //! # Example
 //!
@@ -63,9 +101,12 @@
 //! let dev = Device::Cpu;
 //! let table = Var::zeros((1000, 8), DType::F32, &dev)?; // an embedding table
 //! let w = Var::ones(8, DType::F32, &dev)?; // a dense weight
-//! let mut opt = LazyAdamOptimizer::new(vec![table.clone(), w.clone()], Config::new(0.01))?;
+//! let mut opt = LazyAdamOptimizer::new_named(
+//!     [("table", table.clone()), ("w", w.clone())],
+//!     Config::new(0.01)?,
+//! )?;
 //!
-//! // (a) The usual candle loop: dense gradients for every variable.
+//! // (a) The usual candle loop: dense gradients for every variable (dense Adam).
 //! let ids = Tensor::new(&[3u32, 7, 3], &dev)?;
 //! let emb = table.as_tensor().embedding(&ids)?; // (3, 8)
 //! let loss = emb.broadcast_add(w.as_tensor())?.sqr()?.sum_all()?;
@@ -79,26 +120,33 @@
 //! assert!(t[3][0] < 0.0 && t[0][0] == 0.0); // row 3 moved, row 0 untouched
 //!
 //! // (c) Lazy mode: dense gradients, all-zero rows of tables skipped.
-//! let mut lazy = LazyAdamOptimizer::new(
-//!     vec![table.clone()],
-//!     Config::new(0.01).with_dense_gradients(DenseGradients::LazyRows),
+//! let mut lazy = LazyAdamOptimizer::new_named(
+//!     [("table", table.clone())],
+//!     Config::new(0.01)?.with_dense_gradients(DenseGradients::LazyRows),
 //! )?;
 //! lazy.backward_step(&table.as_tensor().embedding(&ids)?.sum_all()?)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(missing_docs)]
 
+/// The README's example, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::cell::RefCell;
 use std::fmt;
+use std::path::Path;
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
-use lazyadam::{Gradient, RowIds, TensorMut, TensorRef, Update};
+use lazyadam::{Gradient, RowIds, TensorMut, Update};
 
 pub use lazyadam::{
-    self, DType, Element, Extensions, LazyAdam, LazyAdamConfig, LearningRate, StepOutcome, VarId,
-    bf16, f16,
+    self, BiasCorrection, ConfigError, CustomSchedule, DType, DynamicLossScale, Element,
+    Extensions, LazyAdam, LazyAdamConfig, LearningRate, LearningRateSchedule, NonFinitePolicy,
+    Schedule, Slots, StepOutcome, TensorRef, VarId, bf16, f16,
 };
 pub use {candle_core, candle_nn};
 
@@ -142,11 +190,98 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The defaults with a constant learning rate `lr`.
-    pub fn new(lr: f32) -> Self {
-        let mut c = Self::default();
-        c.optimizer.learning_rate = LearningRate::Constant(lr);
-        c
+    /// The defaults (Keras' `beta_1 = 0.9`, `beta_2 = 0.999`, `epsilon = 1e-7`, no clipping, no
+    /// weight decay, [`DenseGradients::Adam`], f32 moments) with a constant learning rate `lr`.
+    ///
+    /// `lr` is an `f64`, as in candle's [`ParamsAdamW`](candle_nn::ParamsAdamW); the optimizer
+    /// computes in f32, so `lr` is converted with a check: a negative, NaN or infinite value,
+    /// or one that does not fit an f32 (above `f32::MAX`, or nonzero but rounding to zero), is
+    /// an [`Error::InvalidHyperparameter`] here, never a silent rounding to infinity or zero.
+    ///
+    /// ```
+    /// use lazyadam_candle::{Config, Error};
+    ///
+    /// let cfg = Config::new(1e-3)?.with_betas(0.9, 0.98)?.with_weight_decay(0.01)?;
+    /// assert_eq!(cfg.optimizer.beta_2, 0.98);
+    /// assert!(matches!(Config::new(1e40), Err(Error::InvalidHyperparameter { .. })));
+    /// assert!(Config::new(-0.1).is_err());
+    /// # Ok::<(), lazyadam_candle::Error>(())
+    /// ```
+    pub fn new(lr: f64) -> Result<Self, Error> {
+        Self::default().with_learning_rate(lr)
+    }
+
+    /// Builds the configuration of candle's own [`AdamW`](candle_nn::AdamW) parameters: the
+    /// same learning rate, betas, epsilon and (decoupled) weight decay, each converted to f32
+    /// with a check. The update rules differ in details (Keras' epsilon placement,
+    /// `epsilon = 1e-8` in candle against `1e-7` here by default, lazy rows for sparse
+    /// gradients), so results are close to AdamW's but not the same bits.
+    pub fn from_adamw(params: &candle_nn::ParamsAdamW) -> Result<Self, Error> {
+        Self::new(params.lr)?
+            .with_betas(params.beta1, params.beta2)?
+            .with_epsilon(params.eps)?
+            .with_weight_decay(params.weight_decay)
+    }
+
+    /// Sets a constant learning rate (checked as in [`Config::new`]).
+    pub fn with_learning_rate(mut self, lr: f64) -> Result<Self, Error> {
+        self.optimizer.learning_rate = LearningRate::Constant(checked_f32("learning_rate", lr)?);
+        self.checked()
+    }
+
+    /// Sets a learning-rate schedule (a Keras built-in [`Schedule`], serializable in
+    /// checkpoints). Errors for invalid schedule parameters.
+    pub fn with_schedule(mut self, schedule: Schedule) -> Result<Self, Error> {
+        self.optimizer.learning_rate = LearningRate::Schedule(schedule);
+        self.checked()
+    }
+
+    /// Sets the decay rates of the first and second moments (each in `[0, 1)`).
+    pub fn with_betas(mut self, beta_1: f64, beta_2: f64) -> Result<Self, Error> {
+        self.optimizer.beta_1 = checked_f32("beta_1", beta_1)?;
+        self.optimizer.beta_2 = checked_f32("beta_2", beta_2)?;
+        self.checked()
+    }
+
+    /// Sets epsilon (finite and positive; Keras' `epsilon`, added to `sqrt(v)`).
+    pub fn with_epsilon(mut self, epsilon: f64) -> Result<Self, Error> {
+        self.optimizer.epsilon = checked_f32("epsilon", epsilon)?;
+        self.checked()
+    }
+
+    /// Sets decoupled weight decay (LazyAdamW, as candle's `AdamW`): each updated row (every
+    /// element for a dense gradient) gets `p -= weight_decay * lr * p` before the Adam update.
+    /// 0 turns it off. This is [`Extensions::weight_decay`].
+    pub fn with_weight_decay(mut self, weight_decay: f64) -> Result<Self, Error> {
+        self.extensions.weight_decay = checked_f32("weight_decay", weight_decay)?;
+        self.checked()
+    }
+
+    /// Clips each variable's gradient to this L2 norm (Keras' `clipnorm`; not together with
+    /// [`with_global_clipnorm`](Self::with_global_clipnorm)).
+    pub fn with_clipnorm(mut self, clipnorm: f64) -> Result<Self, Error> {
+        self.optimizer.clipnorm = Some(checked_f32("clipnorm", clipnorm)?);
+        self.checked()
+    }
+
+    /// Clips the gradients of all variables together to this global L2 norm (Keras'
+    /// `global_clipnorm`).
+    pub fn with_global_clipnorm(mut self, clipnorm: f64) -> Result<Self, Error> {
+        self.optimizer.global_clipnorm = Some(checked_f32("global_clipnorm", clipnorm)?);
+        self.checked()
+    }
+
+    /// Clips each gradient element to `[-clipvalue, clipvalue]` (Keras' `clipvalue`).
+    pub fn with_clipvalue(mut self, clipvalue: f64) -> Result<Self, Error> {
+        self.optimizer.clipvalue = Some(checked_f32("clipvalue", clipvalue)?);
+        self.checked()
+    }
+
+    /// Turns AMSGrad on or off (dense gradients; see [`Extensions::sparse_amsgrad`] for sparse
+    /// ones).
+    pub fn with_amsgrad(mut self, amsgrad: bool) -> Self {
+        self.optimizer.amsgrad = amsgrad;
+        self
     }
 
     /// Sets the handling of dense gradients.
@@ -155,7 +290,7 @@ impl Config {
         self
     }
 
-    /// Sets the optimizer's extensions.
+    /// Sets the optimizer's extensions (replacing a weight decay set before).
     pub fn with_extensions(mut self, ext: Extensions) -> Self {
         self.extensions = ext;
         self
@@ -166,6 +301,46 @@ impl Config {
         self.moment_dtype = dtype;
         self
     }
+
+    /// Checks every value as the optimizer's constructor does (the error names the key).
+    pub fn validate(&self) -> Result<(), Error> {
+        self.optimizer
+            .validate()
+            .and_then(|()| self.extensions.validate(self.optimizer.amsgrad))
+            .map_err(|e| Error::Core(e.into()))
+    }
+
+    fn checked(self) -> Result<Self, Error> {
+        self.validate()?;
+        Ok(self)
+    }
+}
+
+/// `x` as an f32 hyperparameter: finite, not negative, within the f32 range, and not a nonzero
+/// value that rounds to zero.
+fn checked_f32(name: &'static str, x: f64) -> Result<f32, Error> {
+    let bad = |reason: &'static str| Error::InvalidHyperparameter {
+        name,
+        value: x,
+        reason,
+    };
+    if x.is_nan() {
+        return Err(bad("must be a number, not NaN"));
+    }
+    if x.is_infinite() {
+        return Err(bad("must be finite"));
+    }
+    if x < 0.0 {
+        return Err(bad("must not be negative"));
+    }
+    let y = x as f32;
+    if y.is_infinite() {
+        return Err(bad("does not fit an f32 (largest: 3.4028235e38)"));
+    }
+    if y == 0.0 && x != 0.0 {
+        return Err(bad("is too small for an f32 (it would round to zero)"));
+    }
+    Ok(y)
 }
 
 /// Errors of this crate. Every error leaves variables, optimizer state and step counter
@@ -242,6 +417,37 @@ pub enum Error {
         /// The registered variable's name.
         other: String,
     },
+    /// A hyperparameter given as an `f64` (as candle's optimizers take them) that is NaN,
+    /// infinite, negative, or does not fit the optimizer's f32.
+    #[error("invalid hyperparameter `{name}` = {value:e}: {reason}")]
+    InvalidHyperparameter {
+        /// The key (`"learning_rate"`, `"beta_1"`, ...).
+        name: &'static str,
+        /// The value given.
+        value: f64,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// [`candle_nn::Optimizer::set_learning_rate`] (which cannot return an error) was given an
+    /// invalid value: the learning rate stayed as it was, and every step fails with this error
+    /// until a valid learning rate is set or [`LazyAdamOptimizer::take_error`] is called.
+    #[error(
+        "set_learning_rate({value:e}) was rejected ({reason}); the learning rate is unchanged and \
+         steps fail until a valid learning rate is set or take_error() is called"
+    )]
+    RejectedLearningRate {
+        /// The rejected value.
+        value: f64,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A tensor handed out as a variable is a constant (for example from a
+    /// [`VarBuilder`](candle_nn::VarBuilder) not backed by a [`VarMap`](candle_nn::VarMap)).
+    #[error("`{variable}` is not a variable (a VarBuilder without a VarMap gives constants)")]
+    NotAVariable {
+        /// Variable name.
+        variable: String,
+    },
     /// A sparse gradient for a scalar (rank 0) variable, which has no rows.
     #[error("variable `{variable}` is a scalar and takes dense gradients only")]
     SparseScalar {
@@ -303,6 +509,302 @@ impl<'a> SparseGrad<'a> {
     }
 }
 
+/// An embedding table whose lookups yield **sparse** gradients from candle's autograd.
+///
+/// candle's own [`Tensor::embedding`] on a table [`Var`] makes backward produce a dense
+/// gradient of the whole table (zero outside the looked-up rows). [`forward`](Self::forward)
+/// instead looks the rows up outside the graph (`table.embedding(ids).detach()`) and wraps them
+/// in a fresh tracked [`Var`], so backward computes the gradient of the looked-up rows only;
+/// the ids are recorded. After `loss.backward()`,
+/// [`take_sparse_grad`](Self::take_sparse_grad) turns the [`GradStore`] into a
+/// [`SparseEmbeddingGrad`] (ids + gradient rows) for [`LazyAdamOptimizer::step_sparse`] or
+/// [`LazyAdamOptimizer::step_mixed`], and forgets the recorded lookups.
+///
+/// The table itself gets no gradient in the [`GradStore`], so only the sparse path updates
+/// it: step with [`LazyAdamOptimizer::step_mixed`] (the other variables take their dense
+/// gradients from the same store). A plain [`step`](candle_nn::Optimizer::step) would leave
+/// the table untouched.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor, Var};
+/// use lazyadam_candle::{Config, LazyAdamOptimizer, SparseEmbedding};
+///
+/// let dev = Device::Cpu;
+/// let table = Var::ones((100, 4), DType::F32, &dev)?;
+/// let emb = SparseEmbedding::new("emb", table.clone())?;
+/// let w = Var::ones(4, DType::F32, &dev)?;
+/// let mut opt = LazyAdamOptimizer::new_named(
+///     [("emb", table.clone()), ("w", w.clone())],
+///     Config::new(0.1)?,
+/// )?;
+///
+/// let ids = Tensor::new(&[[3u32, 7], [7, 9]], &dev)?; // any shape of ids
+/// let rows = emb.forward(&ids)?; // (2, 2, 4)
+/// let loss = rows.broadcast_mul(w.as_tensor())?.sum_all()?;
+/// let grads = loss.backward()?;
+/// let sparse = emb.take_sparse_grad(&grads)?; // 4 ids, 4 gradient rows
+/// assert_eq!(sparse.values().dims(), &[4, 4]);
+/// opt.step_mixed(&grads, &[sparse.as_sparse_grad()])?; // sparse table, dense `w`
+///
+/// let t = table.as_tensor().to_vec2::<f32>()?;
+/// assert!(t[7][0] < 1.0 && t[0][0] == 1.0); // looked-up rows moved, the others did not
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct SparseEmbedding {
+    table: Var,
+    name: String,
+    rows: usize,
+    hidden: usize,
+    lookups: std::sync::Mutex<Vec<Lookup>>,
+}
+
+#[derive(Debug)]
+struct Lookup {
+    /// Flat row ids (U32 or I64).
+    ids: Tensor,
+    /// The looked-up rows, `(ids.len(), hidden)`, tracked.
+    rows: Var,
+}
+
+/// The sparse gradient of a [`SparseEmbedding`]'s table, from
+/// [`SparseEmbedding::take_sparse_grad`]: flat ids and one gradient row per id (duplicates
+/// are kept; the optimizer sums them).
+#[derive(Clone, Debug)]
+pub struct SparseEmbeddingGrad {
+    table: Var,
+    ids: Tensor,
+    values: Tensor,
+}
+
+impl SparseEmbeddingGrad {
+    /// The row ids, `(n,)`.
+    pub fn ids(&self) -> &Tensor {
+        &self.ids
+    }
+
+    /// The gradient rows, `(n, hidden)`.
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// The [`SparseGrad`] to pass to [`LazyAdamOptimizer::step_sparse`] or
+    /// [`LazyAdamOptimizer::step_mixed`].
+    pub fn as_sparse_grad(&self) -> SparseGrad<'_> {
+        SparseGrad::new(&self.table, &self.ids, &self.values)
+    }
+}
+
+impl SparseEmbedding {
+    /// Wraps a table `Var` of shape `(rows, hidden)` (on the CPU, F32/F16/BF16); `name` is
+    /// used in error messages.
+    pub fn new(name: &str, table: Var) -> Result<Self, Error> {
+        let t = table.as_tensor();
+        if !t.device().is_cpu() {
+            return Err(Error::NonCpuDevice {
+                variable: name.to_owned(),
+                what: "variable",
+                device: device_name(t),
+            });
+        }
+        if float_dtype(t.dtype()).is_none() {
+            return Err(Error::UnsupportedDType {
+                variable: name.to_owned(),
+                what: "variable",
+                dtype: t.dtype(),
+            });
+        }
+        let &[rows, hidden] = t.dims() else {
+            return Err(Error::ShapeMismatch {
+                variable: name.to_owned(),
+                what: "embedding table (rank 2 expected)",
+                expected: vec![],
+                got: t.dims().to_vec(),
+            });
+        };
+        Ok(Self {
+            table,
+            name: name.to_owned(),
+            rows,
+            hidden,
+            lookups: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Creates the table in a [`VarBuilder`](candle_nn::VarBuilder) under `"weight"` (as
+    /// [`candle_nn::embedding()`] does, same initialization), so that it is in the
+    /// [`VarMap`](candle_nn::VarMap) and [`LazyAdamOptimizer::from_varmap`] registers it.
+    pub fn from_varbuilder(
+        rows: usize,
+        hidden: usize,
+        vb: candle_nn::VarBuilder<'_>,
+    ) -> Result<Self, Error> {
+        let t = vb.get_with_hints(
+            (rows, hidden),
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.,
+                stdev: 1.,
+            },
+        )?;
+        let name = if vb.prefix().is_empty() {
+            "weight".to_owned()
+        } else {
+            format!("{}.weight", vb.prefix())
+        };
+        if !t.is_variable() {
+            // A VarBuilder not backed by a VarMap hands out constants: nothing to train.
+            return Err(Error::NotAVariable { variable: name });
+        }
+        Self::new(&name, Var::from_tensor(&t)?)
+    }
+
+    /// The table.
+    pub fn table(&self) -> &Var {
+        &self.table
+    }
+
+    /// The number of lookups recorded since the last
+    /// [`take_sparse_grad`](Self::take_sparse_grad) or [`clear`](Self::clear).
+    pub fn pending_lookups(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Forgets the recorded lookups (for example after an evaluation pass that will not be
+    /// followed by a step). Evaluation can also use [`lookup`](Self::lookup), which records
+    /// nothing.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// The rows of `ids` (any shape; dtype U8, U32 or I64), shape `ids.dims() ++ [hidden]`,
+    /// as a tracked tensor whose gradient [`take_sparse_grad`](Self::take_sparse_grad)
+    /// collects. The lookup is recorded. A negative or out-of-range id is a typed error.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor, Error> {
+        let (flat, rows) = self.gather(ids)?;
+        let var = Var::from_tensor(&rows.detach())?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        let out = var.as_tensor().reshape(dims)?;
+        self.lock().push(Lookup {
+            ids: flat,
+            rows: var,
+        });
+        Ok(out)
+    }
+
+    /// The rows of `ids` without recording anything and without gradient (for evaluation).
+    pub fn lookup(&self, ids: &Tensor) -> Result<Tensor, Error> {
+        let (_, rows) = self.gather(ids)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        Ok(rows.detach().reshape(dims)?)
+    }
+
+    /// After `loss.backward()`: the gradient rows of every lookup recorded since the last
+    /// call, concatenated, with their ids. Lookups the loss did not depend on contribute
+    /// nothing. The recorded lookups are forgotten (also on error).
+    pub fn take_sparse_grad(&self, grads: &GradStore) -> Result<SparseEmbeddingGrad, Error> {
+        let lookups = std::mem::take(&mut *self.lock());
+        let mut ids = Vec::with_capacity(lookups.len());
+        let mut values = Vec::with_capacity(lookups.len());
+        for l in &lookups {
+            if let Some(g) = grads.get(l.rows.as_tensor()) {
+                ids.push(l.ids.clone());
+                values.push(g.clone());
+            }
+        }
+        let dev = self.table.device();
+        let (ids, values) = if ids.is_empty() {
+            (
+                Tensor::zeros(0, candle_core::DType::U32, dev)?,
+                Tensor::zeros((0, self.hidden), self.table.dtype(), dev)?,
+            )
+        } else {
+            // Mixed id dtypes are widened to I64 (U32 ids always fit).
+            let first = ids.first().map(Tensor::dtype);
+            let mixed = ids.iter().any(|t| Some(t.dtype()) != first);
+            if mixed {
+                for t in &mut ids {
+                    *t = t.to_dtype(candle_core::DType::I64)?;
+                }
+            }
+            (Tensor::cat(&ids, 0)?, Tensor::cat(&values, 0)?)
+        };
+        Ok(SparseEmbeddingGrad {
+            table: self.table.clone(),
+            ids,
+            values,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Lookup>> {
+        self.lookups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Flat ids (U32 or I64), checked against the table, and the rows `(n, hidden)`.
+    fn gather(&self, ids: &Tensor) -> Result<(Tensor, Tensor), Error> {
+        let name = &self.name;
+        if !ids.device().is_cpu() {
+            return Err(Error::NonCpuDevice {
+                variable: name.clone(),
+                what: "embedding ids",
+                device: device_name(ids),
+            });
+        }
+        let flat = ids.flatten_all()?;
+        let flat = match flat.dtype() {
+            candle_core::DType::U32 | candle_core::DType::I64 => flat,
+            candle_core::DType::U8 => flat.to_dtype(candle_core::DType::U32)?,
+            other => {
+                return Err(Error::UnsupportedDType {
+                    variable: name.clone(),
+                    what: "embedding ids",
+                    dtype: other,
+                });
+            }
+        };
+        let out_of_range = |id: u64| {
+            Error::Core(lazyadam::Error::RowIdOutOfRange {
+                variable: name.clone(),
+                id,
+                rows: self.rows,
+            })
+        };
+        if flat.dtype() == candle_core::DType::I64 {
+            for id in flat.to_vec1::<i64>()? {
+                match u64::try_from(id) {
+                    Err(_) => {
+                        return Err(Error::Core(lazyadam::Error::NegativeRowId {
+                            variable: name.clone(),
+                            id,
+                        }));
+                    }
+                    Ok(u) if u >= self.rows as u64 => return Err(out_of_range(u)),
+                    Ok(_) => {}
+                }
+            }
+        } else if let Some(&id) = flat
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&id| u64::from(id) >= self.rows as u64)
+        {
+            return Err(out_of_range(u64::from(id)));
+        }
+        let rows = self.table.as_tensor().embedding(&flat)?;
+        Ok((flat, rows))
+    }
+}
+
+impl candle_core::Module for SparseEmbedding {
+    /// [`SparseEmbedding::forward`] (recording the lookup).
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(SparseEmbedding::forward(self, ids)?)
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     var: Var,
@@ -314,15 +816,28 @@ struct Entry {
 
 /// LazyAdam for candle [`Var`]s; implements [`candle_nn::Optimizer`].
 ///
-/// Each registered variable gets a variable of the core [`LazyAdam`] (named `var{i}` by
-/// [`new`](candle_nn::Optimizer::new), or by the caller with [`new_named`](Self::new_named)),
-/// with the variable's shape and dtype.
+/// Each registered variable gets a variable of the core [`LazyAdam`], with the variable's shape
+/// and dtype, under a name. The name is what a checkpoint ([`save`](Self::save),
+/// [`load_state`](Self::load_state)) keys the variable's moments by, so it must mean the same
+/// variable in the process that saves and in the one that loads:
+///
+/// - [`from_varmap`](Self::from_varmap) takes the [`candle_nn::VarMap`]'s own names
+///   (`"layer1.weight"`, ...): stable across processes. **Use it for anything you checkpoint.**
+/// - [`new_named`](Self::new_named) takes your names.
+/// - [`new`](candle_nn::Optimizer::new) (the [`candle_nn::Optimizer`] constructor) names the
+///   variables by position, `var0`, `var1`, ... **These names are not stable across processes
+///   when the list comes from [`VarMap::all_vars`](candle_nn::VarMap::all_vars)**, which
+///   iterates a `HashMap`: in another process `var0` is another variable, and restoring a
+///   checkpoint would silently give each variable some other variable's moments (or fail on a
+///   shape mismatch, if you are lucky).
 #[derive(Debug)]
 pub struct LazyAdamOptimizer {
     opt: LazyAdam,
     entries: Vec<Entry>,
     dense_gradients: DenseGradients,
     moment_dtype: DType,
+    /// A value [`candle_nn::Optimizer::set_learning_rate`] rejected, with the reason.
+    rejected_lr: Option<(f64, String)>,
 }
 
 fn storage_addr(t: &Tensor) -> usize {
@@ -344,7 +859,47 @@ fn float_dtype(dt: candle_core::DType) -> Option<DType> {
 }
 
 impl LazyAdamOptimizer {
-    /// An optimizer over named variables (the names identify the state in checkpoints).
+    /// An optimizer over the variables of a [`candle_nn::VarMap`], each registered under its
+    /// name in the map (the name a [`VarBuilder`](candle_nn::VarBuilder) gave it, such as
+    /// `"layer1.weight"`), in sorted-name order. The names, hence checkpoints, are stable
+    /// across processes, whatever order the model was built in.
+    ///
+    /// Create the model first: variables added to the map later are not registered (add them
+    /// with [`add_var`](Self::add_var)).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap, linear};
+    /// use lazyadam_candle::{Config, LazyAdamOptimizer};
+    ///
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let layer = linear(4, 2, vb.pp("layer"))?;
+    /// let mut opt = LazyAdamOptimizer::from_varmap(&varmap, Config::new(1e-2)?)?;
+    /// assert_eq!(opt.var_names(), ["layer.bias", "layer.weight"]);
+    ///
+    /// let x = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
+    /// let loss = layer.forward(&x)?.sqr()?.sum_all()?;
+    /// opt.try_backward_step(&loss)?;
+    /// assert_eq!(opt.inner().iterations(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_varmap(varmap: &candle_nn::VarMap, config: Config) -> Result<Self, Error> {
+        let mut named: Vec<(String, Var)> = {
+            // A poisoned lock only means another thread panicked while holding it; the map
+            // itself is intact.
+            let data = varmap
+                .data()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::new_named(named, config)
+    }
+
+    /// An optimizer over named variables (the names identify the state in checkpoints, so
+    /// they must name the same variables in the process that loads one).
     pub fn new_named<S: Into<String>>(
         vars: impl IntoIterator<Item = (S, Var)>,
         config: Config,
@@ -354,6 +909,7 @@ impl LazyAdamOptimizer {
             entries: Vec::new(),
             dense_gradients: config.dense_gradients,
             moment_dtype: config.moment_dtype,
+            rejected_lr: None,
         };
         for (name, var) in vars {
             me.add_var(&name.into(), &var)?;
@@ -420,6 +976,78 @@ impl LazyAdamOptimizer {
         self.entries.iter().map(|e| e.var.clone()).collect()
     }
 
+    /// The names of the registered variables, in registration order.
+    pub fn var_names(&self) -> Vec<&str> {
+        self.entries.iter().map(|e| e.name.as_str()).collect()
+    }
+
+    /// The core's id of the variable registered under `name`.
+    pub fn var_id_by_name(&self, name: &str) -> Option<VarId> {
+        self.entries.iter().find(|e| e.name == name).map(|e| e.id)
+    }
+
+    /// Writes the optimizer's state (step counter, loss scale, every variable's moments and
+    /// per-row counters, keyed by variable name, plus the configuration) to a file, in the
+    /// core's checkpoint format ([`LazyAdam::save`]). The parameters themselves are not in it:
+    /// save them with [`VarMap::save`](candle_nn::VarMap::save). Fails for a custom
+    /// learning-rate schedule, which cannot be written.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap, linear};
+    /// use lazyadam_candle::{Config, LazyAdamOptimizer};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("lazyadam-candle-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// let (params, state) = (dir.join("model.safetensors"), dir.join("optim.safetensors"));
+    ///
+    /// // Train a little and save both files.
+    /// let varmap = VarMap::new();
+    /// let a = linear(3, 3, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("a"))?;
+    /// let mut opt = LazyAdamOptimizer::from_varmap(&varmap, Config::new(1e-2)?)?;
+    /// let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
+    /// opt.try_backward_step(&candle_core::Module::forward(&a, &x)?.sum_all()?)?;
+    /// varmap.save(&params)?;
+    /// opt.save(&state)?;
+    ///
+    /// // Another process: the same model in a fresh VarMap, then both files loaded.
+    /// let mut varmap2 = VarMap::new();
+    /// let _a = linear(3, 3, VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu).pp("a"))?;
+    /// varmap2.load(&params)?;
+    /// let mut opt2 = LazyAdamOptimizer::from_varmap(&varmap2, Config::new(1e-2)?)?;
+    /// opt2.load_state(&state)?;
+    /// assert_eq!(opt2.inner().iterations(), 1);
+    /// assert_eq!(opt2.to_bytes()?, opt.to_bytes()?);
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), Error> {
+        Ok(self.opt.save(path)?)
+    }
+
+    /// The bytes [`save`](Self::save) writes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
+        Ok(self.opt.to_bytes()?)
+    }
+
+    /// Restores the state written by [`save`](Self::save) into this optimizer, **by variable
+    /// name**: each registered variable gets the moments and per-row counters saved under its
+    /// name, and the step counter and loss scale are restored. The hyperparameters stay those
+    /// of this optimizer's [`Config`].
+    ///
+    /// A variable missing from the file, a variable of the file this optimizer does not hold,
+    /// or a shape or dtype that differs is an error naming the variable
+    /// ([`lazyadam::Error::StateMismatch`] inside [`Error::Core`]), and nothing is changed. So
+    /// is an unreadable or corrupt file.
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<(), Error> {
+        Ok(self.opt.restore_from_file(path)?)
+    }
+
+    /// [`load_state`](Self::load_state) from the bytes of [`to_bytes`](Self::to_bytes).
+    pub fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        Ok(self.opt.restore_from_bytes(bytes)?)
+    }
+
     /// The core's id of a registered variable.
     pub fn var_id(&self, var: &Var) -> Option<VarId> {
         self.entries
@@ -438,11 +1066,43 @@ impl LazyAdamOptimizer {
         self.dense_gradients = mode;
     }
 
-    /// Sets a constant learning rate; unlike
-    /// [`Optimizer::set_learning_rate`](candle_nn::Optimizer::set_learning_rate) it reports an
-    /// invalid value (negative, NaN) instead of ignoring it.
-    pub fn try_set_learning_rate(&mut self, lr: f32) -> Result<(), Error> {
-        Ok(self.opt.set_learning_rate(lr)?)
+    /// Sets a constant learning rate, checked as in [`Config::new`] (negative, NaN, infinite
+    /// or not fitting an f32 is an [`Error::InvalidHyperparameter`], and the learning rate
+    /// stays as it was). Unlike
+    /// [`Optimizer::set_learning_rate`](candle_nn::Optimizer::set_learning_rate), which cannot
+    /// return an error, it reports the problem right here. A valid value also clears an error
+    /// left by [`Optimizer::set_learning_rate`](candle_nn::Optimizer::set_learning_rate).
+    pub fn try_set_learning_rate(&mut self, lr: f64) -> Result<(), Error> {
+        let lr32 = checked_f32("learning_rate", lr)?;
+        self.opt.set_learning_rate(lr32)?;
+        self.rejected_lr = None;
+        Ok(())
+    }
+
+    /// The error of the last value [`Optimizer::set_learning_rate`](candle_nn::Optimizer::set_learning_rate)
+    /// rejected ([`Error::RejectedLearningRate`]), if it is still pending: while it is, every
+    /// step fails with it. `None` once a valid learning rate was set or the error was taken.
+    pub fn last_error(&self) -> Option<Error> {
+        self.rejected_lr
+            .as_ref()
+            .map(|(value, reason)| Error::RejectedLearningRate {
+                value: *value,
+                reason: reason.clone(),
+            })
+    }
+
+    /// Takes the pending [`last_error`](Self::last_error), so that steps run again (with the
+    /// learning rate from before the rejected call).
+    pub fn take_error(&mut self) -> Option<Error> {
+        let e = self.last_error();
+        self.rejected_lr = None;
+        e
+    }
+
+    /// [`candle_nn::Optimizer::backward_step`] with this crate's typed error.
+    pub fn try_backward_step(&mut self, loss: &Tensor) -> Result<StepOutcome, Error> {
+        let grads = loss.backward()?;
+        self.try_step(&grads)
     }
 
     /// One step from the dense gradients of a [`GradStore`] (variables without a gradient are
@@ -452,7 +1112,26 @@ impl LazyAdamOptimizer {
     }
 
     /// One step from sparse gradients only (one increment of the step counter). Only the rows
-    /// listed, and their moments, are read and written, in place.
+    /// listed, and their moments, are read and written, in place. Variables without a
+    /// [`SparseGrad`] are not part of the step.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use lazyadam_candle::{Config, LazyAdamOptimizer, SparseGrad};
+    ///
+    /// let dev = Device::Cpu;
+    /// let table = Var::zeros((10, 2), DType::F32, &dev)?;
+    /// let mut opt = LazyAdamOptimizer::new_named([("table", table.clone())], Config::new(0.1)?)?;
+    /// let ids = Tensor::new(&[4u32, 1, 4], &dev)?; // duplicates are summed
+    /// let rows = Tensor::new(&[[1f32, -1.], [2., 2.], [1., -1.]], &dev)?;
+    /// opt.step_sparse(&[SparseGrad::new(&table, &ids, &rows)])?;
+    ///
+    /// let t = table.as_tensor().to_vec2::<f32>()?;
+    /// // Row 4's summed gradient is (2, -2); a first Adam step moves by about -lr * sign(g).
+    /// assert!((t[4][0] + 0.1).abs() < 1e-5 && (t[4][1] - 0.1).abs() < 1e-5);
+    /// assert_eq!(t[0], [0.0, 0.0]); // rows not listed are untouched
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn step_sparse(&mut self, sparse: &[SparseGrad<'_>]) -> Result<StepOutcome, Error> {
         self.step_impl(None, sparse)
     }
@@ -461,6 +1140,32 @@ impl LazyAdamOptimizer {
     /// the [`GradStore`]'s dense gradients for the others (handled as
     /// [`dense_gradients`](Self::dense_gradients) says). The sparse gradient of a variable
     /// replaces its dense gradient in `grads`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use lazyadam_candle::{Config, LazyAdamOptimizer, SparseGrad};
+    ///
+    /// let dev = Device::Cpu;
+    /// let table = Var::ones((10, 2), DType::F32, &dev)?;
+    /// let w = Var::ones(2, DType::F32, &dev)?;
+    /// let mut opt = LazyAdamOptimizer::new_named(
+    ///     [("table", table.clone()), ("w", w.clone())],
+    ///     Config::new(0.1)?,
+    /// )?;
+    /// let ids = Tensor::new(&[2u32, 5], &dev)?;
+    /// // Rows looked up outside the graph: backward gives `w` its dense gradient only.
+    /// let rows = table.as_tensor().embedding(&ids)?.detach();
+    /// let loss = rows.broadcast_mul(w.as_tensor())?.sum_all()?;
+    /// let grads = loss.backward()?;
+    /// // d loss / d rows = w, one row per id.
+    /// let g_rows = w.as_tensor().unsqueeze(0)?.repeat((2, 1))?;
+    /// opt.step_mixed(&grads, &[SparseGrad::new(&table, &ids, &g_rows)])?;
+    ///
+    /// let t = table.as_tensor().to_vec2::<f32>()?;
+    /// assert!(t[2][0] < 1.0 && t[0][0] == 1.0);
+    /// assert!(w.as_tensor().to_vec1::<f32>()?[0] < 1.0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn step_mixed(
         &mut self,
         grads: &GradStore,
@@ -474,6 +1179,9 @@ impl LazyAdamOptimizer {
         grads: Option<&GradStore>,
         sparse: &[SparseGrad<'_>],
     ) -> Result<StepOutcome, Error> {
+        if let Some(e) = self.last_error() {
+            return Err(e);
+        }
         // 1. Which variables take part, with which gradient tensors (validated).
         let mut sparse_of: Vec<Option<&SparseGrad<'_>>> = vec![None; self.entries.len()];
         for sg in sparse {
@@ -542,8 +1250,23 @@ impl LazyAdamOptimizer {
         // 3. Exclusive access to the variables (locked in storage-address order, the same
         //    order for every step, so two optimizers sharing variables cannot deadlock), then
         //    one call of the core.
-        let mut order: Vec<usize> = (0..plan.len()).collect();
+        //    A variable with zero elements is not locked (candle refuses an in-place op on
+        //    it, and there is nothing to write): the core gets an empty slice for it.
+        let mut order: Vec<usize> = (0..plan.len())
+            .filter(|&k| self.entries[plan[k].0].var.elem_count() > 0)
+            .collect();
         order.sort_by_key(|&k| self.entries[plan[k].0].addr);
+        let empty: Vec<Option<DType>> = plan
+            .iter()
+            .map(|(i, _)| {
+                let v = &self.entries[*i].var;
+                if v.elem_count() == 0 {
+                    float_dtype(v.dtype())
+                } else {
+                    None
+                }
+            })
+            .collect();
         let lock: Vec<&Tensor> = order
             .iter()
             .map(|&k| self.entries[plan[k].0].var.as_tensor())
@@ -555,13 +1278,16 @@ impl LazyAdamOptimizer {
         let ids: Vec<VarId> = plan.iter().map(|(i, _)| self.entries[*i].id).collect();
         let opt = &mut self.opt;
         let mut run = |locked: Vec<TensorMut<'_>>| -> Result<StepOutcome, Error> {
-            let mut params: Vec<Option<TensorMut<'_>>> = (0..locked.len()).map(|_| None).collect();
+            let mut params: Vec<Option<TensorMut<'_>>> =
+                empty.iter().map(|d| d.map(empty_param)).collect();
             for (p, &k) in locked.into_iter().zip(&order) {
-                params[k] = Some(p);
+                if let Some(slot) = params.get_mut(k) {
+                    *slot = Some(p);
+                }
             }
             let mut updates: Vec<Update<'_>> = Vec::with_capacity(params.len());
             for ((p, prep), &id) in params.into_iter().zip(&prepared).zip(&ids) {
-                // Every slot was filled: `order` is a permutation of 0..plan.len().
+                // Every slot was filled: `order` lists every non-empty variable of the plan.
                 let Some(p) = p else { continue };
                 updates.push(Update::new(id, p, prep.gradient()));
             }
@@ -761,6 +1487,15 @@ fn param_mut<'s>(c: &'s mut CpuStorage, l: &Layout, name: &str) -> Result<Tensor
     })
 }
 
+/// The parameter slice of a variable with zero elements.
+fn empty_param(dtype: DType) -> TensorMut<'static> {
+    match dtype {
+        DType::F16 => TensorMut::F16(&mut []),
+        DType::BF16 => TensorMut::BF16(&mut []),
+        DType::F32 => TensorMut::F32(&mut []),
+    }
+}
+
 /// Gradient rows gathered from a dense gradient (lazy mode).
 enum Owned {
     F32(Vec<f32>),
@@ -929,7 +1664,16 @@ impl fmt::Debug for LockOp<'_, '_, '_> {
 impl candle_nn::Optimizer for LazyAdamOptimizer {
     type Config = Config;
 
-    /// Registers `vars` as `var0`, `var1`, ... (see [`LazyAdamOptimizer::new_named`]).
+    /// Registers `vars` under **positional** names `var0`, `var1`, ...
+    ///
+    /// # Warning: positional names and checkpoints
+    ///
+    /// The names follow the order of `vars`. With `varmap.all_vars()` that order comes from
+    /// a `HashMap` and changes from one process to the next, so a checkpoint saved by one
+    /// process and loaded by another gives each variable the moments of whichever variable
+    /// had its position (silently, when the shapes agree). To checkpoint, build the optimizer
+    /// with [`LazyAdamOptimizer::from_varmap`] (the VarMap's own names) or
+    /// [`LazyAdamOptimizer::new_named`].
     fn new(vars: Vec<Var>, config: Config) -> candle_core::Result<Self> {
         let named = vars
             .into_iter()
@@ -947,11 +1691,18 @@ impl candle_nn::Optimizer for LazyAdamOptimizer {
         f64::from(self.opt.learning_rate())
     }
 
-    /// Sets a constant learning rate. An invalid value (negative, NaN) is ignored and the
-    /// previous learning rate stays; use [`LazyAdamOptimizer::try_set_learning_rate`] to see
-    /// the error.
+    /// Sets a constant learning rate.
+    ///
+    /// The trait gives no way to return an error, so an invalid value (negative, NaN,
+    /// infinite, or not fitting an f32) is handled thus: the learning rate stays as it was,
+    /// the rejection is kept ([`LazyAdamOptimizer::last_error`]), and **every step fails**
+    /// with [`Error::RejectedLearningRate`] until a valid learning rate is set or
+    /// [`LazyAdamOptimizer::take_error`] is called. Nothing panics. Prefer
+    /// [`LazyAdamOptimizer::try_set_learning_rate`], which returns the error at once.
     fn set_learning_rate(&mut self, lr: f64) {
-        let _ = self.opt.set_learning_rate(lr as f32);
+        if let Err(e) = self.try_set_learning_rate(lr) {
+            self.rejected_lr = Some((lr, e.to_string()));
+        }
     }
 }
 

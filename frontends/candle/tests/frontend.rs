@@ -23,7 +23,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn config() -> Config {
-    let mut c = Config::new(0.05);
+    let mut c = Config::new(0.05).unwrap();
     c.optimizer.clipnorm = Some(3.0);
     c
 }
@@ -301,7 +301,9 @@ fn lazy_mode_skips_a_present_row_whose_gradient_sums_to_zero_and_a_sparse_step_d
         let table = Var::from_vec(values(3 * 2, 5), (3, 2), &dev).unwrap();
         let mut opt = LazyAdamOptimizer::new(
             vec![table.clone()],
-            Config::new(0.1).with_dense_gradients(DenseGradients::LazyRows),
+            Config::new(0.1)
+                .unwrap()
+                .with_dense_gradients(DenseGradients::LazyRows),
         )
         .unwrap();
         // Step 1: row 1 gets a gradient (non-zero moments).
@@ -386,13 +388,13 @@ fn ids_of_rank_two_i64_and_strided_values_work() {
 fn learning_rate_get_and_set() {
     let dev = Device::Cpu;
     let v = Var::zeros(3, CDType::F32, &dev).unwrap();
-    let mut opt = LazyAdamOptimizer::new(vec![v], Config::new(0.25)).unwrap();
+    let mut opt = LazyAdamOptimizer::new(vec![v], Config::new(0.25).unwrap()).unwrap();
     assert_eq!(opt.learning_rate(), 0.25);
     opt.set_learning_rate(0.5);
     assert_eq!(opt.learning_rate(), 0.5);
-    opt.set_learning_rate(-1.0); // invalid: ignored
+    opt.set_learning_rate(-1.0); // invalid: rejected (see tests/issue13.rs)
     assert_eq!(opt.learning_rate(), 0.5);
-    assert!(opt.try_set_learning_rate(f32::NAN).is_err());
+    assert!(opt.try_set_learning_rate(f64::NAN).is_err());
     assert_eq!(opt.learning_rate(), 0.5);
 }
 
@@ -405,7 +407,9 @@ fn optimizer_new_takes_a_varmap() {
     let lin = candle_nn::linear(4, 1, vb.pp("out")).unwrap();
     let mut opt = LazyAdamOptimizer::new(
         vm.all_vars(),
-        Config::new(0.05).with_dense_gradients(DenseGradients::LazyRows),
+        Config::new(0.05)
+            .unwrap()
+            .with_dense_gradients(DenseGradients::LazyRows),
     )
     .unwrap();
     let ids = Tensor::new(&[[1u32, 2], [3, 1]], &dev).unwrap();
