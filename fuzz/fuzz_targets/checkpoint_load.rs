@@ -40,6 +40,7 @@ fn use_loaded(opt: &mut LazyAdam) {
     let again = LazyAdam::from_bytes(&bytes).expect("a saved checkpoint loads");
     assert_eq!(s0, state(&again), "save -> load changed the state");
     assert_eq!(opt.num_variables(), again.num_variables());
+    restore_by_name_checks(opt);
     let _ = opt.learning_rate();
     // One step with a zero gradient on every variable of a reasonable size.
     let names: Vec<String> = opt.get_weights().iter().map(|w| w.name.clone()).collect();
@@ -90,6 +91,61 @@ fn use_loaded(opt: &mut LazyAdam) {
         updates.push(Update::new(id, param, Gradient::dense(grad)));
     }
     let _ = opt.apply_gradients(&mut updates);
+}
+
+/// The loaded state restored by name into a fresh optimizer that registers the same
+/// variables in reverse order: succeeds and gives every variable its own slots; with one
+/// variable left out it fails naming it and changes nothing.
+fn restore_by_name_checks(opt: &LazyAdam) {
+    let infos: Vec<lazyadam::VariableInfo> = opt
+        .variable_ids()
+        .filter_map(|id| opt.variable(id).cloned())
+        .collect();
+    let fresh = |skip: Option<usize>| {
+        let mut t = LazyAdam::with_extensions(opt.config().clone(), opt.extensions().clone())
+            .expect("a loaded config builds");
+        for (k, i) in infos.iter().enumerate().rev() {
+            if Some(k) != skip {
+                t.add_variable(&i.name, &i.shape, i.param_dtype, i.moment_dtype)
+                    .expect("a loaded variable registers");
+            }
+        }
+        t
+    };
+    let mut t = fresh(None);
+    t.restore_by_name(opt)
+        .expect("the same variables restore by name");
+    assert_eq!(t.iterations(), opt.iterations());
+    assert_eq!(
+        t.loss_scale().map(f32::to_bits),
+        opt.loss_scale().map(f32::to_bits)
+    );
+    for i in &infos {
+        let (a, b) = (
+            t.variable_id(&i.name).unwrap(),
+            opt.variable_id(&i.name).unwrap(),
+        );
+        let (sa, sb) = (t.slots(a).unwrap(), opt.slots(b).unwrap());
+        let bits = |x: lazyadam::TensorRef<'_>| -> Vec<u32> {
+            x.to_f32_vec().iter().map(|v| v.to_bits()).collect()
+        };
+        assert_eq!(bits(sa.m), bits(sb.m), "{}", i.name);
+        assert_eq!(bits(sa.v), bits(sb.v), "{}", i.name);
+        assert_eq!(sa.vhat.map(bits), sb.vhat.map(bits), "{}", i.name);
+        assert_eq!(t.row_steps(a), opt.row_steps(b));
+        assert_eq!(t.last_update_steps(a), opt.last_update_steps(b));
+    }
+    if !infos.is_empty() {
+        let mut t = fresh(Some(0));
+        let before = state(&t);
+        match t.restore_by_name(opt) {
+            Err(lazyadam::Error::StateMismatch { variable, .. }) => {
+                assert_eq!(variable, infos[0].name)
+            }
+            other => panic!("a missing variable restored: {other:?}"),
+        }
+        assert_eq!(before, state(&t), "a failed restore changed the state");
+    }
 }
 
 fn build(u: &mut Unstructured<'_>) -> Result<LazyAdam> {

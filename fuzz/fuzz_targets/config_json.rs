@@ -12,7 +12,7 @@ use lazyadam::{LazyAdam, LazyAdamConfig};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value, json};
 
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 19] = [
     "name",
     "learning_rate",
     "lr",
@@ -27,6 +27,11 @@ const KEYS: [&str; 14] = [
     "is_legacy_optimizer",
     "jit_compile",
     "weight_decay",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
 ];
 
 const SCHEDULES: [&str; 6] = [
@@ -154,6 +159,23 @@ fn same(a: &LazyAdamConfig, b: &LazyAdamConfig) -> bool {
 
 fn check(text: &str) {
     let loaded = LazyAdamConfig::from_keras_json(text);
+    // With extensions: the same config, and weight decay as the only difference.
+    match (
+        &loaded,
+        LazyAdamConfig::from_keras_json_with_extensions(text),
+    ) {
+        (Ok(a), Ok((b, ext))) => {
+            assert!(same(a, &b), "with extensions: {a:?} / {b:?}");
+            assert_eq!(ext, lazyadam::Extensions::default());
+        }
+        (Err(e), Ok((_, ext))) => assert!(
+            matches!(e, lazyadam::ConfigError::InvalidValue { key, .. } if key == "weight_decay")
+                && ext.weight_decay > 0.0,
+            "only weight decay may need the extensions: {e:?}"
+        ),
+        (Ok(a), Err(e)) => panic!("{a:?} loads, but not with extensions: {e:?}"),
+        (Err(_), Err(_)) => {}
+    }
     // The Value entry point agrees with the text entry point.
     if let Ok(v) = serde_json::from_str::<Value>(text) {
         let via_value = LazyAdamConfig::from_keras_value(&v);
