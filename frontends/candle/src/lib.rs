@@ -600,20 +600,7 @@ impl SparseEmbedding {
     /// used in error messages.
     pub fn new(name: &str, table: Var) -> Result<Self, Error> {
         let t = table.as_tensor();
-        if !t.device().is_cpu() {
-            return Err(Error::NonCpuDevice {
-                variable: name.to_owned(),
-                what: "variable",
-                device: device_name(t),
-            });
-        }
-        if float_dtype(t.dtype()).is_none() {
-            return Err(Error::UnsupportedDType {
-                variable: name.to_owned(),
-                what: "variable",
-                dtype: t.dtype(),
-            });
-        }
+        cpu_float_dtype(name, t)?;
         let &[rows, hidden] = t.dims() else {
             return Err(Error::ShapeMismatch {
                 variable: name.to_owned(),
@@ -849,6 +836,23 @@ fn device_name(t: &Tensor) -> String {
     format!("{:?}", t.device().location())
 }
 
+/// The storage type of the variable `name`'s tensor, which must be on the CPU and of a float
+/// type the kernels take (F32, F16, BF16).
+fn cpu_float_dtype(name: &str, t: &Tensor) -> Result<DType, Error> {
+    if !t.device().is_cpu() {
+        return Err(Error::NonCpuDevice {
+            variable: name.to_owned(),
+            what: "variable",
+            device: device_name(t),
+        });
+    }
+    float_dtype(t.dtype()).ok_or_else(|| Error::UnsupportedDType {
+        variable: name.to_owned(),
+        what: "variable",
+        dtype: t.dtype(),
+    })
+}
+
 fn float_dtype(dt: candle_core::DType) -> Option<DType> {
     match dt {
         candle_core::DType::F32 => Some(DType::F32),
@@ -922,20 +926,7 @@ impl LazyAdamOptimizer {
     /// (or sharing its storage with a registered one).
     pub fn add_var(&mut self, name: &str, var: &Var) -> Result<VarId, Error> {
         let t = var.as_tensor();
-        if !t.device().is_cpu() {
-            return Err(Error::NonCpuDevice {
-                variable: name.to_owned(),
-                what: "variable",
-                device: device_name(t),
-            });
-        }
-        let Some(dtype) = float_dtype(t.dtype()) else {
-            return Err(Error::UnsupportedDType {
-                variable: name.to_owned(),
-                what: "variable",
-                dtype: t.dtype(),
-            });
-        };
+        let dtype = cpu_float_dtype(name, t)?;
         if !t.is_contiguous() {
             return Err(Error::NonContiguous {
                 variable: name.to_owned(),
