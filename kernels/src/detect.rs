@@ -86,20 +86,16 @@ fn detect_avx512() -> bool {
     false
 }
 
+/// With std, pulp's detection: `is_x86_feature_detected!` for each feature of the proof type,
+/// which also checks that the OS saves the YMM/ZMM state (XCR0).
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 fn detect_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
+    crate::arch::x86_64::V3F16c::is_available()
 }
 
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 fn detect_avx512() -> bool {
-    detect_avx2()
-        && std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx512bw")
-        && std::is_x86_feature_detected!("avx512dq")
-        && std::is_x86_feature_detected!("avx512vl")
+    crate::arch::x86_64::V4F16c::is_available()
 }
 
 #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
@@ -131,6 +127,11 @@ fn detect_avx512() -> bool {
 }
 
 /// Detection without std: CPUID through raw-cpuid, OS support through XGETBV.
+///
+/// Kept by hand rather than pulp's: without its `std` feature, pulp 0.22 reads CPUID only
+/// (`core_arch::raw_cpuid_detect`) and never XCR0, so it would report AVX-512 on a CPU whose
+/// OS (or hypervisor, or kernel context) has not enabled the ZMM state, and the first AVX-512
+/// instruction would fault. This crate must not offer a path the OS cannot run.
 #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
 mod nostd {
     use raw_cpuid::CpuId;

@@ -10,9 +10,39 @@ use core::arch::x86_64::*;
 
 use crate::simd::Simd;
 
-/// Token proving AVX2 + FMA + F16C are available.
+pulp::simd_type! {
+    /// pulp's proof that AVX2, FMA and F16C are usable (CPU and OS): x86-64-v3 as this crate
+    /// uses it. Made only by [`V3F16c::try_new`] (detection) or, in `unsafe` code, by
+    /// `new_unchecked` once detection has succeeded.
+    pub(crate) struct V3F16c {
+        pub sse: "sse",
+        pub sse2: "sse2",
+        pub avx: "avx",
+        pub avx2: "avx2",
+        pub fma: "fma",
+        pub f16c: "f16c",
+    }
+
+    /// pulp's proof that AVX-512 F/BW/DQ/VL and the [`V3F16c`] set are usable (CPU and OS):
+    /// x86-64-v4 as this crate uses it.
+    pub(crate) struct V4F16c {
+        pub sse: "sse",
+        pub sse2: "sse2",
+        pub avx: "avx",
+        pub avx2: "avx2",
+        pub fma: "fma",
+        pub f16c: "f16c",
+        pub avx512f: "avx512f",
+        pub avx512bw: "avx512bw",
+        pub avx512dq: "avx512dq",
+        pub avx512vl: "avx512vl",
+    }
+}
+
+/// Vector token for AVX2 + FMA + F16C: holds the pulp proof [`V3F16c`], so it cannot exist
+/// on a CPU without those features.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2(#[allow(dead_code)] V3F16c);
 
 impl Avx2 {
     /// # Safety
@@ -20,22 +50,23 @@ impl Avx2 {
     /// The CPU must support AVX2, FMA and F16C (and the OS the YMM state).
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
-        Avx2(())
+        // SAFETY: forwarded from the caller.
+        Avx2(unsafe { V3F16c::new_unchecked() })
     }
 }
 
-/// Token proving AVX-512 F/BW/DQ/VL (and the AVX2 set) are available.
+/// Vector token for AVX-512 F/BW/DQ/VL (and the AVX2 set): holds the pulp proof [`V4F16c`].
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Avx512(());
+pub(crate) struct Avx512(#[allow(dead_code)] V4F16c);
 
 impl Avx512 {
     /// # Safety
     ///
-    /// The CPU must support AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C (and the OS the ZMM
-    /// state).
+    /// The CPU must support AVX-512 F/BW/DQ/VL and the AVX2 set (and the OS the ZMM state).
     #[inline(always)]
     pub(crate) unsafe fn new_unchecked() -> Self {
-        Avx512(())
+        // SAFETY: forwarded from the caller.
+        Avx512(unsafe { V4F16c::new_unchecked() })
     }
 }
 
@@ -44,8 +75,9 @@ const RNE: i32 = _MM_FROUND_TO_NEAREST_INT;
 /// Round to nearest-even, exceptions suppressed, for the AVX-512 `vcvtps2ph`.
 const RNE_SAE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-// SAFETY: an `Avx2` value only exists when the CPU supports AVX2+FMA+F16C (its constructor
-// is unsafe with that contract), which is all the methods below use.
+// SAFETY: an `Avx2` value only exists when the CPU supports AVX2+FMA+F16C (it holds pulp's
+// `V3F16c` proof, whose only constructors detect the features or are unsafe with that
+// contract), which is all the methods below use.
 unsafe impl Simd for Avx2 {
     type F = __m256;
     type Acc = (__m256d, __m256d);
@@ -186,7 +218,8 @@ unsafe impl Simd for Avx2 {
 }
 
 // SAFETY: an `Avx512` value only exists when the CPU supports AVX-512 F/BW/DQ/VL plus the AVX2
-// set (its constructor is unsafe with that contract), which is all the methods below use.
+// set (it holds pulp's `V4F16c` proof, whose only constructors detect the features or are
+// unsafe with that contract), which is all the methods below use.
 unsafe impl Simd for Avx512 {
     type F = __m512;
     type Acc = __m512d;
