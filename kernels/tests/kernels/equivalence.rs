@@ -1,9 +1,7 @@
 //! Every supported path is bit-identical to the scalar reference, for every primitive and
 //! the tested storage combinations, on random rows of length 0..300 with special values.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, Isa, Kernels, Rounding, bf16, f16};
 use proptest::prelude::*;
 

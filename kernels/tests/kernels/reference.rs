@@ -4,9 +4,7 @@
 // The transcription mirrors the contract text literally (`g = g * scale`).
 #![allow(clippy::assign_op_pattern)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lazyadam_kernels::{AdamCoeffs, GradTransform, Isa, Kernels, Rounding, bf16, f16};
 use proptest::prelude::*;
 
@@ -167,7 +165,7 @@ proptest! {
 }
 
 fn transform_strategy() -> impl Strategy<Value = GradTransform> {
-    common::transform()
+    crate::common::transform()
 }
 
 /// A hand-checked value: one Adam step from zero moments.

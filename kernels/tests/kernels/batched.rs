@@ -2,9 +2,7 @@
 //! the scalar reference's one-row primitives applied row by row, and reject bad input
 //! without writing anything.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lazyadam_kernels::{
     AdamCoeffs, Element, GradTransform, Isa, KernelError, Kernels, Rounding, bf16, f16,
 };

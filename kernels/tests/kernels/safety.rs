@@ -1,8 +1,6 @@
 //! Bad input, writes outside the given slices, path detection, and stochastic rounding.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lazyadam_kernels::{
     AdamCoeffs, DType, Element, GradTransform, Isa, KernelError, Kernels, Rounding, bf16, f16,
 };
