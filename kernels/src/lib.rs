@@ -85,7 +85,8 @@
 //! The x86 paths' tokens are [pulp](https://docs.rs/pulp)'s: each path has a pulp type declared
 //! with `pulp::simd_type!` (x86-64-v3 with F16C; x86-64-v4 as AVX-512 F/BW/DQ/VL plus that
 //! set) whose value is the proof that the features are usable, and the vector token the row
-//! code runs with holds that proof. With `std`, detection is pulp's (`is_x86_feature_detected!`
+//! code runs with holds that proof (made unchecked for a `Kernels` handle of a detected path,
+//! as before). With `std`, detection is pulp's (`is_x86_feature_detected!`
 //! for each feature, which also checks that the OS saves the vector state). Two parts stay
 //! hand-written, for measured or stated reasons:
 //!

@@ -12,8 +12,9 @@ use crate::simd::Simd;
 
 pulp::simd_type! {
     /// pulp's proof that AVX2, FMA and F16C are usable (CPU and OS): x86-64-v3 as this crate
-    /// uses it. Made only by [`V3F16c::try_new`] (detection) or, in `unsafe` code, by
-    /// `new_unchecked` once detection has succeeded.
+    /// uses it. Detection asks `is_available`; the value is then made with `new_unchecked`
+    /// only for a `Kernels` handle of a detected path. Its feature list must match the
+    /// `#[target_feature]` string of the AVX2 entry points in `arch/mod.rs`.
     pub(crate) struct V3F16c {
         pub sse: "sse",
         pub sse2: "sse2",
@@ -24,7 +25,8 @@ pulp::simd_type! {
     }
 
     /// pulp's proof that AVX-512 F/BW/DQ/VL and the [`V3F16c`] set are usable (CPU and OS):
-    /// x86-64-v4 as this crate uses it.
+    /// x86-64-v4 as this crate uses it. Made as [`V3F16c`] is; its feature list must match
+    /// the AVX-512 entry points' `#[target_feature]` string.
     pub(crate) struct V4F16c {
         pub sse: "sse",
         pub sse2: "sse2",
