@@ -216,7 +216,7 @@ pub enum Error {
     PeerRejected {
         /// The lowest rank that rejected it.
         rank: usize,
-        /// `"step"` or `"fetch"`.
+        /// `"step"`, `"fetch"` or `"load"`.
         op: &'static str,
     },
     /// A collective operation of the engine failed.

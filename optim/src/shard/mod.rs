@@ -45,6 +45,7 @@
 //! `rows * r / N .. rows * (r + 1) / N` (contiguous, sizes differing by at
 //! most one; a rank may own none).
 
+mod checkpoint;
 mod collective;
 mod wire;
 
@@ -472,17 +473,12 @@ impl<C: Collective> ShardedLazyAdam<C> {
         let all = gathered(&mut self.comm, &w.0)?;
         let me = self.rank();
         let fp = self.fingerprint();
+        // A rank's rejection first (its message may carry no fingerprint),
+        // then disagreement.
         let mut rejected = None;
         for (r, msg) in all.iter().enumerate() {
             let mut rd = Reader::new(msg, r);
-            if rd.u64("fingerprint")? != fp {
-                return Err(Error::Sharding {
-                    reason: format!(
-                        "rank {r} has other variables, another configuration, step counter or loss \
-                         scale than rank {me}"
-                    ),
-                });
-            }
+            rd.u64("fingerprint")?;
             if rd.u8("status")? != OK && rejected.is_none() {
                 rejected = Some(r);
             }
@@ -492,6 +488,16 @@ impl<C: Collective> ShardedLazyAdam<C> {
         }
         if let Some(rank) = rejected {
             return Err(Error::PeerRejected { rank, op });
+        }
+        for (r, msg) in all.iter().enumerate() {
+            if Reader::new(msg, r).u64("fingerprint")? != fp {
+                return Err(Error::Sharding {
+                    reason: format!(
+                        "rank {r} has other variables, another configuration, step counter or loss \
+                         scale than rank {me}"
+                    ),
+                });
+            }
         }
         Ok((all, 9))
     }

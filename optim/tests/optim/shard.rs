@@ -154,15 +154,7 @@ fn single(
         }
         outcomes.push(opt.apply_gradients(&mut ups).unwrap());
     }
-    let slots = |id: VarId| {
-        let s = opt.slots(id).unwrap();
-        let mut out = bits(s.m);
-        out.extend(bits(s.v));
-        if let Some(h) = s.vhat {
-            out.extend(bits(h));
-        }
-        out
-    };
+    let slots = |id: VarId| slot_parts(&opt, id).concat();
     Final {
         tables: vec![bits(TensorRef::F32(&p32)), bits(TensorRef::F16(&p16))],
         slots: vec![slots(ids[0]), slots(ids[1]), slots(bias_id)],
@@ -185,7 +177,7 @@ fn poisoned(mut b: Batch, s: usize, r: usize, poison: Option<(usize, usize)>) ->
 /// What one rank ends with: its rows of each table (params, m, v, vhat), the
 /// dense variable, the counter, the loss scale, the outcomes.
 struct RankEnd {
-    rows: Vec<(Vec<u32>, Vec<u32>)>,
+    rows: Vec<(Vec<u32>, Vec<Vec<u32>>)>,
     bias: Vec<u32>,
     bias_slots: Vec<u32>,
     iterations: u64,
@@ -255,25 +247,23 @@ fn run_rank(
         .map(|i| (r as u64 * 7 + i * 8) % TABLES[0].1 as u64)
         .collect();
     let fetched = opt.fetch_rows(ids[0], &want).unwrap();
+    end_of(&opt, &ids, bias, outcomes, fetched)
+}
+
+/// What a rank holds now.
+fn end_of<C: Collective>(
+    opt: &ShardedLazyAdam<C>,
+    ids: &[VarId],
+    bias: VarId,
+    outcomes: Vec<StepOutcome>,
+    fetched: Vec<f32>,
+) -> RankEnd {
     let local = opt.local();
     let rows = ids
         .iter()
-        .map(|&id| {
-            let s = local.slots(id).unwrap();
-            let mut slots = bits(s.m);
-            slots.extend(bits(s.v));
-            if let Some(h) = s.vhat {
-                slots.extend(bits(h));
-            }
-            (bits(opt.params(id).unwrap()), slots)
-        })
+        .map(|&id| (bits(opt.params(id).unwrap()), slot_parts(local, id)))
         .collect();
-    let bs = local.slots(bias).unwrap();
-    let mut bias_slots = bits(bs.m);
-    bias_slots.extend(bits(bs.v));
-    if let Some(h) = bs.vhat {
-        bias_slots.extend(bits(h));
-    }
+    let bias_slots = slot_parts(local, bias).concat();
     RankEnd {
         rows,
         bias: bits(opt.params(bias).unwrap()),
@@ -301,8 +291,33 @@ fn sharded(
             .collect();
         joins.into_iter().map(|j| j.join().unwrap()).collect()
     });
+    (assemble(&ends), ends)
+}
+
+/// A variable's slots and per-row counters as bit patterns, in a fixed
+/// order: m, v, then those that exist of vhat, row steps, last steps.
+fn slot_parts(opt: &LazyAdam, id: VarId) -> Vec<Vec<u32>> {
+    let s = opt.slots(id).unwrap();
+    let mut parts = vec![bits(s.m), bits(s.v)];
+    parts.extend(s.vhat.map(bits));
+    for c in [opt.row_steps(id), opt.last_update_steps(id)]
+        .into_iter()
+        .flatten()
+    {
+        parts.push(
+            c.iter()
+                .flat_map(|&x| [x as u32, (x >> 32) as u32])
+                .collect(),
+        );
+    }
+    parts
+}
+
+/// The whole state from every rank's part (rows in rank order).
+fn assemble(ends: &[RankEnd]) -> Final {
+    let ranks = ends.len();
     // Every rank agrees on the replicated state.
-    for e in &ends {
+    for e in ends {
         assert_eq!(e.bias, ends[0].bias);
         assert_eq!(e.bias_slots, ends[0].bias_slots);
         assert_eq!(e.iterations, ends[0].iterations);
@@ -313,31 +328,29 @@ fn sharded(
     let mut slots = Vec::new();
     for (t, &(_, rows, dim, _)) in TABLES.iter().enumerate() {
         let mut p = Vec::new();
-        let (mut m, mut v, mut h) = (Vec::new(), Vec::new(), Vec::new());
+        let mut parts: Vec<Vec<u32>> = vec![Vec::new(); ends[0].rows[t].1.len()];
         for (r, e) in ends.iter().enumerate() {
             let n = owned_rows(rows, ranks, r).len() * dim;
             let (params, sl) = &e.rows[t];
             assert_eq!(params.len(), n);
             p.extend_from_slice(params);
-            m.extend_from_slice(&sl[..n]);
-            v.extend_from_slice(&sl[n..2 * n]);
-            h.extend_from_slice(&sl[2 * n..]);
+            assert_eq!(sl.len(), parts.len());
+            for (part, x) in parts.iter_mut().zip(sl) {
+                part.extend_from_slice(x);
+            }
         }
-        m.extend(v);
-        m.extend(h);
         tables.push(p);
-        slots.push(m);
+        slots.push(parts.concat());
     }
     slots.push(ends[0].bias_slots.clone());
-    let f = Final {
+    Final {
         tables,
         slots,
         bias: ends[0].bias.clone(),
         iterations: ends[0].iterations,
         loss_scale: ends[0].loss_scale,
         outcomes: ends[0].outcomes.clone(),
-    };
-    (f, ends)
+    }
 }
 
 /// Every rank count gives the single process's bits; fetched rows are the
@@ -808,4 +821,205 @@ fn forged_or_failed_messages_are_errors_and_write_nothing() {
         assert_eq!(opt.iterations(), 0);
         assert!(opt.fetch_rows(t, &[1u32]).is_err());
     }
+}
+
+/// A global batch of table gradients, split into `ranks` contiguous parts:
+/// rank `r`'s part.
+fn split_global(seed: u64, ranks: usize, r: usize) -> Batch {
+    let g = {
+        let mut b = batch(seed, 0, 0);
+        for k in 1..3 {
+            let x = batch(seed, 0, k);
+            for t in 0..TABLES.len() {
+                b.ids[t].extend(&x.ids[t]);
+                b.values[t].extend(&x.values[t]);
+            }
+        }
+        b
+    };
+    let mut out = Batch {
+        ids: Vec::new(),
+        values: Vec::new(),
+        bias: None,
+    };
+    for (t, &(_, _, dim, _)) in TABLES.iter().enumerate() {
+        let n = g.ids[t].len();
+        let (a, b) = (n * r / ranks, n * (r + 1) / ranks);
+        out.ids.push(g.ids[t][a..b].to_vec());
+        out.values.push(g.values[t][a * dim..b * dim].to_vec());
+    }
+    out
+}
+
+fn step_with(opt: &mut ShardedLazyAdam<ThreadCollective>, ids: &[VarId], b: &Batch) -> StepOutcome {
+    let grads: Vec<_> = (0..TABLES.len())
+        .map(|t| ShardGradient::new(ids[t], Gradient::sparse(&b.ids[t], &b.values[t])))
+        .collect();
+    opt.step(&grads).unwrap()
+}
+
+/// The registration order of `setup`: tables, then the bias.
+fn handles<C: Collective>(opt: &ShardedLazyAdam<C>) -> (Vec<VarId>, VarId) {
+    let ids: Vec<VarId> = opt.local().variable_ids().collect();
+    (ids[..TABLES.len()].to_vec(), ids[TABLES.len()])
+}
+
+#[test]
+fn resharding_n_to_m_restores_every_rows_state_and_continues_identically() {
+    let config = cfg().with_amsgrad(true);
+    let ext = Extensions::default()
+        .with_sparse_amsgrad(true)
+        .with_per_row_bias_correction(true)
+        .with_catch_up_decay(true)
+        .with_non_finite(NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale {
+                scale: 4.0,
+                growth_factor: 2.0,
+                backoff_factor: 0.5,
+                growth_interval: 2,
+            }),
+        });
+    let (config, ext) = (&config, &ext);
+    for n in 1..=4 {
+        // N ranks: 3 steps, save, then one more step of the global batch.
+        let run: Vec<(Vec<u8>, RankEnd, RankEnd)> = on_ranks(n, |comm| {
+            let r = comm.rank();
+            let (mut opt, ids, bias) = setup(config, ext, comm);
+            for s in 0..3 {
+                let b = batch(11, s, r);
+                let mut grads = vec![
+                    ShardGradient::new(ids[0], Gradient::sparse(&b.ids[0], &b.values[0])),
+                    ShardGradient::new(ids[1], Gradient::sparse(&b.ids[1], &b.values[1])),
+                ];
+                if let Some(g) = &b.bias {
+                    grads.push(ShardGradient::new(bias, Gradient::dense(g)));
+                }
+                opt.step(&grads).unwrap();
+            }
+            let bytes = opt.shard_to_bytes().unwrap();
+            assert_eq!(bytes, opt.shard_to_bytes().unwrap(), "deterministic");
+            let saved = end_of(&opt, &ids, bias, vec![], vec![]);
+            step_with(&mut opt, &ids, &split_global(12, n, r));
+            (bytes, saved, end_of(&opt, &ids, bias, vec![], vec![]))
+        });
+        let shards: Vec<&[u8]> = run.iter().rev().map(|x| x.0.as_slice()).collect();
+        let saved = assemble(&run.iter().map(|x| clone_end(&x.1)).collect::<Vec<_>>());
+        let after = assemble(&run.iter().map(|x| clone_end(&x.2)).collect::<Vec<_>>());
+        assert!(saved.iterations == 3 && saved.loss_scale.is_some());
+        for m in 1..=4 {
+            let shards = &shards;
+            let ends: Vec<(RankEnd, RankEnd)> = on_ranks(m, |comm| {
+                let r = comm.rank();
+                let mut opt = ShardedLazyAdam::from_shards(shards, comm).unwrap();
+                let (ids, bias) = handles(&opt);
+                let loaded = end_of(&opt, &ids, bias, vec![], vec![]);
+                step_with(&mut opt, &ids, &split_global(12, m, r));
+                (loaded, end_of(&opt, &ids, bias, vec![], vec![]))
+            });
+            let loaded = assemble(&ends.iter().map(|x| clone_end(&x.0)).collect::<Vec<_>>());
+            assert_eq!(loaded, saved, "{n} -> {m} ranks: the loaded state");
+            let cont = assemble(&ends.iter().map(|x| clone_end(&x.1)).collect::<Vec<_>>());
+            assert_eq!(cont, after, "{n} -> {m} ranks: the next step");
+        }
+    }
+}
+
+fn clone_end(e: &RankEnd) -> RankEnd {
+    RankEnd {
+        rows: e.rows.clone(),
+        bias: e.bias.clone(),
+        bias_slots: e.bias_slots.clone(),
+        iterations: e.iterations,
+        loss_scale: e.loss_scale,
+        outcomes: e.outcomes.clone(),
+        fetched: e.fetched.clone(),
+    }
+}
+
+#[test]
+fn shard_files_round_trip_through_a_directory() {
+    let dir = std::env::temp_dir().join(format!("lazyadam-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = &dir;
+    let saved = on_ranks(3, |comm| {
+        let r = comm.rank();
+        let (mut opt, ids, bias) = setup(&cfg(), &Extensions::default(), comm);
+        step_with(&mut opt, &ids, &split_global(3, 3, r));
+        opt.save_shard(dir).unwrap();
+        end_of(&opt, &ids, bias, vec![], vec![])
+    });
+    let loaded = on_ranks(2, |comm| {
+        let opt = ShardedLazyAdam::load_shards(dir, comm).unwrap();
+        let (ids, bias) = handles(&opt);
+        end_of(&opt, &ids, bias, vec![], vec![])
+    });
+    assert_eq!(assemble(&loaded), assemble(&saved));
+    // A missing shard fails the load on every rank, naming the file.
+    std::fs::remove_file(dir.join(ShardedLazyAdam::<ThreadCollective>::shard_file_name(1, 3)))
+        .unwrap();
+    let errs = on_ranks(2, |comm| {
+        ShardedLazyAdam::load_shards(dir, comm).unwrap_err()
+    });
+    for e in &errs {
+        assert!(e.to_string().contains("shard-00001-of-00003"), "{e}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn corrupt_forged_or_mismatched_shards_are_refused_on_every_rank() {
+    let make = |steps: usize| {
+        on_ranks(2, |comm| {
+            let r = comm.rank();
+            let (mut opt, ids, _) = setup(&cfg(), &Extensions::default(), comm);
+            for s in 0..steps {
+                step_with(&mut opt, &ids, &split_global(s as u64, 2, r));
+            }
+            opt.shard_to_bytes().unwrap()
+        })
+    };
+    let a = make(1);
+    let b = make(2);
+    let mut cases: Vec<(String, Vec<Vec<u8>>)> = vec![
+        ("none".into(), vec![]),
+        ("one of two".into(), vec![a[0].clone()]),
+        ("rank 0 twice".into(), vec![a[0].clone(), a[0].clone()]),
+        ("two runs' shards".into(), vec![a[0].clone(), b[1].clone()]),
+        ("empty".into(), vec![vec![], a[1].clone()]),
+        (
+            "magic only".into(),
+            vec![b"LZASHRD1".to_vec(), a[1].clone()],
+        ),
+    ];
+    // Every truncation point and a flipped bit at many places.
+    for cut in (0..a[0].len()).step_by(97) {
+        cases.push((
+            format!("cut at {cut}"),
+            vec![a[0][..cut].to_vec(), a[1].clone()],
+        ));
+    }
+    for at in (0..a[0].len()).step_by(89) {
+        let mut x = a[0].clone();
+        x[at] ^= 0x10;
+        cases.push((format!("bit flip at {at}"), vec![x, a[1].clone()]));
+    }
+    for (what, shards) in &cases {
+        let refs: Vec<&[u8]> = shards.iter().map(|s| s.as_slice()).collect();
+        let refs = &refs;
+        let errs = on_ranks(3, |comm| {
+            ShardedLazyAdam::from_shards(refs, comm)
+                .err()
+                .map(|e| e.to_string())
+        });
+        for e in &errs {
+            assert!(e.is_some(), "{what}: a rank loaded");
+        }
+    }
+    // The good pair loads.
+    let refs: Vec<&[u8]> = a.iter().map(|s| s.as_slice()).collect();
+    let refs = &refs;
+    let ok = on_ranks(3, |comm| {
+        ShardedLazyAdam::from_shards(refs, comm).map(|o| o.iterations())
+    });
+    assert!(ok.iter().all(|r| matches!(r, Ok(1))));
 }
