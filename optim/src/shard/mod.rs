@@ -154,9 +154,24 @@ pub fn owned_rows(rows: usize, size: usize, rank: usize) -> Range<usize> {
 pub fn owner_of(id: u64, rows: usize, size: usize) -> usize {
     // Rank r owns id iff floor(rows*r/size) <= id < floor(rows*(r+1)/size),
     // that is the largest r with rows*r < (id+1)*size.
-    let (rows, size) = (rows.max(1) as u128, size.max(1) as u128);
+    let (rows64, size64) = (rows.max(1) as u64, size.max(1) as u64);
+    // u64 arithmetic when it cannot overflow (a 128-bit division is a slow
+    // library call, and this runs for every id of a step).
+    if let Some(x) = id.checked_add(1).and_then(|i| i.checked_mul(size64)) {
+        return (x.div_ceil(rows64) - 1).min(size64 - 1) as usize;
+    }
+    let (rows, size) = (rows64 as u128, size64 as u128);
     let r = ((id as u128 + 1) * size).div_ceil(rows) - 1;
     r.min(size - 1) as usize
+}
+
+/// Appends `values[range]` as f32 (exact; the range is checked by the caller).
+fn extend_f32(out: &mut Vec<f32>, values: &TensorRef<'_>, range: Range<usize>) {
+    match values {
+        TensorRef::F32(s) => out.extend_from_slice(&s[range]),
+        TensorRef::F16(s) => out.extend(s[range].iter().map(|x| x.to_f32())),
+        TensorRef::BF16(s) => out.extend(s[range].iter().map(|x| x.to_f32())),
+    }
 }
 
 /// FNV-1a, for the layout fingerprint.
@@ -687,8 +702,13 @@ impl<C: Collective> ShardedLazyAdam<C> {
             clip_by_global_norm(&mut transforms, &total, c);
         }
 
-        // Route the table rows to their owners.
-        let routed = self.route(&by_var, &present)?;
+        // Route the table rows to their owners (with one rank, nothing to route).
+        let single = self.size() == 1;
+        let routed = if single {
+            vec![None; nv]
+        } else {
+            self.route(&by_var, &present)?
+        };
 
         // Apply: this rank's rows of each table, and the dense replicas.
         let mut updates = Vec::new();
@@ -703,6 +723,10 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 continue;
             }
             let grad = match (&v.kind, &routed[k], &dense[k]) {
+                // One rank: its own gradient, as given (nothing was routed).
+                (Kind::Table { .. }, _, _) if single && by_var[k].is_some() => {
+                    by_var[k].unwrap_or(Gradient::Dense(TensorRef::F32(&[])))
+                }
                 (Kind::Table { .. }, Some((ids, vals)), _) => {
                     Gradient::sparse(RowIds::U64(ids), TensorRef::F32(vals))
                 }
@@ -789,7 +813,11 @@ impl<C: Collective> ShardedLazyAdam<C> {
         if !any_table {
             return Ok(out);
         }
+        let me = self.rank();
         let mut send: Vec<Writer> = (0..size).map(|_| Writer::default()).collect();
+        // This rank's own part of each table's gradient (positions in its id
+        // list): it does not go through the collective.
+        let mut mine: Vec<Vec<usize>> = vec![Vec::new(); nv];
         for i in 0..nv {
             let Kind::Table { rows, dim, .. } = self.vars[i].kind else {
                 continue;
@@ -804,21 +832,27 @@ impl<C: Collective> ShardedLazyAdam<C> {
             // Positions grouped by owner, each group in id-list order.
             let n = ids.len();
             let id_at = |j: usize| ids.get(j).and_then(|r| r.ok()).unwrap_or(0);
+            let owner: Vec<u32> = (0..n)
+                .map(|j| owner_of(id_at(j), rows, size) as u32)
+                .collect();
             let mut counts = vec![0usize; size + 1];
-            for j in 0..n {
-                counts[owner_of(id_at(j), rows, size) + 1] += 1;
+            for &o in &owner {
+                counts[o as usize + 1] += 1;
             }
             for d in 0..size {
                 counts[d + 1] += counts[d];
             }
             let mut order = vec![0usize; n];
             let mut next = counts.clone();
-            for j in 0..n {
-                let o = owner_of(id_at(j), rows, size);
-                order[next[o]] = j;
-                next[o] += 1;
+            for (j, &o) in owner.iter().enumerate() {
+                order[next[o as usize]] = j;
+                next[o as usize] += 1;
             }
+            mine[i] = order[counts[me]..counts[me + 1]].to_vec();
             for (d, w) in send.iter_mut().enumerate() {
+                if d == me {
+                    continue;
+                }
                 let group = &order[counts[d]..counts[d + 1]];
                 w.u64(group.len() as u64);
                 if group.is_empty() {
@@ -848,7 +882,17 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 continue;
             }
             let (mut ids, mut vals) = (Vec::new(), Vec::new());
-            for rd in readers.iter_mut() {
+            for (r, rd) in readers.iter_mut().enumerate() {
+                if r == me {
+                    if let Some(Gradient::Sparse { ids: src, values }) = by_var[i] {
+                        for &j in &mine[i] {
+                            let id = src.get(j).and_then(|x| x.ok()).unwrap_or(0);
+                            ids.push(id.wrapping_sub(start as u64));
+                            extend_f32(&mut vals, &values, j * dim..(j + 1) * dim);
+                        }
+                    }
+                    continue;
+                }
                 let n = rd.count(8, "id count")?;
                 if n == 0 {
                     continue;
@@ -943,10 +987,13 @@ impl<C: Collective> ShardedLazyAdam<C> {
             owner.push(o);
             counts[o] += 1;
         }
+        let me = self.rank();
         for (d, w) in send.iter_mut().enumerate() {
-            w.u64(counts[d]);
+            if d != me {
+                w.u64(counts[d]);
+            }
         }
-        for j in 0..n {
+        for j in (0..n).filter(|&j| owner[j] != me) {
             send[owner[j]].u64(ids.get(j).and_then(|r| r.ok()).unwrap_or(0));
         }
         let requests = exchanged(&mut self.comm, send.into_iter().map(|w| w.0).collect())?;
@@ -954,6 +1001,10 @@ impl<C: Collective> ShardedLazyAdam<C> {
         let params = self.vars[i].params.as_ref();
         let mut answers = Vec::with_capacity(size);
         for (r, msg) in requests.iter().enumerate() {
+            if r == me {
+                answers.push(Vec::new());
+                continue;
+            }
             let mut rd = Reader::new(msg, r);
             let k = rd.count(8, "request count")?;
             let mut w = Writer::default();
@@ -972,6 +1023,22 @@ impl<C: Collective> ShardedLazyAdam<C> {
         let replies = exchanged(&mut self.comm, answers)?;
         let mut per_owner: Vec<Vec<f32>> = Vec::with_capacity(size);
         for (r, msg) in replies.iter().enumerate() {
+            if r == me {
+                // This rank's own rows, read directly.
+                let mut v = Vec::with_capacity((counts[r] as usize).saturating_mul(dim));
+                for j in (0..n).filter(|&j| owner[j] == me) {
+                    let id = ids.get(j).and_then(|x| x.ok()).unwrap_or(0) as usize;
+                    let at = id.wrapping_sub(start).saturating_mul(dim);
+                    if id < start || id >= end {
+                        return Err(Error::Sharding {
+                            reason: "internal: a row this rank does not own".into(),
+                        });
+                    }
+                    extend_f32(&mut v, &params, at..at + dim);
+                }
+                per_owner.push(v);
+                continue;
+            }
             let mut rd = Reader::new(msg, r);
             let d = rd.dtype("dtype")?;
             let m = (counts[r] as usize)

@@ -31,6 +31,14 @@ impl Writer {
     }
     /// Values `range` of `t` in their storage type (no tag).
     pub fn values(&mut self, t: &TensorRef<'_>, range: std::ops::Range<usize>) {
+        // Little-endian targets: the values' own bytes, copied at once.
+        #[cfg(target_endian = "little")]
+        match t {
+            TensorRef::F32(s) => self.0.extend_from_slice(bytemuck::cast_slice(&s[range])),
+            TensorRef::F16(s) => self.0.extend_from_slice(bytemuck::cast_slice(&s[range])),
+            TensorRef::BF16(s) => self.0.extend_from_slice(bytemuck::cast_slice(&s[range])),
+        }
+        #[cfg(not(target_endian = "little"))]
         match t {
             TensorRef::F32(s) => s[range]
                 .iter()
