@@ -178,6 +178,15 @@ mod sealed {
         fn from_bits16(bits: u16) -> Self;
         /// Finite (neither infinite nor NaN).
         fn finite_elem(self) -> bool;
+        /// The slice as f32 values, for `f32` only.
+        #[inline(always)]
+        fn as_f32s(s: &[Self]) -> Option<&[f32]>
+        where
+            Self: Sized,
+        {
+            let _ = s;
+            None
+        }
     }
 }
 
@@ -206,6 +215,10 @@ impl sealed::Sealed for f32 {
     #[inline(always)]
     fn finite_elem(self) -> bool {
         self.to_bits() & 0x7F80_0000 != 0x7F80_0000
+    }
+    #[inline(always)]
+    fn as_f32s(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
