@@ -8,11 +8,23 @@
 //! 64-bit limbs (640 bits), so it is the same whatever the order of the additions and
 //! however the values are split and merged; it is rounded once, by [`SquareSum::to_f64`].
 //!
-//! The kernels fill it fast by binning: each transformed value's `m^2` is added to a `u64`
-//! bin indexed by its biased exponent (four interleaved tables of bins, so that runs of
-//! equal exponents do not wait on each other's stores), and the bins are shifted into the
-//! limbs every [`FLUSH`] values, before any bin could overflow.
-
+//! The kernels fill it fast, in blocks of [`BLOCK`] values (transformed by the path's vector
+//! code into a stack buffer, or read in place for f32 values without a transform), with a
+//! per-path strategy ([`Squares`]):
+//!
+//! * scalar and portable paths ([`Bins`]): each value's `m^2` is added to a `u64` bin
+//!   indexed by its biased exponent (four interleaved tables of bins, so that runs of equal
+//!   exponents do not wait on each other's stores; the decoding is vectorized), and the bins
+//!   are shifted into the limbs every [`FLUSH`] values, before any bin could overflow;
+//! * x86 paths (`arch::x86_64::Window`): each `m^2` is shifted by twice its binade's
+//!   distance from the bottom of a window of 31 binades set from the block's largest value,
+//!   and added into 128-bit sums in vector lanes; no scatter.
+//!
+//! Rows of fewer than [`SMALL`] values on the bin paths are summed in a 128-bit window
+//! instead ([`add_small`]), which costs less than clearing and flushing the tables.
+//!
+//! Whatever the strategy, what reaches the limbs is the exact sum, so every path gives the
+//! same [`SquareSum`].
 use crate::Element;
 
 /// Limbs of the integer (640 bits).
@@ -349,7 +361,7 @@ impl SquareSum {
 pub(crate) const FLUSH: usize = 1 << 16;
 
 /// Values transformed and decoded at a time (a divisor of [`FLUSH`]).
-const BLOCK: usize = 512;
+pub(crate) const BLOCK: usize = 512;
 
 /// Below this many values, the squares are summed in a `u128` over the [`WINDOW`] binades
 /// below the largest value instead (clearing and flushing the bin tables would cost more).
@@ -365,16 +377,33 @@ const TABLES: usize = 4;
 
 /// Writes the transformed values of a piece of gradient into an f32 buffer: the path's
 /// transform code (a trait rather than a closure, so that it is inlined into the path's
-/// `#[target_feature]` entry point).
+/// `#[target_feature]` entry point), and the path's way of summing squares.
 pub(crate) trait Load<G> {
+    /// How this path sums the squares of blocks of values.
+    type Sq: Squares;
+    /// Empty accumulators.
+    fn squares(&self) -> Self::Sq;
     /// `dst[i] = transform(src[i])`; equal lengths.
     fn load(&self, dst: &mut [f32], src: &[G]);
 }
 
+/// Exact partial sums of squares of f32 values, added into a [`SquareSum`] by
+/// [`Squares::flush`].
+pub(crate) trait Squares {
+    /// Rows shorter than this go through [`add_small`] instead (0: never).
+    const SMALL: usize;
+    /// Adds the squares of the finite values among `xs` (at most [`BLOCK`] values, and at
+    /// most [`FLUSH`] since the last flush), into `self` or directly into `acc`; returns the
+    /// flags of the non-finite ones.
+    fn add_block(&mut self, acc: &mut SquareSum, xs: &[f32]) -> u8;
+    /// Adds the partial sums into `acc` and clears them.
+    fn flush(&mut self, acc: &mut SquareSum);
+}
+
 /// Per-exponent integer accumulators of `m^2` (index: biased exponent; 255 collects
 /// infinities and NaN, whose flags are read from the values themselves), and the decoded
-/// block.
-struct Bins {
+/// block: the portable and scalar paths' [`Squares`].
+pub(crate) struct Bins {
     t: [[u64; 256]; TABLES],
     /// Biased exponents of the block.
     idx: [u8; BLOCK],
@@ -385,7 +414,7 @@ struct Bins {
 /// The flags (`INF`, `NAN`) of the non-finite values among `xs`.
 #[cold]
 #[inline(never)]
-fn special_flags(xs: &[f32]) -> u8 {
+pub(crate) fn special_flags(xs: &[f32]) -> u8 {
     let mut f = 0;
     for x in xs {
         let b = x.to_bits();
@@ -399,18 +428,22 @@ fn special_flags(xs: &[f32]) -> u8 {
 impl Bins {
     /// Empty bins.
     #[inline(always)]
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Bins {
             t: [[0; 256]; TABLES],
             idx: [0; BLOCK],
             sq: [0; BLOCK],
         }
     }
+}
+
+impl Squares for Bins {
+    const SMALL: usize = SMALL;
 
     /// Bins the squares of `xs` (at most [`BLOCK`] values; at most [`FLUSH`] since the last
     /// flush); returns the flags of its non-finite values.
     #[inline(always)]
-    fn add(&mut self, xs: &[f32]) -> u8 {
+    fn add_block(&mut self, _acc: &mut SquareSum, xs: &[f32]) -> u8 {
         let n = xs.len().min(BLOCK);
         let (idx, sq) = (&mut self.idx[..n], &mut self.sq[..n]);
         // Decoding, in a loop the compiler vectorizes with the path's instructions.
@@ -503,7 +536,7 @@ fn add_small(acc: &mut SquareSum, xs: &[f32]) {
 }
 
 /// Adds the squares of `transform(src)` to `acc`, `load` applying the transform (with
-/// `identity`, f32 values are binned as they are).
+/// `identity`, f32 values are summed as they are) and providing the path's [`Squares`].
 #[inline(always)]
 pub(crate) fn accumulate<G: Element, L: Load<G>>(
     acc: &mut SquareSum,
@@ -513,20 +546,20 @@ pub(crate) fn accumulate<G: Element, L: Load<G>>(
 ) {
     let n = src.len();
     let direct = if identity { G::as_f32s(src) } else { None };
-    if n < SMALL {
+    if n < L::Sq::SMALL {
         let mut buf = [0.0f32; SMALL];
         let xs = match direct {
             Some(d) => d,
             None => {
-                let buf = &mut buf[..n];
-                load.load(buf, src);
+                let buf = &mut buf[..n.min(SMALL)];
+                load.load(buf, &src[..buf.len()]);
                 buf
             }
         };
         add_small(acc, xs);
         return;
     }
-    let mut bins = Bins::new();
+    let mut sq = load.squares();
     let mut buf = [0.0f32; BLOCK];
     let mut flags = 0;
     let mut since = 0;
@@ -541,14 +574,14 @@ pub(crate) fn accumulate<G: Element, L: Load<G>>(
                 buf
             }
         };
-        flags |= bins.add(xs);
+        flags |= sq.add_block(acc, xs);
         since += end - start;
         if since >= FLUSH {
-            bins.flush(acc);
+            sq.flush(acc);
             since = 0;
         }
         start = end;
     }
-    bins.flush(acc);
+    sq.flush(acc);
     acc.add_flags(flags);
 }

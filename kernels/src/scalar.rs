@@ -379,6 +379,11 @@ pub(crate) fn accumulate_squares<G: Element>(acc: &mut SquareSum, src: &[G], t: 
 struct ScalarLoad<'a>(&'a GradTransform);
 
 impl<G: Element> exact::Load<G> for ScalarLoad<'_> {
+    type Sq = exact::Bins;
+    #[inline(always)]
+    fn squares(&self) -> exact::Bins {
+        exact::Bins::new()
+    }
     #[inline(always)]
     fn load(&self, dst: &mut [f32], src: &[G]) {
         load_row(dst, src, self.0)

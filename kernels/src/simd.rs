@@ -104,6 +104,11 @@ pub(crate) unsafe trait Simd: Copy {
         let _ = p;
     }
 
+    /// How this path sums exact squares (`exact::Bins` or a vector implementation).
+    type Squares: exact::Squares;
+    /// Empty exact-square accumulators.
+    fn squares(self) -> Self::Squares;
+
     /// Zeroed accumulators.
     fn acc_zero(self) -> Self::Acc;
     /// Adds the squares (in f64) of the `LANES` elements: lane `j` goes to accumulator
@@ -868,6 +873,11 @@ struct VecLoad<S: Simd> {
 }
 
 impl<S: Simd, G: Element> exact::Load<G> for VecLoad<S> {
+    type Sq = S::Squares;
+    #[inline(always)]
+    fn squares(&self) -> S::Squares {
+        self.s.squares()
+    }
     #[inline(always)]
     fn load(&self, dst: &mut [f32], src: &[G]) {
         load_body::<S, G, false>(self.s, &self.t, dst, src)
