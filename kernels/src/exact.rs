@@ -500,6 +500,7 @@ impl Squares for Bins {
 /// below go one by one into the limbs.
 #[inline(always)]
 fn add_small(acc: &mut SquareSum, xs: &[f32]) {
+    // The caller passes fewer than SMALL values; the bound below relies on it.
     let xs = &xs[..xs.len().min(SMALL - 1)];
     let (mut emax, mut special) = (1, false);
     for x in xs {

@@ -13,6 +13,10 @@
 //! * Paths ([`Isa`]): the scalar reference, a portable path on `wide` (the vector path of
 //!   every non-x86 target; NEON on aarch64), AVX2+FMA+F16C (x86-64-v3) and AVX-512 F/BW/DQ/VL
 //!   (x86-64-v4). The best supported one is detected once and cached.
+//! * Sums of squares for norm clipping: [`Kernels::sum_squares`] in f64 with a fixed lane
+//!   order, and the exact [`Kernels::sum_squares_exact`] into a [`SquareSum`], which gives the
+//!   same bits in any order and for any split of the values into pieces merged later (across
+//!   threads, chunks or processes), rounded once.
 //!
 //! # Numerics contract
 //!
