@@ -25,6 +25,11 @@
 //! all-f16 time depends on the spacing far more than on any change to the loop, so the ratio
 //! of f16 to f32 element rates is reported per spacing.
 //!
+//! `sum_squares/{f32,f16}` times the exact sum of squares (`exact/<path>`,
+//! `Kernels::sum_squares_exact`; for f32 also `scaled-exact/<path>` with a scale, which takes
+//! the transform-into-a-buffer route) against the f64 one (`f64/<path>`) on rows of 64, 4096
+//! and 1,048,576 gradient values; run just these with `-- sum_squares`.
+//!
 //! Quick mode (CI): `cargo bench -p lazyadam-benches --bench kernels -- --quick`, or
 //! `LAZYADAM_BENCH_QUICK=1`: short warm-up and measurement and a 4M-element out-of-cache row.
 
@@ -32,7 +37,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use lazyadam_kernels::{AdamCoeffs, Element, Isa, Kernels, bf16, f16};
+use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Isa, Kernels, bf16, f16};
 
 const IN_CACHE: [usize; 5] = [16, 64, 256, 1024, 4096];
 const OUT_OF_CACHE: usize = 16_777_216;
@@ -288,6 +293,48 @@ fn stream(c: &mut Criterion) {
     group.finish();
 }
 
+/// Sizes of the sum-of-squares groups: a short row, an in-cache row, an out-of-cache one.
+const SUM_SIZES: [usize; 3] = [64, 4096, 1 << 20];
+
+/// The exact sum of squares (`exact`, `Kernels::sum_squares_exact`) against the f64 one
+/// (`f64`, `Kernels::sum_squares`) on every supported path, for gradients of type `G` with
+/// the identity transform and with a scale (`scaled-exact`: the f32 values then go through
+/// the path's vector transform into a buffer before binning).
+fn bench_sum_squares<G: Element>(c: &mut Criterion, name: &str) {
+    let mut group = c.benchmark_group(format!("sum_squares/{name}"));
+    let id = GradTransform::default();
+    let scaled = GradTransform {
+        scale: 0.5,
+        ..GradTransform::default()
+    };
+    for n in SUM_SIZES {
+        let g: Vec<G> = (0..n).map(|i| G::from_f32(init_value(3, i))).collect();
+        group.throughput(Throughput::Elements(n as u64));
+        for isa in Isa::supported() {
+            let k = Kernels::new(isa).expect("supported");
+            group.bench_with_input(BenchmarkId::new(format!("exact/{isa}"), n), &n, |b, _| {
+                b.iter(|| k.sum_squares_exact(black_box(&g), &id))
+            });
+            if G::DTYPE == DType::F32 {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("scaled-exact/{isa}"), n),
+                    &n,
+                    |b, _| b.iter(|| k.sum_squares_exact(black_box(&g), &scaled)),
+                );
+            }
+            group.bench_with_input(BenchmarkId::new(format!("f64/{isa}"), n), &n, |b, _| {
+                b.iter(|| k.sum_squares(black_box(&g), &id))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn sum_squares(c: &mut Criterion) {
+    bench_sum_squares::<f32>(c, "f32");
+    bench_sum_squares::<f16>(c, "f16");
+}
+
 fn config() -> Criterion {
     let c = Criterion::default();
     if quick() {
@@ -304,6 +351,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = stream, adam, spacing
+    targets = stream, adam, spacing, sum_squares
 }
 criterion_main!(benches);

@@ -2,10 +2,14 @@
 //! aside), for arbitrary rows, lengths, coefficients, roundings and the 27 storage combinations;
 //! and the scalar path itself follows the per-element operation order of the numerics contract,
 //! checked against a plain model written here. Length mismatches are errors that write nothing.
+//! The exact sum of squares is the same on every path and for any split of the row, and
+//! equals adding the transformed values one by one.
 #![no_main]
 
 use arbitrary::{Result, Unstructured};
-use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, Isa, Kernels, Rounding, bf16, f16};
+use lazyadam_kernels::{
+    AdamCoeffs, Element, GradTransform, Isa, Kernels, Rounding, SquareSum, bf16, f16,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// Storage types with raw-bit access for building and comparing inputs.
@@ -366,6 +370,49 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
         r_ss.to_bits() == m_ss.to_bits() || (r_ss.is_nan() && m_ss.is_nan()),
         "sum_squares {r_ss} vs model {m_ss}"
     );
+    // The exact sum of squares: the scalar path equals adding the transformed values one by
+    // one; a split into two pieces summed separately and merged in either order, or
+    // accumulated into a running sum, gives the same value; the bytes round-trip.
+    let r_ex = scalar.sum_squares_exact(&input.g, &c.grad);
+    let mut m_ex = SquareSum::new();
+    for x in &input.g {
+        m_ex.add(transform(x.to_f32(), &c.grad));
+    }
+    assert_eq!(r_ex, m_ex, "sum_squares_exact vs adding one by one");
+    let cut = u.int_in_range(0..=input.g.len())?;
+    let (ga, gb) = input.g.split_at(cut);
+    let check_split = |k: &Kernels| {
+        let (a, b) = (
+            k.sum_squares_exact(ga, &c.grad),
+            k.sum_squares_exact(gb, &c.grad),
+        );
+        let (mut ab, mut ba) = (a, b);
+        ab.merge(&b);
+        ba.merge(&a);
+        assert!(ab == r_ex && ba == r_ex, "{:?} split sum_squares_exact", k.isa());
+        let mut run = b;
+        k.accumulate_squares(&mut run, ga, &c.grad);
+        assert_eq!(run, r_ex, "{:?} accumulate_squares", k.isa());
+    };
+    check_split(&scalar);
+    assert_eq!(SquareSum::from_bytes(&r_ex.to_bytes()), Some(r_ex));
+    let ex = r_ex.to_f64();
+    let all_finite = input.g.iter().all(|x| transform(x.to_f32(), &c.grad).is_finite());
+    assert_eq!(r_ex.is_finite(), all_finite);
+    assert!(ex >= 0.0 || ex.is_nan());
+    if all_finite {
+        // A correctly rounded sum of non-negative terms is within the f64 sum's error bound.
+        let bound = m_ss * (input.g.len() as f64 * f64::EPSILON);
+        assert!((ex - m_ss).abs() <= bound, "exact {ex} vs f64 {m_ss}");
+    }
+    // Arbitrary bytes: never a panic; what loads saves back to the same bytes.
+    let raw: Vec<u8> = (0..u.int_in_range(0usize..=90)?)
+        .map(|_| u.arbitrary::<u8>())
+        .collect::<Result<_>>()?;
+    if let Some(s) = SquareSum::from_bytes(&raw) {
+        assert_eq!(&s.to_bytes()[..], &raw[..]);
+        let _ = s.to_f64();
+    }
     let r_fin = scalar.all_finite(&input.g);
     assert_eq!(r_fin, input.g.iter().all(|x| x.to_f32().is_finite()));
     let store_len = if mismatched { input.p.len() } else { n };
@@ -406,6 +453,12 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
             ss.to_bits() == r_ss.to_bits() || (ss.is_nan() && r_ss.is_nan()),
             "{isa:?} sum_squares {ss} vs {r_ss}"
         );
+        assert_eq!(
+            k.sum_squares_exact(&input.g, &c.grad),
+            r_ex,
+            "{isa:?} sum_squares_exact"
+        );
+        check_split(&k);
         assert_eq!(k.all_finite(&input.g), r_fin, "{isa:?} all_finite");
         let mut d = vec![P::from_f32(7.0); store_len];
         assert_eq!(k.store_row(&mut d, &store_src, c.rounding), e_store);

@@ -8,11 +8,23 @@
 //! 64-bit limbs (640 bits), so it is the same whatever the order of the additions and
 //! however the values are split and merged; it is rounded once, by [`SquareSum::to_f64`].
 //!
-//! The kernels fill it fast by binning: each transformed value's `m^2` is added to a `u64`
-//! bin indexed by its biased exponent (four interleaved tables of bins, so that runs of
-//! equal exponents do not wait on each other's stores), and the bins are shifted into the
-//! limbs every [`FLUSH`] values, before any bin could overflow.
-
+//! The kernels fill it fast, in blocks of [`BLOCK`] values (transformed by the path's vector
+//! code into a stack buffer, or read in place for f32 values without a transform), with a
+//! per-path strategy ([`Squares`]):
+//!
+//! * scalar and portable paths ([`Bins`]): each value's `m^2` is added to a `u64` bin
+//!   indexed by its biased exponent (four interleaved tables of bins, so that runs of equal
+//!   exponents do not wait on each other's stores; the decoding is vectorized), and the bins
+//!   are shifted into the limbs every [`FLUSH`] values, before any bin could overflow;
+//! * x86 paths (`arch::x86_64::Window`): each `m^2` is shifted by twice its binade's
+//!   distance from the bottom of a window of 31 binades set from the block's largest value,
+//!   and added into 128-bit sums in vector lanes; no scatter.
+//!
+//! Rows of fewer than [`SMALL`] values on the bin paths are summed in a 128-bit window
+//! instead ([`add_small`]), which costs less than clearing and flushing the tables.
+//!
+//! Whatever the strategy, what reaches the limbs is the exact sum, so every path gives the
+//! same [`SquareSum`].
 use crate::Element;
 
 /// Limbs of the integer (640 bits).
@@ -348,37 +360,64 @@ impl SquareSum {
 /// cannot overflow a `u64` bin, even after the tables are summed.
 pub(crate) const FLUSH: usize = 1 << 16;
 
-/// Values transformed at a time into a stack buffer before binning.
+/// Values transformed and decoded at a time (a divisor of [`FLUSH`]).
 pub(crate) const BLOCK: usize = 512;
 
-/// Below this many values, the squares go straight into the limbs (clearing and flushing
-/// the bin tables would cost more).
-pub(crate) const SMALL: usize = 64;
+/// Below this many values, the squares are summed in a `u128` over the [`WINDOW`] binades
+/// below the largest value instead (clearing and flushing the bin tables would cost more).
+const SMALL: usize = 256;
 
-/// Interleaved bin tables: value `i` of a group of four goes to table `i`.
+/// Binades of the small path's 128-bit sum: its shifts stay below 64 bits, and fewer than
+/// [`SMALL`] squares `m^2 < 2^48` shifted by at most `2 * WINDOW` bits stay below
+/// `2^(48 + 62 + 8) = 2^118`.
+const WINDOW: u32 = 31;
+
+/// Interleaved bin tables: value `i` goes to table `i % TABLES`.
 const TABLES: usize = 4;
 
-/// Per-exponent integer accumulators of `m^2` (index: biased exponent; 255 collects
-/// infinities and NaN, whose flags are read from the values themselves).
-pub(crate) struct Bins {
-    t: [[u64; 256]; TABLES],
+/// Writes the transformed values of a piece of gradient into an f32 buffer: the path's
+/// transform code (a trait rather than a closure, so that it is inlined into the path's
+/// `#[target_feature]` entry point), and the path's way of summing squares.
+pub(crate) trait Load<G> {
+    /// How this path sums the squares of blocks of values.
+    type Sq: Squares;
+    /// Empty accumulators.
+    fn squares(&self) -> Self::Sq;
+    /// `dst[i] = transform(src[i])`; equal lengths.
+    fn load(&self, dst: &mut [f32], src: &[G]);
 }
 
-/// Bins one value's bits into a table.
-#[inline(always)]
-fn bin(t: &mut [u64; 256], b: u32) {
-    let e = (b >> 23) & 0xFF;
-    let m = u64::from(significand(b, e));
-    // No overflow: at most FLUSH additions of m^2 < 2^48 between flushes.
-    t[e as usize] = t[e as usize].wrapping_add(m * m);
+/// Exact partial sums of squares of f32 values, added into a [`SquareSum`] by
+/// [`Squares::flush`].
+pub(crate) trait Squares {
+    /// Rows shorter than this go through [`add_small`] instead (0: never).
+    const SMALL: usize;
+    /// Adds the squares of the finite values among `xs` (at most [`BLOCK`] values, and at
+    /// most [`FLUSH`] since the last flush), into `self` or directly into `acc`; returns the
+    /// flags of the non-finite ones.
+    fn add_block(&mut self, acc: &mut SquareSum, xs: &[f32]) -> u8;
+    /// Adds the partial sums into `acc` and clears them.
+    fn flush(&mut self, acc: &mut SquareSum);
+}
+
+/// Per-exponent integer accumulators of `m^2` (index: biased exponent; 255 collects
+/// infinities and NaN, whose flags are read from the values themselves), and the decoded
+/// block: the portable and scalar paths' [`Squares`].
+pub(crate) struct Bins {
+    t: [[u64; 256]; TABLES],
+    /// Biased exponents of the block.
+    idx: [u8; BLOCK],
+    /// `m^2` of the block.
+    sq: [u64; BLOCK],
 }
 
 /// The flags (`INF`, `NAN`) of the non-finite values among `xs`.
 #[cold]
-fn special_flags<G: Element>(xs: &[G]) -> u8 {
+#[inline(never)]
+pub(crate) fn special_flags(xs: &[f32]) -> u8 {
     let mut f = 0;
     for x in xs {
-        let b = x.to_f32().to_bits();
+        let b = x.to_bits();
         if b & 0x7F80_0000 == 0x7F80_0000 {
             f |= if b & 0x007F_FFFF == 0 { INF } else { NAN };
         }
@@ -392,83 +431,158 @@ impl Bins {
     pub(crate) fn new() -> Self {
         Bins {
             t: [[0; 256]; TABLES],
+            idx: [0; BLOCK],
+            sq: [0; BLOCK],
         }
     }
+}
 
-    /// Bins the squares of `xs` (at most [`FLUSH`] values since the last flush, counted by
-    /// the caller); returns the flags of its non-finite values.
+impl Squares for Bins {
+    const SMALL: usize = SMALL;
+
+    /// Bins the squares of `xs` (at most [`BLOCK`] values; at most [`FLUSH`] since the last
+    /// flush); returns the flags of its non-finite values.
     #[inline(always)]
-    pub(crate) fn add<G: Element>(&mut self, xs: &[G]) -> u8 {
-        let [t0, t1, t2, t3] = &mut self.t;
-        let mut quads = xs.chunks_exact(TABLES);
-        for q in &mut quads {
-            bin(t0, q[0].to_f32().to_bits());
-            bin(t1, q[1].to_f32().to_bits());
-            bin(t2, q[2].to_f32().to_bits());
-            bin(t3, q[3].to_f32().to_bits());
+    fn add_block(&mut self, _acc: &mut SquareSum, xs: &[f32]) -> u8 {
+        let n = xs.len().min(BLOCK);
+        let (idx, sq) = (&mut self.idx[..n], &mut self.sq[..n]);
+        // Decoding, in a loop the compiler vectorizes with the path's instructions.
+        for ((x, i), q) in xs.iter().zip(idx.iter_mut()).zip(sq.iter_mut()) {
+            let b = x.to_bits();
+            let e = (b >> 23) & 0xFF;
+            let m = u64::from(significand(b, e));
+            *i = e as u8;
+            *q = m * m;
         }
-        for x in quads.remainder() {
-            bin(t0, x.to_f32().to_bits());
+        // The scatter, round-robin over the tables so that runs of one exponent do not
+        // wait on each other's stores. No overflow: at most FLUSH additions of m^2 < 2^48
+        // in all tables together between flushes.
+        let t = &mut self.t;
+        let mut ic = idx.chunks_exact(TABLES);
+        let mut qc = sq.chunks_exact(TABLES);
+        for (iq, qq) in (&mut ic).zip(&mut qc) {
+            for j in 0..TABLES {
+                let b = &mut t[j][usize::from(iq[j])];
+                *b = b.wrapping_add(qq[j]);
+            }
         }
-        if (t0[255] | t1[255] | t2[255] | t3[255]) != 0 {
-            (t0[255], t1[255], t2[255], t3[255]) = (0, 0, 0, 0);
-            special_flags(xs)
-        } else {
-            0
+        for (&i, &q) in ic.remainder().iter().zip(qc.remainder()) {
+            let b = &mut t[0][usize::from(i)];
+            *b = b.wrapping_add(q);
         }
+        let mut special = 0;
+        for tj in t.iter_mut() {
+            special |= tj[255];
+            tj[255] = 0;
+        }
+        if special != 0 { special_flags(xs) } else { 0 }
     }
 
     /// Adds the bins into `acc` and clears them.
     #[inline(always)]
-    pub(crate) fn flush(&mut self, acc: &mut SquareSum) {
-        let [t0, t1, t2, t3] = &mut self.t;
+    fn flush(&mut self, acc: &mut SquareSum) {
         for e in 0..255 {
-            // No overflow: at most FLUSH additions in all four tables together.
-            let v = t0[e]
-                .wrapping_add(t1[e])
-                .wrapping_add(t2[e])
-                .wrapping_add(t3[e]);
+            // No overflow: at most FLUSH additions in all tables together.
+            let mut v = 0u64;
+            for tj in self.t.iter_mut() {
+                v = v.wrapping_add(tj[e]);
+                tj[e] = 0;
+            }
             if v != 0 {
                 acc.add_shifted(v, shift(e as u32));
-                (t0[e], t1[e], t2[e], t3[e]) = (0, 0, 0, 0);
             }
         }
     }
 }
 
-/// Adds the squares of `transform(src)` to `acc`: `load` writes the transformed values of a
-/// piece of `src` into an f32 buffer of the same length (the path's vector code); with
-/// `direct` (f32 values and the identity transform) the values are binned as they are.
+/// The small path: fewer than [`SMALL`] values summed in a 128-bit integer (two `u64`) in
+/// units of the square of the [`WINDOW`]-th binade below the largest value; values further
+/// below go one by one into the limbs.
 #[inline(always)]
-pub(crate) fn accumulate<G: Element>(
-    acc: &mut SquareSum,
-    src: &[G],
-    direct: bool,
-    load: impl Fn(&mut [f32], &[G]),
-) {
-    if src.len() < SMALL {
-        let mut buf = [0.0f32; SMALL];
-        let buf = &mut buf[..src.len()];
-        load(buf, src);
-        for &x in buf.iter() {
+fn add_small(acc: &mut SquareSum, xs: &[f32]) {
+    // The caller passes fewer than SMALL values; the bound below relies on it.
+    let xs = &xs[..xs.len().min(SMALL - 1)];
+    let (mut emax, mut special) = (1, false);
+    for x in xs {
+        let e = (x.to_bits() >> 23) & 0xFF;
+        special |= e == 0xFF;
+        emax = emax.max(if e == 0xFF { 0 } else { e });
+    }
+    if special {
+        acc.add_flags(special_flags(xs));
+    }
+    let base = emax.saturating_sub(WINDOW).max(1);
+    let (mut lo, mut hi) = (0u64, 0u64);
+    for &x in xs {
+        let b = x.to_bits();
+        let e = (b >> 23) & 0xFF;
+        let e1 = e.max(1);
+        if e1 >= base && e != 0xFF {
+            let m = u64::from(significand(b, e));
+            let sq = m * m;
+            // s < 64: (sq << s) as a 128-bit number, without a shift by 64.
+            let s = 2 * (e1 - base);
+            let (l, h) = (sq << s, (sq >> 1) >> (63 - s));
+            let (l, c) = lo.overflowing_add(l);
+            lo = l;
+            // < 2^(48 + 2 * WINDOW) = 2^110 each, fewer than 2^8 of them: no overflow.
+            hi = hi.wrapping_add(h).wrapping_add(u64::from(c));
+        } else if e != 0xFF {
             acc.add(x);
         }
+    }
+    // 2 * base <= 508: both halves land in the limbs (bits up to 2 * 254 + 118).
+    acc.add_shifted(lo, 2 * base);
+    acc.add_shifted(hi, 2 * base + 64);
+}
+
+/// Adds the squares of `transform(src)` to `acc`, `load` applying the transform (with
+/// `identity`, f32 values are summed as they are) and providing the path's [`Squares`].
+#[inline(always)]
+pub(crate) fn accumulate<G: Element, L: Load<G>>(
+    acc: &mut SquareSum,
+    src: &[G],
+    identity: bool,
+    load: &L,
+) {
+    let n = src.len();
+    let direct = if identity { G::as_f32s(src) } else { None };
+    if n < L::Sq::SMALL {
+        let mut buf = [0.0f32; SMALL];
+        let xs = match direct {
+            Some(d) => d,
+            None => {
+                let buf = &mut buf[..n.min(SMALL)];
+                load.load(buf, &src[..buf.len()]);
+                buf
+            }
+        };
+        add_small(acc, xs);
         return;
     }
-    let mut bins = Bins::new();
+    let mut sq = load.squares();
+    let mut buf = [0.0f32; BLOCK];
     let mut flags = 0;
-    for chunk in src.chunks(FLUSH) {
-        if direct {
-            flags |= bins.add(chunk);
-        } else {
-            let mut buf = [0.0f32; BLOCK];
-            for block in chunk.chunks(BLOCK) {
-                let buf = &mut buf[..block.len()];
-                load(buf, block);
-                flags |= bins.add::<f32>(buf);
+    let mut since = 0;
+    let mut start = 0;
+    while start < n {
+        let end = n.min(start + BLOCK);
+        let xs = match direct {
+            Some(d) => &d[start..end],
+            None => {
+                let buf = &mut buf[..end - start];
+                load.load(buf, &src[start..end]);
+                buf
             }
+        };
+        flags |= sq.add_block(acc, xs);
+        since += end - start;
+        if since >= FLUSH {
+            sq.flush(acc);
+            since = 0;
         }
-        bins.flush(acc);
+        start = end;
     }
+    sq.flush(acc);
     acc.add_flags(flags);
 }

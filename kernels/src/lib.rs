@@ -13,6 +13,10 @@
 //! * Paths ([`Isa`]): the scalar reference, a portable path on `wide` (the vector path of
 //!   every non-x86 target; NEON on aarch64), AVX2+FMA+F16C (x86-64-v3) and AVX-512 F/BW/DQ/VL
 //!   (x86-64-v4). The best supported one is detected once and cached.
+//! * Sums of squares for norm clipping: [`Kernels::sum_squares`] in f64 with a fixed lane
+//!   order, and the exact [`Kernels::sum_squares_exact`] into a [`SquareSum`], which gives the
+//!   same bits in any order and for any split of the values into pieces merged later (across
+//!   threads, chunks or processes), rounded once.
 //!
 //! # Numerics contract
 //!
@@ -178,6 +182,15 @@ mod sealed {
         fn from_bits16(bits: u16) -> Self;
         /// Finite (neither infinite nor NaN).
         fn finite_elem(self) -> bool;
+        /// The slice as f32 values, for `f32` only.
+        #[inline(always)]
+        fn as_f32s(s: &[Self]) -> Option<&[f32]>
+        where
+            Self: Sized,
+        {
+            let _ = s;
+            None
+        }
     }
 }
 
@@ -206,6 +219,10 @@ impl sealed::Sealed for f32 {
     #[inline(always)]
     fn finite_elem(self) -> bool {
         self.to_bits() & 0x7F80_0000 != 0x7F80_0000
+    }
+    #[inline(always)]
+    fn as_f32s(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

@@ -372,8 +372,22 @@ pub(crate) fn is_identity(t: &GradTransform) -> bool {
 /// Adds the exact squares of `transform(src)` into `acc`.
 #[inline(always)]
 pub(crate) fn accumulate_squares<G: Element>(acc: &mut SquareSum, src: &[G], t: &GradTransform) {
-    let direct = G::DTYPE == DType::F32 && is_identity(t);
-    exact::accumulate(acc, src, direct, |dst, src| load_row(dst, src, t));
+    exact::accumulate(acc, src, is_identity(t), &ScalarLoad(t));
+}
+
+/// The scalar transform for [`exact::accumulate`].
+struct ScalarLoad<'a>(&'a GradTransform);
+
+impl<G: Element> exact::Load<G> for ScalarLoad<'_> {
+    type Sq = exact::Bins;
+    #[inline(always)]
+    fn squares(&self) -> exact::Bins {
+        exact::Bins::new()
+    }
+    #[inline(always)]
+    fn load(&self, dst: &mut [f32], src: &[G]) {
+        load_row(dst, src, self.0)
+    }
 }
 
 /// Every element finite.

@@ -104,6 +104,11 @@ pub(crate) unsafe trait Simd: Copy {
         let _ = p;
     }
 
+    /// How this path sums exact squares (`exact::Bins` or a vector implementation).
+    type Squares: exact::Squares;
+    /// Empty exact-square accumulators.
+    fn squares(self) -> Self::Squares;
+
     /// Zeroed accumulators.
     fn acc_zero(self) -> Self::Acc;
     /// Adds the squares (in f64) of the `LANES` elements: lane `j` goes to accumulator
@@ -773,15 +778,25 @@ pub(crate) fn load_row<S: Simd, G: Element, const ACC: bool>(
     src: &[G],
     t: &GradTransform,
 ) {
+    load_body::<S, G, ACC>(s, &Transform::new(s, t), dst, src)
+}
+
+/// [`load_row`] with the transform's constants broadcast.
+#[inline(always)]
+fn load_body<S: Simd, G: Element, const ACC: bool>(
+    s: S,
+    t: &Transform<S::F>,
+    dst: &mut [f32],
+    src: &[G],
+) {
     let n = dst.len();
     assert!(src.len() == n);
     let w = S::LANES;
-    let t = Transform::new(s, t);
     let body = n - n % w;
     let mut i = 0;
     while i < body {
         // SAFETY: i + LANES <= n, the length of both slices.
-        unsafe { load_step::<S, G, ACC>(s, &t, dst.as_mut_ptr().add(i), src.as_ptr().add(i)) };
+        unsafe { load_step::<S, G, ACC>(s, t, dst.as_mut_ptr().add(i), src.as_ptr().add(i)) };
         i += w;
     }
     if i < n {
@@ -789,7 +804,7 @@ pub(crate) fn load_row<S: Simd, G: Element, const ACC: bool>(
         let mut bd = pad(&dst[i..]);
         let bs = pad(&src[i..]);
         // SAFETY: both buffers hold MAX_LANES >= LANES elements.
-        unsafe { load_step::<S, G, ACC>(s, &t, bd.as_mut_ptr(), bs.as_ptr()) };
+        unsafe { load_step::<S, G, ACC>(s, t, bd.as_mut_ptr(), bs.as_ptr()) };
         dst[i..].copy_from_slice(&bd[..r]);
     }
 }
@@ -844,10 +859,29 @@ pub(crate) fn accumulate_squares<S: Simd, G: Element>(
     src: &[G],
     t: &GradTransform,
 ) {
-    let direct = G::DTYPE == DType::F32 && scalar::is_identity(t);
-    exact::accumulate(acc, src, direct, |dst, src| {
-        load_row::<S, G, false>(s, dst, src, t)
-    });
+    let load = VecLoad {
+        s,
+        t: Transform::new(s, t),
+    };
+    exact::accumulate(acc, src, scalar::is_identity(t), &load);
+}
+
+/// The path's transform for [`exact::accumulate`].
+struct VecLoad<S: Simd> {
+    s: S,
+    t: Transform<S::F>,
+}
+
+impl<S: Simd, G: Element> exact::Load<G> for VecLoad<S> {
+    type Sq = S::Squares;
+    #[inline(always)]
+    fn squares(&self) -> S::Squares {
+        self.s.squares()
+    }
+    #[inline(always)]
+    fn load(&self, dst: &mut [f32], src: &[G]) {
+        load_body::<S, G, false>(self.s, &self.t, dst, src)
+    }
 }
 
 /// Every element finite: integer tests on the raw bits, in blocks so that the compiler

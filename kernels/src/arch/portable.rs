@@ -206,6 +206,12 @@ unsafe impl Simd for Portable {
         unsafe { p.cast::<[u16; 8]>().write_unaligned(h) }
     }
 
+    type Squares = crate::exact::Bins;
+    #[inline(always)]
+    fn squares(self) -> crate::exact::Bins {
+        crate::exact::Bins::new()
+    }
+
     #[inline(always)]
     fn acc_zero(self) -> (f64x4, f64x4) {
         (f64x4::splat(0.0), f64x4::splat(0.0))

@@ -8,6 +8,7 @@
 
 use core::arch::x86_64::*;
 
+use crate::exact::{self, SquareSum, Squares};
 use crate::simd::Simd;
 
 pulp::simd_type! {
@@ -69,6 +70,238 @@ impl Avx512 {
     pub(crate) unsafe fn new_unchecked() -> Self {
         // SAFETY: forwarded from the caller.
         Avx512(unsafe { V4F16c::new_unchecked() })
+    }
+}
+
+impl Avx512 {
+    /// The AVX2 token: x86-64-v4 as this crate checks it includes the whole [`V3F16c`] set.
+    #[inline(always)]
+    pub(crate) fn avx2(self) -> Avx2 {
+        // SAFETY: `self` proves every feature of `V4F16c`, a superset of `V3F16c`'s.
+        unsafe { Avx2::new_unchecked() }
+    }
+}
+
+/// Binades of the vector [`Window`]: its shifts `2 * (e' - base)` stay below 64 bits.
+const WIN: u32 = 31;
+
+/// How far a block's window may lie below the current one before the window moves down
+/// (each move flushes the lanes).
+const WIN_SLACK: u32 = 2;
+
+/// The x86 paths' exact sums of squares: every value's `m^2` shifted by
+/// `2 * (e' - base)` bits (at most 62) and added into 128-bit sums in pairs of 64-bit vector
+/// lanes (the carry out of the low lane from a compare), where `base ..= base + WIN` is a
+/// window of binades set from the largest value of a block. No scatter: faster than the
+/// bins. The rare non-zero values below the window go one by one into the limbs; a block
+/// with an infinity or NaN is summed one value at a time.
+///
+/// Bounds between flushes (at most `FLUSH / 8 + 1` terms per lane, one per vector): each
+/// term is below `2^(48 + 62) = 2^110`, so a lane's sum below `2^124` and the sum of the
+/// eight lanes below `2^127`.
+pub(crate) struct Window {
+    tok: Avx2,
+    /// `e'` of the window's lowest binade, in `1..=254 - WIN`.
+    base: u32,
+    /// Whether the lanes hold anything since the last flush.
+    used: bool,
+    /// 128-bit sums of the even and the odd 32-bit lanes: `[low + 2^63, high]` each.
+    d: [__m256i; 4],
+}
+
+impl Window {
+    #[inline(always)]
+    pub(crate) fn new(tok: Avx2) -> Self {
+        // SAFETY: AVX is available (token).
+        let (z, s) = unsafe { (_mm256_setzero_si256(), _mm256_set1_epi64x(i64::MIN)) };
+        Window {
+            tok,
+            base: 1,
+            used: false,
+            d: [s, z, s, z],
+        }
+    }
+}
+
+/// A block with an infinity or NaN: its flags, and the finite values one by one.
+#[cold]
+#[inline(never)]
+fn cold_block(acc: &mut SquareSum, xs: &[f32]) -> u8 {
+    for &x in xs {
+        if x.is_finite() {
+            acc.add(x);
+        }
+    }
+    exact::special_flags(xs)
+}
+
+/// One vector of [`Window`]: adds the squares of the eight values whose bits are `b` to the
+/// lanes `d`; `base` is the window's lowest `e'` shifted into the exponent field. With
+/// `MASK`, the non-zero values below the window are left out and their lanes or-ed into
+/// `slow`; without, the caller has checked that there are none (zeros may be below the
+/// window: their square is 0 whatever the shift).
+///
+/// Few shifts (Zen 2 has one vector shift unit): `m` and the shift come from the exponent
+/// field in place, `e' << 23 = max(bits & 0x7F80_0000, 1 << 23)`.
+///
+/// # Safety
+///
+/// AVX2 must be available.
+#[inline(always)]
+unsafe fn window_step<const MASK: bool>(
+    b: __m256i,
+    base: __m256i,
+    d: &mut [__m256i; 4],
+    slow: &mut __m256i,
+) {
+    // SAFETY: AVX2 is available (the caller).
+    unsafe {
+        let lo32 = _mm256_set1_epi64x(0xFFFF_FFFF);
+        let sign = _mm256_set1_epi64x(i64::MIN);
+        let c64 = _mm256_set1_epi64x(64);
+        let implicit = _mm256_set1_epi32(1 << 23);
+        let a = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFF_FFFF));
+        let e1 = _mm256_max_epu32(
+            _mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)),
+            implicit,
+        );
+        // Normal: (e << 23 | f) - (e << 23) + 2^23; subnormal: f - 2^23 + 2^23.
+        let mut m = _mm256_add_epi32(_mm256_sub_epi32(a, e1), implicit);
+        if MASK {
+            let below = _mm256_cmpgt_epi32(base, e1);
+            let zero = _mm256_cmpeq_epi32(a, _mm256_setzero_si256());
+            *slow = _mm256_or_si256(*slow, _mm256_andnot_si256(zero, below));
+            m = _mm256_andnot_si256(below, m);
+        }
+        // The shift 2 * (e' - base) in 0..=62 (garbage where m is 0).
+        let sh = _mm256_srli_epi32::<22>(_mm256_sub_epi32(e1, base));
+        let mo = _mm256_srli_epi64::<32>(m);
+        let (se, so) = (_mm256_and_si256(sh, lo32), _mm256_srli_epi64::<32>(sh));
+        let halves = [
+            (_mm256_mul_epu32(m, m), se, _mm256_sub_epi64(c64, se)),
+            (_mm256_mul_epu32(mo, mo), so, _mm256_sub_epi64(c64, so)),
+        ];
+        for (h, (sq, s, r)) in halves.into_iter().enumerate() {
+            let lo = _mm256_sllv_epi64(sq, s);
+            // A count of 64 (s = 0) gives 0, the high half of an unshifted square.
+            let hi = _mm256_srlv_epi64(sq, r);
+            // d[2h] holds the low sum plus 2^63 (so that a signed compare is an unsigned one):
+            // the addition carried iff the new sum is below `lo`.
+            let sum = _mm256_add_epi64(d[2 * h], lo);
+            let carry = _mm256_cmpgt_epi64(_mm256_xor_si256(lo, sign), sum);
+            d[2 * h] = sum;
+            d[2 * h + 1] = _mm256_add_epi64(_mm256_sub_epi64(d[2 * h + 1], carry), hi);
+        }
+    }
+}
+
+impl Squares for Window {
+    const SMALL: usize = 0;
+
+    #[inline(always)]
+    fn add_block(&mut self, acc: &mut SquareSum, xs: &[f32]) -> u8 {
+        let _ = self.tok;
+        let n = xs.len();
+        let body = n - n % 8;
+        let mut tail = [0u32; 8];
+        for (t, x) in tail.iter_mut().zip(&xs[body..]) {
+            *t = x.to_bits();
+        }
+        // SAFETY: AVX2 is available (token); the loads read xs[i..i + 8] with
+        // i + 8 <= body <= n, or the 8-element `tail`.
+        unsafe {
+            // The largest magnitude (the window's top binade) and the smallest non-zero one
+            // (`abs - 1` takes zeros to u32::MAX).
+            let abs = _mm256_set1_epi32(0x7FFF_FFFF);
+            let one = _mm256_set1_epi32(1);
+            let t = _mm256_and_si256(_mm256_loadu_si256(tail.as_ptr().cast()), abs);
+            let (mut mx, mut mn) = (t, _mm256_sub_epi32(t, one));
+            let mut i = 0;
+            while i < body {
+                let b = _mm256_and_si256(_mm256_loadu_si256(xs.as_ptr().add(i).cast()), abs);
+                mx = _mm256_max_epu32(mx, b);
+                mn = _mm256_min_epu32(mn, _mm256_sub_epi32(b, one));
+                i += 8;
+            }
+            let (mut hi, mut lo) = ([0u32; 8], [0u32; 8]);
+            _mm256_storeu_si256(hi.as_mut_ptr().cast(), mx);
+            _mm256_storeu_si256(lo.as_mut_ptr().cast(), mn);
+            let emax = hi.iter().fold(0, |a, &l| a.max(l)) >> 23;
+            // u32::MAX (all zero) gives 256: nothing below any window.
+            let emin = ((u64::from(lo.iter().fold(u32::MAX, |a, &l| a.min(l))) + 1) >> 23).max(1);
+            if emax == 0xFF {
+                return cold_block(acc, xs);
+            }
+            let want = (emax + 1).saturating_sub(WIN).clamp(1, 254 - WIN);
+            if self.used && (emax > self.base + WIN || want + WIN_SLACK < self.base) {
+                self.flush(acc);
+            }
+            if !self.used {
+                self.base = want;
+                self.used = true;
+            }
+            let base = _mm256_set1_epi32((self.base << 23) as i32);
+            let mut d = self.d;
+            let mut slow = _mm256_setzero_si256();
+            if emin >= u64::from(self.base) {
+                let mut i = 0;
+                while i < body {
+                    let b = _mm256_loadu_si256(xs.as_ptr().add(i).cast());
+                    window_step::<false>(b, base, &mut d, &mut slow);
+                    i += 8;
+                }
+                if body < n {
+                    let b = _mm256_loadu_si256(tail.as_ptr().cast());
+                    window_step::<false>(b, base, &mut d, &mut slow);
+                }
+            } else {
+                let mut i = 0;
+                while i < body {
+                    let b = _mm256_loadu_si256(xs.as_ptr().add(i).cast());
+                    window_step::<true>(b, base, &mut d, &mut slow);
+                    i += 8;
+                }
+                if body < n {
+                    let b = _mm256_loadu_si256(tail.as_ptr().cast());
+                    window_step::<true>(b, base, &mut d, &mut slow);
+                }
+                for &x in xs {
+                    let b = x.to_bits();
+                    let e1 = ((b >> 23) & 0xFF).max(1);
+                    if e1 < self.base && b & 0x7FFF_FFFF != 0 {
+                        acc.add(x);
+                    }
+                }
+            }
+            self.d = d;
+        }
+        0
+    }
+
+    #[inline(always)]
+    fn flush(&mut self, acc: &mut SquareSum) {
+        if !self.used {
+            return;
+        }
+        // Per lane: the low 64 bits (stored plus 2^63) and the high ones; summed over the
+        // lanes in 128 bits.
+        let mut total: u128 = 0;
+        for h in 0..2 {
+            let (mut lo, mut hi) = ([0u64; 4], [0u64; 4]);
+            // SAFETY: AVX is available (token); the arrays hold 4 u64 each.
+            unsafe {
+                _mm256_storeu_si256(lo.as_mut_ptr().cast(), self.d[2 * h]);
+                _mm256_storeu_si256(hi.as_mut_ptr().cast(), self.d[2 * h + 1]);
+            }
+            for (l, h) in lo.into_iter().zip(hi) {
+                // No overflow: see the bounds on `Window`.
+                total = total.wrapping_add(u128::from(l ^ (1 << 63)) | u128::from(h) << 64);
+            }
+        }
+        let s = 2 * self.base;
+        acc.add_shifted(total as u64, s);
+        acc.add_shifted((total >> 64) as u64, s + 64);
+        *self = Window::new(self.tok);
     }
 }
 
@@ -188,6 +421,12 @@ unsafe impl Simd for Avx2 {
     fn prefetch<T>(self, p: *const T) {
         // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
+    type Squares = Window;
+    #[inline(always)]
+    fn squares(self) -> Window {
+        Window::new(self)
     }
 
     #[inline(always)]
@@ -388,6 +627,12 @@ unsafe impl Simd for Avx512 {
     fn prefetch<T>(self, p: *const T) {
         // SAFETY: SSE is baseline on x86-64; a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
+    type Squares = Window;
+    #[inline(always)]
+    fn squares(self) -> Window {
+        Window::new(self.avx2())
     }
 
     #[inline(always)]

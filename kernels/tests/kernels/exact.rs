@@ -607,3 +607,75 @@ fn overflow_is_flagged_not_wrapped() {
     assert_eq!(left, right);
     assert_eq!(left.to_f64(), f64::INFINITY);
 }
+
+/// Rows whose magnitudes change from block to block (up, down, by a little and a lot), with
+/// zeros, subnormals and stragglers far below each block's largest value: the vector paths
+/// move their window of binades and take the slow route for the stragglers; every path
+/// still gives the exact sum.
+#[test]
+fn magnitudes_changing_along_the_row() {
+    let mut z = 0x1234_5678_9ABC_DEF0u64;
+    let mut next = move || {
+        z ^= z << 13;
+        z ^= z >> 7;
+        z ^= z << 17;
+        z
+    };
+    // Block scales (as binary exponents) along the row; the kernels' blocks are 512 values,
+    // these segments are not aligned with them on purpose.
+    let scales = [
+        0i32, 0, 1, -1, 3, -3, 40, -40, 100, 100, -120, -126, 127, 127, -149, 0, 20, 19, 18, 60,
+        -60, 5, 5, 5,
+    ];
+    let mut xs = Vec::new();
+    for (k, &sc) in scales.iter().enumerate() {
+        let len = 300 + (next() % 500) as usize;
+        for _ in 0..len {
+            let r = next();
+            let v = match r % 64 {
+                // zeros of either sign
+                0 => 0.0,
+                1 => -0.0,
+                // a straggler far below the segment's scale
+                2 => pow2f((sc - 50).max(-149)),
+                3 => f32::from_bits((r >> 40) as u32 & 0x007F_FFFF), // subnormal
+                _ => {
+                    let m = 1.0 + ((r >> 20) & 0xFF_FFFF) as f32 / 16_777_216.0;
+                    let e = (sc - (r >> 50) as i32 % 8).clamp(-149, 127);
+                    m * pow2f(e) * if r & 1 == 0 { 1.0 } else { -1.0 }
+                }
+            };
+            xs.push(v);
+        }
+        // Now and then a block of nothing but zeros and subnormals.
+        if k % 7 == 3 {
+            xs.extend((0..600).map(|i| f32::from_bits(i as u32 * 977 % 0x0080_0000)));
+        }
+    }
+    assert!(xs.iter().all(|x| x.is_finite()));
+    let want = reference(&xs);
+    let one = one_by_one(&xs);
+    assert_eq!(&one.to_bytes()[..80], &want.bytes640()[..]);
+    assert_eq!(one.to_f64().to_bits(), want.to_f64().to_bits());
+    for k in paths() {
+        assert_eq!(k.sum_squares_exact(&xs, &ID), one, "{}", k.isa());
+        let rev: Vec<f32> = xs.iter().rev().copied().collect();
+        assert_eq!(k.sum_squares_exact(&rev, &ID), one, "{} reversed", k.isa());
+        // Every odd-length prefix against the one-by-one sum (tails of every length).
+        for n in [1usize, 7, 9, 511, 513, 1023, 4097, xs.len() - 3] {
+            assert_eq!(
+                k.sum_squares_exact(&xs[..n], &ID),
+                one_by_one(&xs[..n]),
+                "{} prefix {n}",
+                k.isa()
+            );
+        }
+        // With infinities and NaN sprinkled in: the finite part and the flags.
+        let mut sp = xs.clone();
+        sp[1000] = f32::INFINITY;
+        sp[3000] = f32::NAN;
+        let got = k.sum_squares_exact(&sp, &ID);
+        assert_eq!(got, one_by_one(&sp), "{} specials", k.isa());
+        assert!(got.to_f64().is_nan());
+    }
+}
