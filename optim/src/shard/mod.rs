@@ -1024,19 +1024,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
         let mut per_owner: Vec<Vec<f32>> = Vec::with_capacity(size);
         for (r, msg) in replies.iter().enumerate() {
             if r == me {
-                // This rank's own rows, read directly.
-                let mut v = Vec::with_capacity((counts[r] as usize).saturating_mul(dim));
-                for j in (0..n).filter(|&j| owner[j] == me) {
-                    let id = ids.get(j).and_then(|x| x.ok()).unwrap_or(0) as usize;
-                    let at = id.wrapping_sub(start).saturating_mul(dim);
-                    if id < start || id >= end {
-                        return Err(Error::Sharding {
-                            reason: "internal: a row this rank does not own".into(),
-                        });
-                    }
-                    extend_f32(&mut v, &params, at..at + dim);
-                }
-                per_owner.push(v);
+                // This rank's own rows are read directly below.
+                per_owner.push(Vec::new());
                 continue;
             }
             let mut rd = Reader::new(msg, r);
@@ -1051,9 +1040,25 @@ impl<C: Collective> ShardedLazyAdam<C> {
         }
         let mut next = vec![0usize; size];
         let mut out = Vec::with_capacity(n.saturating_mul(dim));
-        for &o in &owner {
+        for (j, &o) in owner.iter().enumerate() {
+            if o == me {
+                let id = ids.get(j).and_then(|x| x.ok()).unwrap_or(0) as usize;
+                if id < start || id >= end {
+                    return Err(Error::Sharding {
+                        reason: "internal: a row this rank does not own".into(),
+                    });
+                }
+                let at = (id - start) * dim;
+                extend_f32(&mut out, &params, at..at + dim);
+                continue;
+            }
             let at = next[o] * dim;
-            out.extend_from_slice(&per_owner[o][at..at + dim]);
+            let Some(row) = per_owner[o].get(at..at + dim) else {
+                return Err(Error::Sharding {
+                    reason: format!("rank {o} answered with fewer rows than asked"),
+                });
+            };
+            out.extend_from_slice(row);
             next[o] += 1;
         }
         Ok(out)
