@@ -41,8 +41,9 @@
 //! - clipping acts on the values as given, before duplicates are summed:
 //!   `clipvalue` elementwise, then `clipnorm` per gradient
 //!   (`g * clipnorm / max(norm, clipnorm)`, applied as one factor), then
-//!   `global_clipnorm` over all gradients of the step (norms in f64, summed in
-//!   update order, so the result never depends on threads);
+//!   `global_clipnorm` over all gradients of the step (norms from the exact
+//!   sum of squares, [`kernels::SquareSum`], rounded once to f64: the same
+//!   bits however the values are split across threads, chunks or ranks);
 //! - duplicate row ids are summed in first-occurrence order in f32, then each
 //!   distinct row gets `m = b1*m + (1-b1)*g`, `v = b2*v + (1-b2)*g*g`,
 //!   `p -= (lr_t*m) / (sqrt(v) + eps)` (the kernels' exact operation order);
@@ -98,6 +99,14 @@
 //! written; effective when `/sys/kernel/mm/transparent_hugepage/enabled` is
 //! `madvise` or `always`), and [`advise_huge_pages`] does the same for the
 //! parameter tables you own.
+//!
+//! # Sharding
+//!
+//! [`ShardedLazyAdam`] splits embedding tables by rows across the ranks of a
+//! [`Collective`] (MPI processes through `lazyadam-mpi`, or threads through
+//! [`ThreadCollective`]); one sharded step is bit-identical to one
+//! [`LazyAdam`] step on the concatenation of every rank's batch. See
+//! [`shard`].
 //!
 //! # State
 //!

@@ -193,6 +193,34 @@ fn all_finite_scaled(k: &Kernels, values: &TensorRef<'_>, scale: f32, buf: &mut 
     }
 }
 
+/// Adds the exact squares of `transform(src)` into `acc`; a long slice in
+/// chunks over rayon tasks. The sum is exact, so the chunks and the order of
+/// their merge do not change a bit of it.
+fn squares_of<G: lazyadam_kernels::Element + Sync>(
+    k: &Kernels,
+    acc: &mut SquareSum,
+    src: &[G],
+    t: &GradTransform,
+    min_parallel: usize,
+) {
+    #[cfg(feature = "rayon")]
+    if src.len() >= min_parallel.saturating_mul(4) && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let total = src
+            .par_chunks(CHUNK)
+            .map(|c| k.sum_squares_exact(c, t))
+            .reduce(SquareSum::default, |mut a, b| {
+                a.merge(&b);
+                a
+            });
+        acc.merge(&total);
+        return;
+    }
+    let _ = min_parallel;
+    k.accumulate_squares(acc, src, t);
+}
+
 /// `clipnorm` of one gradient from the exact sum of squares of its
 /// transformed values: as `tf.clip_by_norm`, a NaN norm makes every value
 /// NaN, and a norm above `c` scales by `c / norm`.
@@ -752,10 +780,11 @@ impl LazyAdam {
         t: &GradTransform,
     ) {
         let k = &self.kernels;
+        let min_parallel = self.ext.parallel_min_elements.max(1);
         match values {
-            TensorRef::F32(s) => k.accumulate_squares(acc, s, t),
-            TensorRef::F16(s) => k.accumulate_squares(acc, s, t),
-            TensorRef::BF16(s) => k.accumulate_squares(acc, s, t),
+            TensorRef::F32(s) => squares_of(k, acc, s, t, min_parallel),
+            TensorRef::F16(s) => squares_of(k, acc, s, t, min_parallel),
+            TensorRef::BF16(s) => squares_of(k, acc, s, t, min_parallel),
         }
     }
 

@@ -1023,3 +1023,37 @@ fn corrupt_forged_or_mismatched_shards_are_refused_on_every_rank() {
     });
     assert!(ok.iter().all(|r| matches!(r, Ok(1))));
 }
+
+/// The exact sum of squares of a long gradient is taken in chunks over
+/// threads: the clipped step has the same bits on 1 and 2 threads, and the
+/// norm is the kernel's sum over the whole gradient taken at once.
+#[test]
+fn long_gradients_clip_alike_on_any_thread_count() {
+    let n = 300_000;
+    let g: Vec<f32> = (0..n)
+        .map(|i| unit(mix(i as u64)) * (2.0f32).powi((i % 41) as i32 - 20))
+        .collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut opt = LazyAdam::new(cfg().with_global_clipnorm(1.0)).unwrap();
+            let w = opt.add_variable("w", &[n], DType::F32, DType::F32).unwrap();
+            let mut p = vec![0.0f32; n];
+            opt.apply_gradients(&mut [Update::new(w, &mut p[..], Gradient::dense(&g))])
+                .unwrap();
+            bits(TensorRef::F32(&p))
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    // Clipping is active: the gradient's norm is above global_clipnorm.
+    let k = lazyadam::kernels::Kernels::best();
+    let norm = k
+        .sum_squares_exact(&g, &lazyadam::kernels::GradTransform::default())
+        .to_f64()
+        .sqrt();
+    assert!(norm > 1.0);
+}
