@@ -25,7 +25,7 @@
 //!    non-finite value on any rank skips the step everywhere, and every rank
 //!    backs off the same loss scale), `clipnorm` (the norm of a table's
 //!    gradient spans ranks) and `global_clipnorm`. Norms come from exact
-//!    sums of squares ([`SquareSum`](crate::kernels::SquareSum)), which do
+//!    sums of squares ([`SquareSum`]), which do
 //!    not depend on how values are split: the single-process step uses the
 //!    same sums, so both give the same bits.
 //! 4. **Route** (one all-to-all): every id and its gradient row go to the
