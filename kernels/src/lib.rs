@@ -116,10 +116,12 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub use exact::SquareSum;
 pub use half::{bf16, f16};
 
 mod arch;
 mod detect;
+mod exact;
 mod scalar;
 mod simd;
 
@@ -802,6 +804,48 @@ impl Kernels {
     /// ```
     pub fn sum_squares<G: Element>(&self, src: &[G], t: &GradTransform) -> f64 {
         arch::sum_squares(self.isa, src, t)
+    }
+
+    /// The exact sum of `transform(src[i])^2`, rounded only when asked
+    /// ([`SquareSum::to_f64`]): the same bits on every path, in any order and for any split
+    /// of `src` into pieces whose sums are [merged](SquareSum::merge).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels, f16};
+    /// let k = Kernels::best();
+    /// let g = [f16::from_f32(3.0), f16::from_f32(-4.0)];
+    /// assert_eq!(k.sum_squares_exact(&g, &GradTransform::default()).to_f64(), 25.0);
+    /// // With the transform: (2 * 3)^2 + (clip(2 * -4, 7))^2 = 36 + 49.
+    /// let t = GradTransform { scale: 2.0, clip: Some(7.0), negate: true };
+    /// assert_eq!(k.sum_squares_exact(&g, &t).to_f64(), 85.0);
+    /// ```
+    pub fn sum_squares_exact<G: Element>(&self, src: &[G], t: &GradTransform) -> SquareSum {
+        let mut acc = SquareSum::ZERO;
+        arch::accumulate_squares(self.isa, &mut acc, src, t);
+        acc
+    }
+
+    /// Adds the squares of `transform(src[i])` into `acc`, exactly (as
+    /// [`Kernels::sum_squares_exact`] and [`SquareSum::merge`]).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels, SquareSum};
+    /// let k = Kernels::best();
+    /// let t = GradTransform::default();
+    /// let mut acc = SquareSum::new();
+    /// for row in [[1.0f32, 2.0], [2.0, 4.0]] {
+    ///     k.accumulate_squares(&mut acc, &row, &t);
+    /// }
+    /// assert_eq!(acc.to_f64(), 25.0);
+    /// assert_eq!(acc, k.sum_squares_exact(&[4.0f32, 2.0, 2.0, 1.0], &t));
+    /// ```
+    pub fn accumulate_squares<G: Element>(
+        &self,
+        acc: &mut SquareSum,
+        src: &[G],
+        t: &GradTransform,
+    ) {
+        arch::accumulate_squares(self.isa, acc, src, t);
     }
 
     /// Whether every element is finite (no infinity, no NaN).

@@ -5,7 +5,7 @@
 //! so that the vector paths can reuse them for per-lane work (stochastic rounding) without
 //! changing the operations performed.
 
-use crate::{AdamCoeffs, DType, Element, GradTransform, Rounding, bf16, f16};
+use crate::{AdamCoeffs, DType, Element, GradTransform, Rounding, SquareSum, bf16, exact, f16};
 
 /// The gradient transform of the contract: scale, then clip, then negate.
 #[inline(always)]
@@ -361,6 +361,19 @@ pub(crate) fn sum_squares<G: Element>(src: &[G], t: &GradTransform) -> f64 {
     let mut acc = [0.0f64; 8];
     sum_squares_into(&mut acc, src, t, 0);
     reduce8(&acc)
+}
+
+/// Whether the transform is the identity (so f32 values can be binned as they are).
+#[inline(always)]
+pub(crate) fn is_identity(t: &GradTransform) -> bool {
+    t.scale == 1.0 && t.clip.is_none() && !t.negate
+}
+
+/// Adds the exact squares of `transform(src)` into `acc`.
+#[inline(always)]
+pub(crate) fn accumulate_squares<G: Element>(acc: &mut SquareSum, src: &[G], t: &GradTransform) {
+    let direct = G::DTYPE == DType::F32 && is_identity(t);
+    exact::accumulate(acc, src, direct, |dst, src| load_row(dst, src, t));
 }
 
 /// Every element finite.

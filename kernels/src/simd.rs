@@ -9,7 +9,7 @@
 //! through the same vector step, and copied back: same operations, so the same bits, and
 //! nothing is ever read or written outside the given slices.
 
-use crate::{AdamCoeffs, DType, Element, GradTransform, Rounding, scalar};
+use crate::{AdamCoeffs, DType, Element, GradTransform, Rounding, SquareSum, exact, scalar};
 
 /// The widest vector, in f32 lanes (AVX-512).
 pub(crate) const MAX_LANES: usize = 16;
@@ -833,6 +833,21 @@ pub(crate) fn sum_squares<S: Simd, G: Element>(s: S, src: &[G], t: &GradTransfor
     // LANES is a multiple of 8, so lane (i % 8) continues correctly in the scalar tail.
     scalar::sum_squares_into(&mut a, &src[i..], t, i);
     scalar::reduce8(&a)
+}
+
+/// Adds the exact squares of `transform(src)` into `acc`: the transform by this path's
+/// vector code into a stack buffer, then binning on the bits (`exact::accumulate`).
+#[inline(always)]
+pub(crate) fn accumulate_squares<S: Simd, G: Element>(
+    s: S,
+    acc: &mut SquareSum,
+    src: &[G],
+    t: &GradTransform,
+) {
+    let direct = G::DTYPE == DType::F32 && scalar::is_identity(t);
+    exact::accumulate(acc, src, direct, |dst, src| {
+        load_row::<S, G, false>(s, dst, src, t)
+    });
 }
 
 /// Every element finite: integer tests on the raw bits, in blocks so that the compiler

@@ -208,6 +208,33 @@ pub enum Error {
         /// The offending value.
         value: f32,
     },
+    /// A sharded step or fetch failed because another rank rejected it (that
+    /// rank's own call returned the reason). Nothing was written on any rank.
+    #[error(
+        "rank {rank} rejected the sharded {op} (its own error says why); nothing was written on any rank"
+    )]
+    PeerRejected {
+        /// The lowest rank that rejected it.
+        rank: usize,
+        /// `"step"` or `"fetch"`.
+        op: &'static str,
+    },
+    /// A collective operation of the engine failed.
+    #[error("collective {op} failed: {source}")]
+    Collective {
+        /// `"all_gather"` or `"all_to_all"`.
+        op: &'static str,
+        /// The engine's error.
+        source: crate::shard::CollectiveError,
+    },
+    /// The ranks of a sharded optimizer disagree (other variables, another
+    /// configuration, another step counter), a peer sent a malformed message,
+    /// or a request a sharded optimizer does not support.
+    #[error("sharding: {reason}")]
+    Sharding {
+        /// What was wrong.
+        reason: String,
+    },
 }
 
 impl From<KernelError> for Error {

@@ -118,7 +118,7 @@ mod lr;
 mod optimizer;
 mod profile;
 mod schedule;
-mod shard;
+pub mod shard;
 mod state;
 mod step;
 mod store;
@@ -137,7 +137,7 @@ pub use optimizer::LazyAdam;
 #[doc(hidden)]
 pub use profile::phase_times;
 pub use schedule::{CustomSchedule, LearningRateSchedule, Schedule};
-pub use shard::{Collective, CollectiveError, ThreadCollective};
+pub use shard::{Collective, CollectiveError, ShardGradient, ShardedLazyAdam, ThreadCollective};
 pub use store::advise_huge_pages;
 pub use tensor::{
     Gradient, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,

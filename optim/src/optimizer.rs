@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Kernels, bf16, f16};
+use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Kernels, SquareSum, bf16, f16};
 
 use crate::config::{LazyAdamConfig, LearningRate};
 use crate::dedup::{Dedup, RowHash};
@@ -32,6 +32,9 @@ pub(crate) struct VarState {
     pub row_steps: Option<Vec<u64>>,
     /// Per-row step `t` of the last update, 0 = never (catch-up decay).
     pub last_step: Option<Vec<u64>>,
+    /// The global index of row 0 (a shard of a sharded table; 0 otherwise):
+    /// stochastic rounding draws by global element index.
+    pub row_offset: usize,
 }
 
 /// The current state of dynamic loss scaling.
@@ -138,6 +141,7 @@ impl VarState {
             rows,
             row_len,
             numel,
+            row_offset: 0,
         })
     }
 }
@@ -189,11 +193,28 @@ fn all_finite_scaled(k: &Kernels, values: &TensorRef<'_>, scale: f32, buf: &mut 
     }
 }
 
-fn sum_squares(k: &Kernels, values: &TensorRef<'_>, t: &GradTransform) -> f64 {
-    match values {
-        TensorRef::F32(s) => k.sum_squares(s, t),
-        TensorRef::F16(s) => k.sum_squares(s, t),
-        TensorRef::BF16(s) => k.sum_squares(s, t),
+/// `clipnorm` of one gradient from the exact sum of squares of its
+/// transformed values: as `tf.clip_by_norm`, a NaN norm makes every value
+/// NaN, and a norm above `c` scales by `c / norm`.
+pub(crate) fn clip_by_norm(t: &mut GradTransform, squares: &SquareSum, c: f32) {
+    let norm = squares.to_f64().sqrt();
+    if norm.is_nan() {
+        scale_transform(t, f32::NAN);
+    } else if norm > c as f64 {
+        scale_transform(t, (c as f64 / norm) as f32);
+    }
+}
+
+/// `global_clipnorm` from the exact sum of squares of every transformed
+/// gradient of the step: as `tf.clip_by_global_norm`, a non-finite global
+/// norm makes every value NaN.
+pub(crate) fn clip_by_global_norm(ts: &mut [GradTransform], total: &SquareSum, c: f32) {
+    let norm = total.to_f64().sqrt();
+    if !norm.is_finite() {
+        ts.iter_mut().for_each(|t| scale_transform(t, f32::NAN));
+    } else if norm > c as f64 {
+        let s = (c as f64 / norm) as f32;
+        ts.iter_mut().for_each(|t| scale_transform(t, s));
     }
 }
 
@@ -465,7 +486,7 @@ impl LazyAdam {
     }
 
     /// Checks every update; writes nothing.
-    fn validate(&mut self, updates: &[Update<'_>]) -> Result<(), Error> {
+    pub(crate) fn validate(&mut self, updates: &[Update<'_>]) -> Result<(), Error> {
         let mut seen = std::mem::take(&mut self.scratch.seen);
         let r = self.validate_with(updates, &mut seen);
         self.scratch.seen = seen;
@@ -548,28 +569,36 @@ impl LazyAdam {
                 }
             }
         }
-        if self.ext.non_finite == NonFinitePolicy::Error {
-            for u in updates {
-                let values = u.grad.values();
-                if all_finite(&self.kernels, &values) {
-                    continue;
+        for u in updates {
+            self.check_finite(u.var.index, &u.grad)?;
+        }
+        Ok(())
+    }
+
+    /// Under [`NonFinitePolicy::Error`], the error for the first non-finite
+    /// value of a gradient of variable `index`; `Ok` otherwise.
+    pub(crate) fn check_finite(&self, index: usize, grad: &Gradient<'_>) -> Result<(), Error> {
+        if self.ext.non_finite != NonFinitePolicy::Error {
+            return Ok(());
+        }
+        let values = grad.values();
+        if all_finite(&self.kernels, &values) {
+            return Ok(());
+        }
+        if let Some((element, value)) = first_non_finite(&values) {
+            let var = &self.vars[index];
+            let row = match grad {
+                Gradient::Sparse { ids, .. } => {
+                    ids.get(element / var.row_len.max(1)).and_then(|r| r.ok())
                 }
-                if let Some((element, value)) = first_non_finite(&values) {
-                    let var = &self.vars[u.var.index];
-                    let row = match &u.grad {
-                        Gradient::Sparse { ids, .. } => {
-                            ids.get(element / var.row_len.max(1)).and_then(|r| r.ok())
-                        }
-                        Gradient::Dense(_) => None,
-                    };
-                    return Err(Error::NonFinite {
-                        variable: var.info.name.clone(),
-                        element,
-                        row,
-                        value,
-                    });
-                }
-            }
+                Gradient::Dense(_) => None,
+            };
+            return Err(Error::NonFinite {
+                variable: var.info.name.clone(),
+                element,
+                row,
+                value,
+            });
         }
         Ok(())
     }
@@ -619,74 +648,128 @@ impl LazyAdam {
         self.validate(updates)?;
         let rates = self.step_rates()?;
         timer.lap(Phase::Validate);
-        let k = self.kernels;
 
-        // The loss scale's unscale factor: finite, since the scale is at
-        // least f32::MIN_POSITIVE (validated, and the floor of the backoff).
-        let inv_scale = self.loss_scale.map(|l| 1.0 / l.scale).unwrap_or(1.0);
+        // The loss scale's unscale factor (see `inv_scale`).
+        let inv_scale = self.inv_scale();
 
         // Non-finite gradients under SkipStep: skip, back off the loss scale.
-        // The check sees the unscaled values, which is what the step applies
-        // (clipping cannot make a finite value non-finite): a finite gradient
-        // whose unscaled value overflows is skipped too.
-        if let NonFinitePolicy::SkipStep { loss_scale } = &self.ext.non_finite {
-            let buf = &mut self.scratch.unscaled;
-            let finite = updates
-                .iter()
-                .all(|u| all_finite_scaled(&k, &u.grad.values(), inv_scale, buf));
-            if !finite {
-                if let (Some(ls), Some(cfg)) = (self.loss_scale.as_mut(), loss_scale) {
-                    ls.scale = (ls.scale * cfg.backoff_factor).max(f32::MIN_POSITIVE);
-                    ls.good_steps = 0;
+        if self.skips_non_finite() {
+            let mut finite = true;
+            for u in updates.iter() {
+                if !self.finite_scaled(&u.grad.values(), inv_scale) {
+                    finite = false;
+                    break;
                 }
+            }
+            if !finite {
+                self.skip_step();
                 timer.finish();
                 return Ok(StepOutcome::Skipped);
             }
         }
 
-        // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm, maximize.
-        let transforms = &mut self.scratch.transforms;
+        // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm.
+        let mut transforms = std::mem::take(&mut self.scratch.transforms);
         transforms.clear();
+        let base = self.base_transform(inv_scale);
         for u in updates.iter() {
-            let mut t = GradTransform {
-                scale: inv_scale,
-                clip: self.config.clipvalue,
-                negate: false,
-            };
+            let mut t = base;
             if let Some(c) = self.config.clipnorm {
-                let norm = sum_squares(&k, &u.grad.values(), &t).sqrt();
-                if norm.is_nan() {
-                    // As tf.clip_by_norm: a NaN norm makes every value NaN.
-                    scale_transform(&mut t, f32::NAN);
-                } else if norm > c as f64 {
-                    scale_transform(&mut t, (c as f64 / norm) as f32);
-                }
+                let squares = self.square_sum(&u.grad.values(), &t);
+                clip_by_norm(&mut t, &squares, c);
             }
             transforms.push(t);
         }
         if let Some(c) = self.config.global_clipnorm {
-            let total: f64 = updates
-                .iter()
-                .zip(transforms.iter())
-                .map(|(u, t)| sum_squares(&k, &u.grad.values(), t))
-                .sum();
-            let norm = total.sqrt();
-            if !norm.is_finite() {
-                // As tf.clip_by_global_norm: a non-finite global norm makes
-                // every value NaN.
-                transforms
-                    .iter_mut()
-                    .for_each(|t| scale_transform(t, f32::NAN));
-            } else if norm > c as f64 {
-                let s = (c as f64 / norm) as f32;
-                transforms.iter_mut().for_each(|t| scale_transform(t, s));
+            let mut total = SquareSum::ZERO;
+            for (u, t) in updates.iter().zip(transforms.iter()) {
+                self.accumulate_squares(&mut total, &u.grad.values(), t);
             }
-        }
-        if self.ext.maximize {
-            transforms.iter_mut().for_each(|t| t.negate = true);
+            clip_by_global_norm(&mut transforms, &total, c);
         }
         timer.lap(Phase::Transforms);
+        let r = self.write_step(updates, &transforms, rates, &mut timer);
+        self.scratch.transforms = transforms;
+        timer.finish();
+        r
+    }
 
+    /// The unscale factor of the loss scale (1 without one): finite, since
+    /// the scale is at least `f32::MIN_POSITIVE` (validated, and the floor of
+    /// the backoff).
+    pub(crate) fn inv_scale(&self) -> f32 {
+        self.loss_scale.map(|l| 1.0 / l.scale).unwrap_or(1.0)
+    }
+
+    /// Whether non-finite gradients skip the step ([`NonFinitePolicy::SkipStep`]).
+    pub(crate) fn skips_non_finite(&self) -> bool {
+        matches!(self.ext.non_finite, NonFinitePolicy::SkipStep { .. })
+    }
+
+    /// Whether every value times `inv_scale` is finite. The check sees the
+    /// unscaled values, which is what the step applies (clipping cannot make
+    /// a finite value non-finite): a finite gradient whose unscaled value
+    /// overflows counts as non-finite.
+    pub(crate) fn finite_scaled(&mut self, values: &TensorRef<'_>, inv_scale: f32) -> bool {
+        all_finite_scaled(&self.kernels, values, inv_scale, &mut self.scratch.unscaled)
+    }
+
+    /// A skipped step: the loss scale backs off; nothing else changes.
+    pub(crate) fn skip_step(&mut self) {
+        if let (
+            Some(ls),
+            NonFinitePolicy::SkipStep {
+                loss_scale: Some(cfg),
+            },
+        ) = (self.loss_scale.as_mut(), &self.ext.non_finite)
+        {
+            ls.scale = (ls.scale * cfg.backoff_factor).max(f32::MIN_POSITIVE);
+            ls.good_steps = 0;
+        }
+    }
+
+    /// The transform every gradient starts from: unscale, then `clipvalue`.
+    pub(crate) fn base_transform(&self, inv_scale: f32) -> GradTransform {
+        GradTransform {
+            scale: inv_scale,
+            clip: self.config.clipvalue,
+            negate: false,
+        }
+    }
+
+    /// The exact sum of squares of `transform(values)`.
+    pub(crate) fn square_sum(&self, values: &TensorRef<'_>, t: &GradTransform) -> SquareSum {
+        let mut s = SquareSum::ZERO;
+        self.accumulate_squares(&mut s, values, t);
+        s
+    }
+
+    /// Adds the exact squares of `transform(values)` into `acc`.
+    pub(crate) fn accumulate_squares(
+        &self,
+        acc: &mut SquareSum,
+        values: &TensorRef<'_>,
+        t: &GradTransform,
+    ) {
+        let k = &self.kernels;
+        match values {
+            TensorRef::F32(s) => k.accumulate_squares(acc, s, t),
+            TensorRef::F16(s) => k.accumulate_squares(acc, s, t),
+            TensorRef::BF16(s) => k.accumulate_squares(acc, s, t),
+        }
+    }
+
+    /// Writes a validated step: `transforms[i]` is the clipped transform of
+    /// `updates[i]` (maximize is applied here), `rates` the step's checked
+    /// rates. Increments the step counter and grows the loss scale.
+    pub(crate) fn write_step(
+        &mut self,
+        updates: &mut [Update<'_>],
+        transforms: &[GradTransform],
+        rates: StepRates,
+        timer: &mut Timer,
+    ) -> Result<StepOutcome, Error> {
+        let k = self.kernels;
         // Everything is checked: from here on the step writes, and cannot fail.
         let StepRates {
             lr,
@@ -703,7 +786,9 @@ impl LazyAdam {
         #[cfg(not(feature = "rayon"))]
         let threads = 1usize;
 
-        for (u, &tf) in updates.iter_mut().zip(self.scratch.transforms.iter()) {
+        for (u, &tf) in updates.iter_mut().zip(transforms.iter()) {
+            let mut tf = tf;
+            tf.negate = self.ext.maximize;
             let vi = u.var.index;
             let var = &mut self.vars[vi];
             if var.numel == 0 {
@@ -756,6 +841,7 @@ impl LazyAdam {
                     .stochastic_rounding
                     .map(|s| mix64(mix64(s ^ mix64(t)).wrapping_add(vi as u64))),
                 row_len: var.row_len,
+                row_offset: var.row_offset,
                 amsgrad: var.vhat.is_some() && (!sparse || self.ext.sparse_amsgrad),
                 parallel,
                 transform: tf,
@@ -763,7 +849,7 @@ impl LazyAdam {
             let mut job = Job {
                 ctx: &ctx,
                 rows,
-                timer: &mut timer,
+                timer: &mut *timer,
             };
             let bufs = Bufs {
                 acc: &mut self.scratch.acc,
@@ -789,7 +875,6 @@ impl LazyAdam {
                 ls.good_steps = 0;
             }
         }
-        timer.finish();
         Ok(StepOutcome::Applied)
     }
 }

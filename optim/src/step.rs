@@ -29,6 +29,8 @@ pub(crate) struct StepCtx {
     /// Stochastic-rounding seed for this variable and step.
     pub sr_seed: Option<u64>,
     pub row_len: usize,
+    /// The global index of the variable's row 0 (stochastic-rounding offsets).
+    pub row_offset: usize,
     /// Whether to use `vhat` (AMSGrad).
     pub amsgrad: bool,
     /// Whether to split the work over rayon tasks.
@@ -142,7 +144,7 @@ fn update_row<P: Element, G: Element, M: Element>(
     if let Some(seed) = ctx.sr_seed {
         c.rounding = Rounding::Stochastic {
             seed,
-            offset: (row * rl) as u64,
+            offset: ((row + ctx.row_offset) as u64).wrapping_mul(rl as u64),
         };
     }
     let p = &mut tb.param[range.clone()];
@@ -336,8 +338,12 @@ pub(crate) fn rows_hashed<P: Element, G: Element, M: Element>(
     }
     let mut c = ctx.base;
     if let Some(seed) = ctx.sr_seed {
-        // Row `r` gets offset `r * rl` (its place in the table), as in `update_row`.
-        c.rounding = Rounding::Stochastic { seed, offset: 0 };
+        // Row `r` gets offset `(row_offset + r) * rl` (its place in the
+        // whole table), as in `update_row`.
+        c.rounding = Rounding::Stochastic {
+            seed,
+            offset: (ctx.row_offset as u64).wrapping_mul(rl as u64),
+        };
     }
     debug_assert_eq!(tb.base_row, 0);
     ctx.k

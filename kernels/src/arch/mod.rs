@@ -5,7 +5,7 @@
 //! built for that instruction set. A [`Kernels`](crate::Kernels) handle only exists for a
 //! supported path, which is what makes calling those entry points sound.
 
-use crate::{AdamCoeffs, Element, GradTransform, Isa, Rounding, scalar, simd};
+use crate::{AdamCoeffs, Element, GradTransform, Isa, Rounding, SquareSum, scalar, simd};
 
 pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -17,7 +17,7 @@ macro_rules! entry_points {
     ($name:ident, $features:literal, $Tok:ty) => {
         /// Entry points compiled for this path's instruction set.
         pub(crate) mod $name {
-            use crate::{AdamCoeffs, Element, GradTransform, Rounding, simd};
+            use crate::{AdamCoeffs, Element, GradTransform, Rounding, SquareSum, simd};
 
             /// The token for this path.
             ///
@@ -106,6 +106,20 @@ macro_rules! entry_points {
                 // SAFETY: the caller guarantees the features.
                 let s = unsafe { token() };
                 simd::sum_squares::<_, G>(s, src, t)
+            }
+
+            /// # Safety
+            ///
+            /// The CPU must support this path's features.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn accumulate_squares<G: Element>(
+                acc: &mut SquareSum,
+                src: &[G],
+                t: &GradTransform,
+            ) {
+                // SAFETY: the caller guarantees the features.
+                let s = unsafe { token() };
+                simd::accumulate_squares::<_, G>(s, acc, src, t)
             }
 
             /// # Safety
@@ -242,6 +256,22 @@ pub(crate) fn sum_squares<G: Element>(isa: Isa, src: &[G], t: &GradTransform) ->
         simd::sum_squares::<_, G>(portable::Portable, src, t),
         avx2::sum_squares::<G>(src, t),
         avx512::sum_squares::<G>(src, t)
+    )
+}
+
+#[inline]
+pub(crate) fn accumulate_squares<G: Element>(
+    isa: Isa,
+    acc: &mut SquareSum,
+    src: &[G],
+    t: &GradTransform,
+) {
+    dispatch!(
+        isa,
+        scalar::accumulate_squares(acc, src, t),
+        simd::accumulate_squares::<_, G>(portable::Portable, acc, src, t),
+        avx2::accumulate_squares::<G>(acc, src, t),
+        avx512::accumulate_squares::<G>(acc, src, t)
     )
 }
 

@@ -9,5 +9,6 @@ mod common;
 
 mod batched;
 mod equivalence;
+mod exact;
 mod reference;
 mod safety;

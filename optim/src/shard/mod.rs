@@ -1,6 +1,988 @@
-//! Sharded LazyAdam: tables split by rows across ranks, one step over the
-//! concatenation of every rank's batch, bit-identical to one process.
+//! Sharded LazyAdam: embedding tables split by rows across ranks (processes
+//! or threads), each rank with its own batch; one sharded step is one
+//! single-process step on the concatenation of every rank's batch, in rank
+//! order, bit for bit.
+//!
+//! # How a step runs
+//!
+//! Every rank calls [`ShardedLazyAdam::step`] with its own gradients. Then:
+//!
+//! 1. **Check and agree** (one all-gather): each rank validates its
+//!    gradients against the *whole* tables (ids below the table's row count,
+//!    lengths, the non-finite policy), and sends its verdict, the exact sums
+//!    of squares of its sparse gradients (for clipping), its dense gradients,
+//!    and a fingerprint of its variables, configuration, step counter and
+//!    loss scale. If any rank rejects the step, every rank returns an error
+//!    ([`Error::PeerRejected`] on the others) and nothing is written
+//!    anywhere.
+//! 2. **Dense gradients** are summed over ranks in rank order, in f32
+//!    (`((g0 + g1) + g2) + ...`); every rank holds the same sum, and applies
+//!    it to its replica of the dense variable. Cost: every rank receives
+//!    every rank's dense gradients (`(N - 1) x` their bytes); keep dense
+//!    variables small, which they are next to embedding tables.
+//! 3. **Decide together**: the skip decision of
+//!    [`NonFinitePolicy::SkipStep`](crate::NonFinitePolicy::SkipStep) (any
+//!    non-finite value on any rank skips the step everywhere, and every rank
+//!    backs off the same loss scale), `clipnorm` (the norm of a table's
+//!    gradient spans ranks) and `global_clipnorm`. Norms come from exact
+//!    sums of squares ([`SquareSum`](crate::kernels::SquareSum)), which do
+//!    not depend on how values are split: the single-process step uses the
+//!    same sums, so both give the same bits.
+//! 4. **Route** (one all-to-all): every id and its gradient row go to the
+//!    rank that owns the row. An owner receives from ranks in rank order,
+//!    each in its own order: exactly the concatenated batch restricted to its
+//!    rows, so duplicates are summed in the single process's
+//!    first-occurrence order.
+//! 5. **Update**: each owner runs the ordinary step on its rows (threads as
+//!    configured; every result is independent of threads and kernel paths).
+//!
+//! [`ShardedLazyAdam::fetch_rows`] gives any rank the current values of any
+//! rows (one all-gather to agree, two all-to-alls).
+//!
+//! # Partition
+//!
+//! A table of `rows` rows over `N` ranks: rank `r` owns rows
+//! `rows * r / N .. rows * (r + 1) / N` (contiguous, sizes differing by at
+//! most one; a rank may own none).
 
 mod collective;
+mod wire;
+
+use std::ops::Range;
+
+use lazyadam_kernels::{DType, SquareSum, bf16, f16};
+
+use crate::config::LazyAdamConfig;
+use crate::error::Error;
+use crate::extensions::Extensions;
+use crate::optimizer::{LazyAdam, clip_by_global_norm, clip_by_norm};
+use crate::profile::Timer;
+use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
 
 pub use collective::{Collective, CollectiveError, ThreadCollective};
+use wire::{Reader, Writer};
+
+/// One gradient of a sharded step: a variable and its gradient on this rank.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardGradient<'a> {
+    /// The variable (a handle from the same [`ShardedLazyAdam`]).
+    pub var: VarId,
+    /// Sparse for tables (ids of the whole table), dense for dense variables.
+    pub grad: Gradient<'a>,
+}
+
+impl<'a> ShardGradient<'a> {
+    /// A variable's gradient on this rank.
+    pub fn new(var: VarId, grad: Gradient<'a>) -> Self {
+        ShardGradient { var, grad }
+    }
+}
+
+/// Owned parameter storage of one variable on one rank.
+#[derive(Clone, Debug)]
+enum Params {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Params {
+    fn zeros(d: DType, n: usize, what: &str) -> Result<Params, Error> {
+        fn z<T: Clone + Default>(n: usize, what: &str) -> Result<Vec<T>, Error> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+                what: what.to_string(),
+            })?;
+            v.resize(n, T::default());
+            Ok(v)
+        }
+        Ok(match d {
+            DType::F32 => Params::F32(z(n, what)?),
+            DType::F16 => Params::F16(z(n, what)?),
+            DType::BF16 => Params::BF16(z(n, what)?),
+        })
+    }
+
+    fn as_ref(&self) -> TensorRef<'_> {
+        match self {
+            Params::F32(v) => TensorRef::F32(v),
+            Params::F16(v) => TensorRef::F16(v),
+            Params::BF16(v) => TensorRef::BF16(v),
+        }
+    }
+
+    fn as_mut(&mut self) -> TensorMut<'_> {
+        match self {
+            Params::F32(v) => TensorMut::F32(v),
+            Params::F16(v) => TensorMut::F16(v),
+            Params::BF16(v) => TensorMut::BF16(v),
+        }
+    }
+}
+
+/// How a variable is split across ranks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Rows split across ranks; this rank owns `start..end`.
+    Table {
+        rows: usize,
+        dim: usize,
+        start: usize,
+        end: usize,
+    },
+    /// Replicated on every rank.
+    Dense { numel: usize },
+}
+
+#[derive(Clone, Debug)]
+struct ShardVar {
+    id: VarId,
+    kind: Kind,
+    params: Params,
+}
+
+/// The rows `rank` owns of a table of `rows` rows over `size` ranks.
+pub fn owned_rows(rows: usize, size: usize, rank: usize) -> Range<usize> {
+    let size = size.max(1) as u128;
+    let at = |r: usize| (rows as u128 * (r as u128).min(size) / size) as usize;
+    at(rank)..at(rank.saturating_add(1))
+}
+
+/// The rank that owns row `id` (`id < rows`) of a table of `rows` rows over
+/// `size` ranks.
+pub fn owner_of(id: u64, rows: usize, size: usize) -> usize {
+    // Rank r owns id iff floor(rows*r/size) <= id < floor(rows*(r+1)/size),
+    // that is the largest r with rows*r < (id+1)*size.
+    let (rows, size) = (rows.max(1) as u128, size.max(1) as u128);
+    let r = ((id as u128 + 1) * size).div_ceil(rows) - 1;
+    r.min(size - 1) as usize
+}
+
+/// FNV-1a, for the layout fingerprint.
+#[derive(Debug)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn u64(&mut self, x: u64) {
+        self.bytes(&x.to_le_bytes());
+    }
+}
+
+/// LazyAdam over tables sharded by rows across the ranks of a
+/// [`Collective`]: bit-identical to one [`LazyAdam`] stepping on the
+/// concatenation of every rank's batch (see the [module docs](crate::shard)).
+///
+/// Every rank registers the same variables in the same order, with the same
+/// configuration, and calls [`step`](Self::step) and
+/// [`fetch_rows`](Self::fetch_rows) in the same order (they are
+/// collective). The optimizer owns the parameters: this rank's rows of each
+/// table, and a replica of each dense variable.
+///
+/// ```
+/// use lazyadam::{DType, Gradient, LazyAdamConfig, ShardGradient, ShardedLazyAdam, ThreadCollective};
+///
+/// // Two ranks (threads here; MPI processes with lazyadam-mpi).
+/// let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+///     let joins: Vec<_> = ThreadCollective::group(2)
+///         .into_iter()
+///         .map(|comm| {
+///             s.spawn(move || -> Result<Vec<f32>, lazyadam::Error> {
+///                 let mut opt = ShardedLazyAdam::new(LazyAdamConfig::default(), comm)?;
+///                 let table = opt.add_table("emb", 4, 2, DType::F32, DType::F32)?;
+///                 // Each rank's own batch: rank 0 has rows 0 and 3, rank 1 row 3.
+///                 let (ids, grads): (Vec<u32>, Vec<f32>) = if opt.rank() == 0 {
+///                     (vec![0, 3], vec![0.1, 0.2, 0.3, 0.4])
+///                 } else {
+///                     (vec![3], vec![0.5, 0.6])
+///                 };
+///                 opt.step(&[ShardGradient::new(table, Gradient::sparse(&ids, &grads))])?;
+///                 // Every rank can read any row.
+///                 opt.fetch_rows(table, &[3u32])
+///             })
+///         })
+///         .collect();
+///     joins.into_iter().map(|j| j.join().unwrap().unwrap()).collect()
+/// });
+/// assert_eq!(results[0], results[1]);
+/// assert!(results[0][0] < 0.0); // row 3 moved against its summed gradient
+/// ```
+#[derive(Debug)]
+pub struct ShardedLazyAdam<C: Collective> {
+    comm: C,
+    inner: LazyAdam,
+    vars: Vec<ShardVar>,
+    /// Fingerprint of the registered variables and the configuration.
+    layout: Fnv,
+}
+
+/// Sends bytes and maps the engine's error.
+fn gathered<C: Collective>(comm: &mut C, local: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+    let out = comm.all_gather(local).map_err(|source| Error::Collective {
+        op: "all_gather",
+        source,
+    })?;
+    if out.len() != comm.size() {
+        return Err(Error::Sharding {
+            reason: format!(
+                "all_gather returned {} buffers for {} ranks",
+                out.len(),
+                comm.size()
+            ),
+        });
+    }
+    Ok(out)
+}
+
+fn exchanged<C: Collective>(comm: &mut C, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Error> {
+    let out = comm.all_to_all(send).map_err(|source| Error::Collective {
+        op: "all_to_all",
+        source,
+    })?;
+    if out.len() != comm.size() {
+        return Err(Error::Sharding {
+            reason: format!(
+                "all_to_all returned {} buffers for {} ranks",
+                out.len(),
+                comm.size()
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Status byte of an agreement message.
+const OK: u8 = 0;
+const REJECTED: u8 = 1;
+
+impl<C: Collective> ShardedLazyAdam<C> {
+    /// A sharded optimizer over the ranks of `comm`.
+    pub fn new(config: LazyAdamConfig, comm: C) -> Result<Self, Error> {
+        Self::with_extensions(config, Extensions::default(), comm)
+    }
+
+    /// A sharded optimizer with extensions.
+    pub fn with_extensions(
+        config: LazyAdamConfig,
+        ext: Extensions,
+        comm: C,
+    ) -> Result<Self, Error> {
+        if comm.size() == 0 || comm.rank() >= comm.size() {
+            return Err(Error::Sharding {
+                reason: format!(
+                    "the collective reports rank {} of {} ranks",
+                    comm.rank(),
+                    comm.size()
+                ),
+            });
+        }
+        let mut layout = Fnv::new();
+        layout.u64(comm.size() as u64);
+        // The configuration as the ranks see it: hyperparameters and the
+        // extensions that change results (not the kernel path nor the
+        // parallel threshold: every path and thread count gives the same
+        // bits, so ranks on different machines may differ there).
+        let mut semantic = ext.clone();
+        semantic.kernel = None;
+        semantic.parallel_min_elements = 0;
+        layout.bytes(format!("{config:?}{semantic:?}").as_bytes());
+        let inner = LazyAdam::with_extensions(config, ext)?;
+        Ok(ShardedLazyAdam {
+            comm,
+            inner,
+            vars: Vec::new(),
+            layout,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// The collective.
+    pub fn collective(&self) -> &C {
+        &self.comm
+    }
+
+    /// This rank's optimizer: its variables are this rank's rows of each
+    /// table (shape `[owned rows, dim]`) and the dense variables; its slots
+    /// and step counter are this rank's state.
+    pub fn local(&self) -> &LazyAdam {
+        &self.inner
+    }
+
+    /// The step counter (the same on every rank).
+    pub fn iterations(&self) -> u64 {
+        self.inner.iterations()
+    }
+
+    /// Registers an embedding table of `rows` rows of `dim` values, split by
+    /// rows across the ranks; this rank stores its rows (parameters at zero
+    /// until set through [`params_mut`](Self::params_mut)) and their slots.
+    pub fn add_table(
+        &mut self,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        param_dtype: DType,
+        moment_dtype: DType,
+    ) -> Result<VarId, Error> {
+        if rows.checked_mul(dim).is_none() {
+            return Err(Error::InvalidShape {
+                variable: name.to_string(),
+                reason: format!("{rows} rows of {dim} values overflow"),
+            });
+        }
+        let r = owned_rows(rows, self.size(), self.rank());
+        let local = r.len();
+        let params = Params::zeros(param_dtype, local * dim, "table parameters")?;
+        let id = self
+            .inner
+            .add_variable(name, &[local, dim], param_dtype, moment_dtype)?;
+        if let Some(i) = self.inner.index_of(id) {
+            self.inner.vars[i].row_offset = r.start;
+        }
+        self.note("table", name, &[rows, dim], param_dtype, moment_dtype);
+        self.vars.push(ShardVar {
+            id,
+            kind: Kind::Table {
+                rows,
+                dim,
+                start: r.start,
+                end: r.end,
+            },
+            params,
+        });
+        Ok(id)
+    }
+
+    /// Registers a dense variable, replicated on every rank (parameters at
+    /// zero until set through [`params_mut`](Self::params_mut), which every
+    /// rank must do alike).
+    pub fn add_dense(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        param_dtype: DType,
+        moment_dtype: DType,
+    ) -> Result<VarId, Error> {
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::InvalidShape {
+                variable: name.to_string(),
+                reason: format!("the element count of {shape:?} overflows"),
+            })?;
+        let params = Params::zeros(param_dtype, numel, "dense parameters")?;
+        let id = self
+            .inner
+            .add_variable(name, shape, param_dtype, moment_dtype)?;
+        self.note("dense", name, shape, param_dtype, moment_dtype);
+        self.vars.push(ShardVar {
+            id,
+            kind: Kind::Dense { numel },
+            params,
+        });
+        Ok(id)
+    }
+
+    fn note(&mut self, kind: &str, name: &str, shape: &[usize], p: DType, m: DType) {
+        let l = &mut self.layout;
+        l.bytes(kind.as_bytes());
+        l.u64(name.len() as u64);
+        l.bytes(name.as_bytes());
+        l.u64(shape.len() as u64);
+        shape.iter().for_each(|&d| l.u64(d as u64));
+        l.bytes(format!("{p:?}{m:?}").as_bytes());
+    }
+
+    fn var(&self, id: VarId) -> Result<(usize, &ShardVar), Error> {
+        let i = self
+            .inner
+            .index_of(id)
+            .ok_or_else(|| Error::UnknownVariable {
+                variable: format!("{id} (not a variable of this sharded optimizer)"),
+            })?;
+        Ok((i, &self.vars[i]))
+    }
+
+    /// The rows of table `var` this rank owns (`None` for a dense variable or
+    /// an unknown handle).
+    pub fn owned(&self, var: VarId) -> Option<Range<usize>> {
+        match self.var(var).ok()?.1.kind {
+            Kind::Table { start, end, .. } => Some(start..end),
+            Kind::Dense { .. } => None,
+        }
+    }
+
+    /// This rank's parameters of `var`: its rows of a table (row-major, row
+    /// `owned().start` first), or the whole dense variable.
+    pub fn params(&self, var: VarId) -> Option<TensorRef<'_>> {
+        Some(self.var(var).ok()?.1.params.as_ref())
+    }
+
+    /// This rank's parameters of `var`, writable (to initialize them; a
+    /// dense variable's replicas must stay equal on every rank).
+    pub fn params_mut(&mut self, var: VarId) -> Option<TensorMut<'_>> {
+        let i = self.inner.index_of(var)?;
+        Some(self.vars[i].params.as_mut())
+    }
+
+    /// The fingerprint every rank must agree on before a collective call.
+    fn fingerprint(&self) -> u64 {
+        let mut f = Fnv(self.layout.0);
+        f.u64(self.inner.iterations());
+        f.u64(self.inner.loss_scale().map_or(0, |s| s.to_bits() as u64));
+        f.0
+    }
+
+    /// Runs the agreement round: every rank's `payload` (after the status
+    /// header), or the error that fails the call on every rank.
+    fn agree(
+        &mut self,
+        op: &'static str,
+        local: Result<Vec<u8>, Error>,
+    ) -> Result<(Vec<Vec<u8>>, usize), Error> {
+        let mut w = Writer::default();
+        w.u64(self.fingerprint());
+        let mine = match local {
+            Ok(payload) => {
+                w.u8(OK);
+                w.bytes(&payload);
+                None
+            }
+            Err(e) => {
+                w.u8(REJECTED);
+                Some(e)
+            }
+        };
+        let all = gathered(&mut self.comm, &w.0)?;
+        let me = self.rank();
+        let fp = self.fingerprint();
+        let mut rejected = None;
+        for (r, msg) in all.iter().enumerate() {
+            let mut rd = Reader::new(msg, r);
+            if rd.u64("fingerprint")? != fp {
+                return Err(Error::Sharding {
+                    reason: format!(
+                        "rank {r} has other variables, another configuration, step counter or loss \
+                         scale than rank {me}"
+                    ),
+                });
+            }
+            if rd.u8("status")? != OK && rejected.is_none() {
+                rejected = Some(r);
+            }
+        }
+        if let Some(e) = mine {
+            return Err(e);
+        }
+        if let Some(rank) = rejected {
+            return Err(Error::PeerRejected { rank, op });
+        }
+        Ok((all, 9))
+    }
+
+    /// Checks this rank's gradients against the whole tables; writes nothing.
+    fn check(&self, grads: &[ShardGradient<'_>]) -> Result<(), Error> {
+        let mut seen = vec![false; self.vars.len()];
+        for g in grads {
+            let (i, v) = self.var(g.var)?;
+            let name = || self.inner.vars[i].info.name.clone();
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(Error::DuplicateUpdate { variable: name() });
+            }
+            match (&v.kind, &g.grad) {
+                (Kind::Table { rows, dim, .. }, Gradient::Sparse { ids, values }) => {
+                    let expected = ids.len().checked_mul(*dim);
+                    if expected != Some(values.len()) {
+                        return Err(Error::LengthMismatch {
+                            variable: name(),
+                            what: "gradient values",
+                            expected: expected.unwrap_or(usize::MAX),
+                            got: values.len(),
+                        });
+                    }
+                    match ids.first_invalid(*rows) {
+                        None => {}
+                        Some((_, RawId::Negative(id))) => {
+                            return Err(Error::NegativeRowId {
+                                variable: name(),
+                                id,
+                            });
+                        }
+                        Some((_, RawId::Ok(id))) => {
+                            return Err(Error::RowIdOutOfRange {
+                                variable: name(),
+                                id,
+                                rows: *rows,
+                            });
+                        }
+                    }
+                }
+                (Kind::Table { .. }, Gradient::Dense(_)) => {
+                    return Err(Error::Sharding {
+                        reason: format!(
+                            "variable `{}` is a sharded table: its gradient must be sparse (row ids \
+                             and rows)",
+                            name()
+                        ),
+                    });
+                }
+                (Kind::Dense { numel }, Gradient::Dense(values)) => {
+                    if values.len() != *numel {
+                        return Err(Error::LengthMismatch {
+                            variable: name(),
+                            what: "gradient values",
+                            expected: *numel,
+                            got: values.len(),
+                        });
+                    }
+                }
+                (Kind::Dense { .. }, Gradient::Sparse { .. }) => {
+                    return Err(Error::Sharding {
+                        reason: format!(
+                            "variable `{}` is a replicated dense variable: its gradient must be \
+                             dense",
+                            name()
+                        ),
+                    });
+                }
+            }
+            // Dense gradients are checked once summed over ranks.
+            if let Kind::Table { .. } = v.kind {
+                self.inner.check_finite(i, &g.grad)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One sharded step: collective, every rank calls it with its own
+    /// gradients (any subset of the variables, possibly none). The step
+    /// applies on every rank or on none.
+    ///
+    /// Errors: this rank's own validation errors (the same as
+    /// [`LazyAdam::apply_gradients`], with ids checked against the whole
+    /// table), [`Error::PeerRejected`] when another rank rejected the step,
+    /// [`Error::Sharding`] when the ranks disagree on variables,
+    /// configuration or step counter, or a table gets a dense gradient,
+    /// [`Error::Collective`] when the engine fails. In every case nothing was
+    /// written on this rank.
+    pub fn step(&mut self, grads: &[ShardGradient<'_>]) -> Result<StepOutcome, Error> {
+        let nv = self.vars.len();
+        let need_sums =
+            self.inner.config.clipnorm.is_some() || self.inner.config.global_clipnorm.is_some();
+        let inv_scale = self.inner.inv_scale();
+        let base = self.inner.base_transform(inv_scale);
+        let skips = self.inner.skips_non_finite();
+
+        // This rank's verdict and contribution.
+        let mut by_var: Vec<Option<Gradient<'_>>> = vec![None; nv];
+        let local = self.contribution(grads, &mut by_var, need_sums, skips);
+        let (all, header) = self.agree("step", local)?;
+        // Checked in `contribution` (the same on every rank).
+        let rates = self.inner.step_rates()?;
+
+        // Read every rank's contribution: presence, sums, dense gradients.
+        let mut present = vec![false; nv];
+        let mut sums = vec![SquareSum::ZERO; nv];
+        let mut dense: Vec<Option<Vec<f32>>> = vec![None; nv];
+        let mut non_finite = false;
+        for (r, msg) in all.iter().enumerate() {
+            let mut rd = Reader::new(msg, r);
+            rd.take(header, "header")?;
+            for i in 0..nv {
+                if rd.u8("presence")? == 0 {
+                    continue;
+                }
+                present[i] = true;
+                match self.vars[i].kind {
+                    Kind::Table { .. } => {
+                        if need_sums {
+                            let b = rd.take(SquareSum::BYTES, "sum of squares")?;
+                            let s = SquareSum::from_bytes(b)
+                                .ok_or_else(|| rd.malformed("sum of squares"))?;
+                            sums[i].merge(&s);
+                        }
+                    }
+                    Kind::Dense { numel } => {
+                        let d = rd.dtype("dtype")?;
+                        let n = rd.count(d.size_bytes(), "dense length")?;
+                        if n != numel {
+                            return Err(rd.malformed("dense length"));
+                        }
+                        match &mut dense[i] {
+                            None => {
+                                let mut v = Vec::with_capacity(n);
+                                rd.values_f32(d, n, &mut v, "dense values")?;
+                                dense[i] = Some(v);
+                            }
+                            Some(acc) => {
+                                let mut v = Vec::with_capacity(n);
+                                rd.values_f32(d, n, &mut v, "dense values")?;
+                                acc.iter_mut().zip(&v).for_each(|(a, x)| *a += *x);
+                            }
+                        }
+                    }
+                }
+            }
+            non_finite |= rd.u8("non-finite flag")? != 0;
+            rd.finish()?;
+        }
+
+        // The summed dense gradients: the non-finite policy and sums of squares
+        // (identical on every rank).
+        for i in 0..nv {
+            if let Some(g) = &dense[i] {
+                let values = TensorRef::F32(g);
+                let grad = Gradient::Dense(values);
+                self.inner.check_finite(i, &grad)?;
+                if skips && !non_finite {
+                    non_finite = !self.inner.finite_scaled(&values, inv_scale);
+                }
+                if need_sums {
+                    sums[i] = self.inner.square_sum(&values, &base);
+                }
+            }
+        }
+        if skips && non_finite {
+            self.inner.skip_step();
+            return Ok(StepOutcome::Skipped);
+        }
+
+        // Clipping, decided from the global sums.
+        let mut transforms = vec![base; nv];
+        if let Some(c) = self.inner.config.clipnorm {
+            for i in (0..nv).filter(|&i| present[i]) {
+                clip_by_norm(&mut transforms[i], &sums[i], c);
+            }
+        }
+        if let Some(c) = self.inner.config.global_clipnorm {
+            // `clipnorm` and `global_clipnorm` exclude each other (as in
+            // Keras; the configuration refuses both), so the sums of the
+            // agreement round are the sums of the transformed values.
+            let mut total = SquareSum::ZERO;
+            for i in (0..nv).filter(|&i| present[i]) {
+                total.merge(&sums[i]);
+            }
+            clip_by_global_norm(&mut transforms, &total, c);
+        }
+
+        // Route the table rows to their owners.
+        let routed = self.route(&by_var, &present)?;
+
+        // Apply: this rank's rows of each table, and the dense replicas.
+        let mut updates = Vec::new();
+        let mut ts = Vec::new();
+        let mut rest: &mut [ShardVar] = &mut self.vars;
+        let mut i = 0;
+        while let Some((v, tail)) = rest.split_first_mut() {
+            rest = tail;
+            let k = i;
+            i += 1;
+            if !present[k] {
+                continue;
+            }
+            let grad = match (&v.kind, &routed[k], &dense[k]) {
+                (Kind::Table { .. }, Some((ids, vals)), _) => {
+                    Gradient::sparse(RowIds::U64(ids), TensorRef::F32(vals))
+                }
+                (Kind::Dense { .. }, _, Some(g)) => Gradient::dense(TensorRef::F32(g)),
+                _ => continue,
+            };
+            updates.push(Update::new(v.id, v.params.as_mut(), grad));
+            ts.push(transforms[k]);
+        }
+        // Validated by construction (ids inside this rank's rows, lengths);
+        // checked again so that a broken invariant is an error, not a panic.
+        self.inner.validate(&updates)?;
+        let mut timer = Timer::start();
+        let r = self.inner.write_step(&mut updates, &ts, rates, &mut timer);
+        timer.finish();
+        r
+    }
+
+    /// This rank's verdict on its gradients, and its message of the
+    /// agreement round: per variable a presence byte, then for a table the
+    /// exact sum of squares of its values (when clipping needs it), for a
+    /// dense variable its gradient; last, whether a value is non-finite
+    /// (under `SkipStep`). Fills `by_var` with the gradient of each variable.
+    fn contribution<'g>(
+        &mut self,
+        grads: &[ShardGradient<'g>],
+        by_var: &mut [Option<Gradient<'g>>],
+        need_sums: bool,
+        skips: bool,
+    ) -> Result<Vec<u8>, Error> {
+        self.check(grads)?;
+        self.inner.step_rates()?;
+        let inv_scale = self.inner.inv_scale();
+        let base = self.inner.base_transform(inv_scale);
+        for g in grads {
+            if let Some(i) = self.inner.index_of(g.var) {
+                by_var[i] = Some(g.grad);
+            }
+        }
+        let mut w = Writer::default();
+        let mut non_finite = false;
+        for (i, g) in by_var.iter().enumerate() {
+            let Some(g) = g else {
+                w.u8(0);
+                continue;
+            };
+            w.u8(1);
+            match (&self.vars[i].kind, g) {
+                (Kind::Table { .. }, Gradient::Sparse { values, .. }) => {
+                    if skips && !non_finite {
+                        non_finite = !self.inner.finite_scaled(values, inv_scale);
+                    }
+                    if need_sums {
+                        w.bytes(&self.inner.square_sum(values, &base).to_bytes());
+                    }
+                }
+                (Kind::Dense { .. }, Gradient::Dense(values)) => {
+                    w.dtype(values.dtype());
+                    w.u64(values.len() as u64);
+                    w.values(values, 0..values.len());
+                }
+                // Refused by `check`.
+                _ => {}
+            }
+        }
+        w.u8(non_finite as u8);
+        Ok(w.0)
+    }
+
+    /// The all-to-all of a step's sparse gradients: for each table present
+    /// anywhere, this rank's received ids (local rows) and values (f32), in
+    /// rank order.
+    #[allow(clippy::type_complexity)]
+    fn route(
+        &mut self,
+        by_var: &[Option<Gradient<'_>>],
+        present: &[bool],
+    ) -> Result<Vec<Option<(Vec<u64>, Vec<f32>)>>, Error> {
+        let nv = self.vars.len();
+        let size = self.size();
+        let any_table =
+            (0..nv).any(|i| present[i] && matches!(self.vars[i].kind, Kind::Table { .. }));
+        let mut out: Vec<Option<(Vec<u64>, Vec<f32>)>> = vec![None; nv];
+        if !any_table {
+            return Ok(out);
+        }
+        let mut send: Vec<Writer> = (0..size).map(|_| Writer::default()).collect();
+        for i in 0..nv {
+            let Kind::Table { rows, dim, .. } = self.vars[i].kind else {
+                continue;
+            };
+            if !present[i] {
+                continue;
+            }
+            let Some(Gradient::Sparse { ids, values }) = by_var[i] else {
+                send.iter_mut().for_each(|w| w.u64(0));
+                continue;
+            };
+            // Positions grouped by owner, each group in id-list order.
+            let n = ids.len();
+            let id_at = |j: usize| ids.get(j).and_then(|r| r.ok()).unwrap_or(0);
+            let mut counts = vec![0usize; size + 1];
+            for j in 0..n {
+                counts[owner_of(id_at(j), rows, size) + 1] += 1;
+            }
+            for d in 0..size {
+                counts[d + 1] += counts[d];
+            }
+            let mut order = vec![0usize; n];
+            let mut next = counts.clone();
+            for j in 0..n {
+                let o = owner_of(id_at(j), rows, size);
+                order[next[o]] = j;
+                next[o] += 1;
+            }
+            for (d, w) in send.iter_mut().enumerate() {
+                let group = &order[counts[d]..counts[d + 1]];
+                w.u64(group.len() as u64);
+                if group.is_empty() {
+                    continue;
+                }
+                w.dtype(values.dtype());
+                group.iter().for_each(|&j| w.u64(id_at(j)));
+                group
+                    .iter()
+                    .for_each(|&j| w.values(&values, j * dim..(j + 1) * dim));
+            }
+        }
+        let recv = exchanged(&mut self.comm, send.into_iter().map(|w| w.0).collect())?;
+        let mut readers: Vec<Reader<'_>> = recv
+            .iter()
+            .enumerate()
+            .map(|(r, m)| Reader::new(m, r))
+            .collect();
+        for i in 0..nv {
+            let Kind::Table {
+                dim, start, end, ..
+            } = self.vars[i].kind
+            else {
+                continue;
+            };
+            if !present[i] {
+                continue;
+            }
+            let (mut ids, mut vals) = (Vec::new(), Vec::new());
+            for rd in readers.iter_mut() {
+                let n = rd.count(8, "id count")?;
+                if n == 0 {
+                    continue;
+                }
+                let d = rd.dtype("dtype")?;
+                ids.reserve(n);
+                for _ in 0..n {
+                    let id = rd.u64("id")?;
+                    if id < start as u64 || id >= end as u64 {
+                        return Err(rd.malformed("an id this rank does not own"));
+                    }
+                    ids.push(id - start as u64);
+                }
+                let m = n
+                    .checked_mul(dim)
+                    .ok_or_else(|| rd.malformed("row count"))?;
+                rd.values_f32(d, m, &mut vals, "rows")?;
+            }
+            out[i] = Some((ids, vals));
+        }
+        for rd in &readers {
+            rd.finish()?;
+        }
+        Ok(out)
+    }
+
+    /// The current values of rows `ids` of table `var` (any rows, owned by
+    /// any rank), as f32 (exact for every storage type), row after row in
+    /// the order of `ids`. Collective: every rank calls it, each with its own
+    /// ids (possibly none). An invalid request on any rank fails the call on
+    /// every rank.
+    pub fn fetch_rows<'a>(
+        &mut self,
+        var: VarId,
+        ids: impl Into<RowIds<'a>>,
+    ) -> Result<Vec<f32>, Error> {
+        let ids: RowIds<'a> = ids.into();
+        let size = self.size();
+        let local = self.var(var).and_then(|(i, v)| match v.kind {
+            Kind::Table { rows, .. } => match ids.first_invalid(rows) {
+                None => Ok((i as u64).to_le_bytes().to_vec()),
+                Some((_, RawId::Negative(id))) => Err(Error::NegativeRowId {
+                    variable: self.inner.vars[i].info.name.clone(),
+                    id,
+                }),
+                Some((_, RawId::Ok(id))) => Err(Error::RowIdOutOfRange {
+                    variable: self.inner.vars[i].info.name.clone(),
+                    id,
+                    rows,
+                }),
+            },
+            Kind::Dense { .. } => Err(Error::Sharding {
+                reason: format!(
+                    "variable `{}` is dense (replicated): read it with params()",
+                    self.inner.vars[i].info.name
+                ),
+            }),
+        });
+        let (all, header) = self.agree("fetch", local)?;
+        let (i, _) = self.var(var)?;
+        for (r, msg) in all.iter().enumerate() {
+            let mut rd = Reader::new(msg, r);
+            rd.take(header, "header")?;
+            if rd.u64("variable")? != i as u64 {
+                return Err(Error::Sharding {
+                    reason: format!(
+                        "rank {r} fetches from another variable than rank {}",
+                        self.rank()
+                    ),
+                });
+            }
+        }
+        let Kind::Table {
+            rows,
+            dim,
+            start,
+            end,
+        } = self.vars[i].kind
+        else {
+            return Err(Error::Sharding {
+                reason: "fetch from a dense variable".into(),
+            });
+        };
+        // Requests to owners.
+        let n = ids.len();
+        let mut owner = Vec::with_capacity(n);
+        let mut send: Vec<Writer> = (0..size).map(|_| Writer::default()).collect();
+        let mut counts = vec![0u64; size];
+        for j in 0..n {
+            let id = ids.get(j).and_then(|r| r.ok()).unwrap_or(0);
+            let o = owner_of(id, rows, size);
+            owner.push(o);
+            counts[o] += 1;
+        }
+        for (d, w) in send.iter_mut().enumerate() {
+            w.u64(counts[d]);
+        }
+        for j in 0..n {
+            send[owner[j]].u64(ids.get(j).and_then(|r| r.ok()).unwrap_or(0));
+        }
+        let requests = exchanged(&mut self.comm, send.into_iter().map(|w| w.0).collect())?;
+        // Answers: the requested rows in the storage type.
+        let params = self.vars[i].params.as_ref();
+        let mut answers = Vec::with_capacity(size);
+        for (r, msg) in requests.iter().enumerate() {
+            let mut rd = Reader::new(msg, r);
+            let k = rd.count(8, "request count")?;
+            let mut w = Writer::default();
+            w.dtype(params.dtype());
+            for _ in 0..k {
+                let id = rd.u64("id")?;
+                if id < start as u64 || id >= end as u64 {
+                    return Err(rd.malformed("a request for a row this rank does not own"));
+                }
+                let at = (id as usize - start) * dim;
+                w.values(&params, at..at + dim);
+            }
+            rd.finish()?;
+            answers.push(w.0);
+        }
+        let replies = exchanged(&mut self.comm, answers)?;
+        let mut per_owner: Vec<Vec<f32>> = Vec::with_capacity(size);
+        for (r, msg) in replies.iter().enumerate() {
+            let mut rd = Reader::new(msg, r);
+            let d = rd.dtype("dtype")?;
+            let m = (counts[r] as usize)
+                .checked_mul(dim)
+                .ok_or_else(|| rd.malformed("row count"))?;
+            let mut v = Vec::with_capacity(m);
+            rd.values_f32(d, m, &mut v, "rows")?;
+            rd.finish()?;
+            per_owner.push(v);
+        }
+        let mut next = vec![0usize; size];
+        let mut out = Vec::with_capacity(n.saturating_mul(dim));
+        for &o in &owner {
+            let at = next[o] * dim;
+            out.extend_from_slice(&per_owner[o][at..at + dim]);
+            next[o] += 1;
+        }
+        Ok(out)
+    }
+}

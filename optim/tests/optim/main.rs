@@ -12,5 +12,6 @@ mod extensions;
 mod hostile;
 mod properties;
 mod schedules;
+mod shard;
 mod state;
 mod validation;
