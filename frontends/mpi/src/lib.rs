@@ -23,6 +23,32 @@
 //! Run it with `mpirun -np 4 ./program` (or alone, `./program`, as one rank:
 //! MPI's singleton initialization).
 //!
+//! With the sharded optimizer, each process registers the same tables and
+//! steps on its own batch; the optimizer holds this rank's rows:
+//!
+//! ```no_run
+//! use lazyadam::{DType, Gradient, LazyAdamConfig, ShardGradient, ShardedLazyAdam};
+//! use lazyadam_mpi::MpiCollective;
+//!
+//! # fn main() -> Result<(), lazyadam::CollectiveError> {
+//! let universe = mpi::initialize().ok_or("MPI was already initialized")?;
+//! let coll = MpiCollective::world(&universe)?;
+//! let mut opt = ShardedLazyAdam::new(LazyAdamConfig::default(), coll)?;
+//! let table = opt.add_table("emb", 1_000_000, 16, DType::F32, DType::F32)?;
+//! // This rank's batch: any rows of the whole table.
+//! let ids = [3u32, 999_999, 3];
+//! let grads = vec![0.1f32; ids.len() * 16];
+//! opt.step(&[ShardGradient::new(table, Gradient::sparse(&ids, &grads))])?;
+//! let row = opt.fetch_rows(table, &[999_999u32])?; // from whichever rank owns it
+//! # let _ = row;
+//! drop(opt); // before the Universe
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The repository's `sharded_mf` example trains a matrix factorization this
+//! way and checks the result against one process, bit for bit.
+//!
 //! # MPI's lifetime rules
 //!
 //! * MPI is initialized once per process: [`mpi::initialize`] (or

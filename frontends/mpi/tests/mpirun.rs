@@ -100,3 +100,47 @@ fn one_rank_without_mpirun() {
     let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
     assert_ok(&run(Command::new(CHECK)), 1);
 }
+
+/// The `sharded_mf` example, which `cargo test` builds beside this test's
+/// binary (`target/<profile>/examples/`).
+fn example(name: &str) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    path.is_file().then_some(path)
+}
+
+#[test]
+fn sharded_mf_is_bit_identical_on_four_ranks() {
+    if let Err(reason) = mpirun_available() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let Some(exe) = example("sharded_mf") else {
+        println!("skipped: the sharded_mf example is not built (cargo test builds it)");
+        return;
+    };
+    let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["-np", "4", "--allow-run-as-root", "--oversubscribe"])
+        .arg(&exe)
+        .args([
+            "--users", "60", "--items", "25", "--dim", "4", "--steps", "40",
+        ])
+        .args(["--batch", "64"]);
+    let out = run(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sharded_mf failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("bit-identity check: OK (4 rank(s)"),
+        "no bit-identity line in:\n{stdout}"
+    );
+}
