@@ -19,25 +19,27 @@
 //! the rows it needs from their owners, computes its gradients and takes part
 //! in the sharded step.
 //!
-//! At the end every rank's optimizer state (its checkpoint, as
-//! [`LazyAdam::to_bytes`] writes it) goes to rank 0 (and, with
-//! `--checkpoint-dir`, to `DIR/rank-R-of-N.safetensors`), and rank 0 fetches
-//! every row of both tables. Rank 0 then trains the same model in one process
-//! with [`LazyAdam`] on the concatenated batches (the bias gradient being the
-//! ranks' partial gradients summed in rank order, as the sharded step does)
-//! and compares the loss of every step, every parameter and every moment, bit
-//! for bit. It prints `bit-identity check: OK (...)`, or the first
-//! differences and exits with status 1.
+//! At the end every rank's checkpoint ([`ShardedLazyAdam::shard_to_bytes`]:
+//! its rows with their slots, the step counter and configuration) goes to
+//! rank 0 (and, with `--checkpoint-dir`, to `DIR/shard-R-of-N.lzshard`), and
+//! rank 0 fetches every row of both tables. Rank 0 then trains the same model
+//! in one process with [`LazyAdam`] on the concatenated batches (the bias
+//! gradient being the ranks' partial gradients summed in rank order, as the
+//! sharded step does) and compares the loss of every step and every
+//! parameter, bit for bit; it also loads the N ranks' checkpoints into one
+//! rank ([`ShardedLazyAdam::from_shards`], resharding N to 1) and compares
+//! every parameter and moment with the one-process run. It prints
+//! `bit-identity check: OK (...)`, or the first differences and exits with
+//! status 1.
 
 use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use lazyadam::shard::owned_rows;
 use lazyadam::{
     Collective, DType, Gradient, LazyAdam, LazyAdamConfig, LearningRate, ShardGradient,
-    ShardedLazyAdam, TensorMut, Update, WeightData, WeightTensor,
+    ShardedLazyAdam, TensorMut, ThreadCollective, Update, WeightData, WeightTensor,
 };
 use lazyadam_mpi::MpiCollective;
 use lazyadam_mpi::mpi::environment::Universe;
@@ -306,11 +308,10 @@ fn sharded(a: &Args, universe: &Universe) -> Result<(Trained, Vec<Vec<u8>>, f64)
     let seconds = start.elapsed().as_secs_f64();
 
     // Every rank's state: its checkpoint to rank 0 (and to a file of its own).
-    let state = opt.local().to_bytes()?;
+    let state = opt.shard_to_bytes()?;
     if let Some(dir) = &a.checkpoint_dir {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("rank-{rank}-of-{ranks}.safetensors"));
-        opt.local().save(&path)?;
+        opt.save_shard(dir)?;
     }
     let mut send = vec![Vec::new(); ranks];
     send[0] = state;
@@ -466,42 +467,51 @@ fn verify(
     compare("items", &got.items, &want.items, &mut diffs);
     compare("bias", &[got.bias], &[want.bias], &mut diffs);
 
-    // Moments: each rank's checkpoint holds its rows of each table, and the
-    // whole bias.
+    // The N ranks' checkpoints loaded into one rank (resharding N to 1): every
+    // parameter and moment of the one-process run.
+    let refs: Vec<&[u8]> = checkpoints.iter().map(|c| c.as_slice()).collect();
+    let one = ThreadCollective::group(1)
+        .pop()
+        .ok_or("no one-rank collective")?;
+    let loaded = ShardedLazyAdam::from_shards(&refs, one)?;
+    if loaded.iterations() != reference.iterations() {
+        println!(
+            "  loaded checkpoints: step counter {}, expected {}",
+            loaded.iterations(),
+            reference.iterations()
+        );
+        diffs += 1;
+    }
     let full = reference.get_weights();
+    let ws = loaded.local().get_weights();
     let find = |ws: &[WeightTensor], name: &str| ws.iter().find(|w| w.name == name).cloned();
-    for (r, bytes) in checkpoints.iter().enumerate() {
-        let local = LazyAdam::from_bytes(bytes)?;
-        if local.iterations() != reference.iterations() {
-            println!(
-                "  rank {r}: step counter {}, expected {}",
-                local.iterations(),
-                reference.iterations()
-            );
-            diffs += 1;
-        }
-        let ws = local.get_weights();
-        for (table, rows) in [("users", a.users), ("items", a.items), ("bias", 0)] {
-            for slot in ["m", "v"] {
-                let name = format!("{table}/{slot}");
-                let (Some(l), Some(f)) = (find(&ws, &name), find(&full, &name)) else {
-                    println!("  rank {r}: no {name} in its checkpoint or the reference");
-                    diffs += 1;
-                    continue;
-                };
-                let (Some(l), Some(f)) = (f32_data(&l), f32_data(&f)) else {
-                    println!("  rank {r}: {name} is not f32");
-                    diffs += 1;
-                    continue;
-                };
-                let part = if rows == 0 {
-                    f
-                } else {
-                    let own = owned_rows(rows, ranks, r);
-                    &f[own.start * a.dim..own.end * a.dim]
-                };
-                compare(&format!("rank {r} {name}"), l, part, &mut diffs);
-            }
+    for (name, want_params) in [
+        ("users", &want.users[..]),
+        ("items", &want.items[..]),
+        ("bias", &[want.bias][..]),
+    ] {
+        let id = loaded
+            .local()
+            .variable_id(name)
+            .ok_or("a variable is missing from the checkpoints")?;
+        let params = loaded
+            .params(id)
+            .map(|t| t.to_f32_vec())
+            .unwrap_or_default();
+        compare(&format!("loaded {name}"), &params, want_params, &mut diffs);
+        for slot in ["m", "v"] {
+            let name = format!("{name}/{slot}");
+            let (Some(l), Some(f)) = (find(&ws, &name), find(&full, &name)) else {
+                println!("  no {name} in the loaded checkpoints or the reference");
+                diffs += 1;
+                continue;
+            };
+            let (Some(l), Some(f)) = (f32_data(&l), f32_data(&f)) else {
+                println!("  {name} is not f32");
+                diffs += 1;
+                continue;
+            };
+            compare(&format!("loaded {name}"), l, f, &mut diffs);
         }
     }
     Ok(diffs)
@@ -538,7 +548,7 @@ fn run(a: &Args, universe: &Universe) -> Result<ExitCode, Failure> {
     if diffs == 0 {
         println!(
             "bit-identity check: OK ({ranks} rank(s) vs one process: {} step losses, {values} \
-             parameters and moments, {} per-rank checkpoints)",
+             parameters and moments, {} per-rank checkpoints loaded into one rank)",
             a.steps,
             checkpoints.len()
         );
