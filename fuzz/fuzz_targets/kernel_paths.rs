@@ -389,7 +389,11 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
         let (mut ab, mut ba) = (a, b);
         ab.merge(&b);
         ba.merge(&a);
-        assert!(ab == r_ex && ba == r_ex, "{:?} split sum_squares_exact", k.isa());
+        assert!(
+            ab == r_ex && ba == r_ex,
+            "{:?} split sum_squares_exact",
+            k.isa()
+        );
         let mut run = b;
         k.accumulate_squares(&mut run, ga, &c.grad);
         assert_eq!(run, r_ex, "{:?} accumulate_squares", k.isa());
@@ -397,7 +401,10 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
     check_split(&scalar);
     assert_eq!(SquareSum::from_bytes(&r_ex.to_bytes()), Some(r_ex));
     let ex = r_ex.to_f64();
-    let all_finite = input.g.iter().all(|x| transform(x.to_f32(), &c.grad).is_finite());
+    let all_finite = input
+        .g
+        .iter()
+        .all(|x| transform(x.to_f32(), &c.grad).is_finite());
     assert_eq!(r_ex.is_finite(), all_finite);
     assert!(ex >= 0.0 || ex.is_nan());
     if all_finite {
