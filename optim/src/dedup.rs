@@ -41,7 +41,40 @@ pub(crate) struct Dedup {
     tmp: Vec<u64>,
     hist: Vec<usize>,
     wide: Vec<u128>,
+    /// Scratch of [`Dedup::build_parallel`].
+    #[cfg(feature = "rayon")]
+    par: ParScratch,
 }
+
+/// Scratch of [`Dedup::build_parallel`], kept across steps.
+#[cfg(feature = "rayon")]
+#[derive(Debug, Default)]
+struct ParScratch {
+    /// Per chunk of the ids, per bucket: the chunk's keys in that bucket, in
+    /// occurrence order.
+    chunk_keys: Vec<Vec<Vec<u64>>>,
+    /// Per bucket: its sorted keys, sort scratch and distinct rows.
+    buckets: Vec<Bucket>,
+}
+
+/// One bucket (a range of rows) of [`Dedup::build_parallel`].
+#[cfg(feature = "rayon")]
+#[derive(Debug, Default)]
+struct Bucket {
+    keys: Vec<u64>,
+    tmp: Vec<u64>,
+    hist: Vec<usize>,
+    distinct: Vec<Distinct>,
+}
+
+/// Steps with fewer ids than this find their duplicates on one thread (the
+/// parallel build's fixed cost, a few rayon tasks, outweighs its gain).
+#[cfg(feature = "rayon")]
+pub(crate) const PARALLEL_MIN_IDS: usize = 8192;
+
+/// The parallel build splits the rows into `2^BUCKET_BITS` ranges.
+#[cfg(feature = "rayon")]
+const BUCKET_BITS: u32 = 8;
 
 /// Largest radix digit, in bits (2048 buckets: the histograms stay in L1).
 const MAX_DIGIT_BITS: u32 = 11;
@@ -81,68 +114,127 @@ impl Dedup {
             self.radix_sort(row_shift, row_bits);
         }
         let row_of = |x: u64| if row_bits == 0 { 0 } else { x >> row_shift };
-        let keys = &self.sorted;
-        let mut i = 0;
-        while i < n {
-            let row = row_of(keys[i]);
-            let mut j = i + 1;
-            while j < n && row_of(keys[j]) == row {
-                j += 1;
-            }
-            let count = j - i;
-            self.distinct.push(Distinct {
-                row: row as usize,
-                pos: if count == 1 {
-                    (keys[i] & pos_mask) as usize
-                } else {
-                    i
-                },
-                count,
-            });
-            i = j;
-        }
+        push_runs(&self.sorted, row_of, pos_mask, 0, &mut self.distinct);
     }
 
     /// Stable LSD radix sort of `sorted` on bits `shift..shift + key_bits`.
     fn radix_sort(&mut self, shift: u32, key_bits: u32) {
-        let passes = key_bits.div_ceil(MAX_DIGIT_BITS);
-        let digit = key_bits.div_ceil(passes);
-        let buckets = 1usize << digit;
-        let mask = (buckets - 1) as u64;
-        let n = self.sorted.len();
-        self.hist.clear();
-        self.hist.resize(passes as usize * buckets, 0);
-        // All histograms in one read of the keys.
-        for &x in &self.sorted {
-            let k = x >> shift;
-            for p in 0..passes as usize {
-                let d = ((k >> (p as u32 * digit)) & mask) as usize;
-                self.hist[p * buckets + d] += 1;
-            }
+        radix_sort(
+            &mut self.sorted,
+            &mut self.tmp,
+            &mut self.hist,
+            shift,
+            key_bits,
+        );
+    }
+
+    /// [`Dedup::build`] on up to `threads` threads, with identical results:
+    /// the rows are split into `2^BUCKET_BITS` contiguous ranges
+    /// (buckets); chunks of the ids are scattered into per-chunk buckets in
+    /// parallel, then each bucket gathers its chunks in chunk order (so its
+    /// keys stay in occurrence order), radix-sorts them on the row bits below
+    /// the bucket's and finds its runs, all buckets in parallel; the buckets'
+    /// keys and distinct rows are then copied into place in parallel. Steps
+    /// under [`PARALLEL_MIN_IDS`] ids, one-thread pools, and keys wider than
+    /// 64 bits take [`Dedup::build`].
+    #[cfg(feature = "rayon")]
+    pub(crate) fn build_parallel(
+        &mut self,
+        n: usize,
+        rows: usize,
+        id: impl Fn(usize) -> usize + Sync,
+        threads: usize,
+    ) {
+        use rayon::prelude::*;
+        let row_bits = bits(rows.saturating_sub(1) as u64);
+        let pos_bits = bits(n.saturating_sub(1) as u64);
+        if n < PARALLEL_MIN_IDS || threads < 2 || row_bits == 0 || row_bits + pos_bits > u64::BITS {
+            self.build(n, rows, id);
+            return;
         }
-        self.tmp.clear();
-        self.tmp.resize(n, 0);
-        for p in 0..passes {
-            let h = &mut self.hist[p as usize * buckets..(p as usize + 1) * buckets];
-            if h.contains(&n) {
-                // Every key has the same digit: the pass would not move anything.
-                continue;
-            }
-            let mut sum = 0usize;
-            for c in h.iter_mut() {
-                let x = *c;
-                *c = sum;
-                sum += x;
-            }
-            let s = shift + p * digit;
-            for &x in &self.sorted {
-                let d = ((x >> s) & mask) as usize;
-                let at = &mut h[d];
-                self.tmp[*at] = x;
-                *at += 1;
-            }
-            std::mem::swap(&mut self.sorted, &mut self.tmp);
+        // Here `pos_bits < 64`, since `row_bits >= 1`.
+        let pos_mask = (1u64 << pos_bits) - 1;
+        self.pos_mask = pos_mask;
+        let row_shift = pos_bits;
+        let bucket_bits = row_bits.min(BUCKET_BITS);
+        let low_bits = row_bits - bucket_bits;
+        let n_buckets = 1usize << bucket_bits;
+        let chunks = threads.saturating_mul(4).min(n);
+        let chunk_len = n.div_ceil(chunks);
+        let par = &mut self.par;
+        if par.chunk_keys.len() < chunks {
+            par.chunk_keys.resize_with(chunks, Vec::new);
         }
+        // 1. Each chunk of ids into its own buckets.
+        par.chunk_keys[..chunks]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(c, per_bucket)| {
+                per_bucket.truncate(n_buckets);
+                per_bucket.resize_with(n_buckets, Vec::new);
+                per_bucket.iter_mut().for_each(Vec::clear);
+                for i in c * chunk_len..((c + 1) * chunk_len).min(n) {
+                    let row = id(i) as u64;
+                    per_bucket[(row >> low_bits) as usize].push((row << row_shift) | i as u64);
+                }
+            });
+        let chunk_keys = &par.chunk_keys[..chunks];
+        let sizes: Vec<usize> = (0..n_buckets)
+            .map(|b| chunk_keys.iter().map(|c| c[b].len()).sum())
+            .collect();
+        // 2. Each bucket: gather in chunk order, sort, find its runs.
+        par.buckets.truncate(n_buckets);
+        par.buckets.resize_with(n_buckets, Bucket::default);
+        let mut offset = 0;
+        let offsets: Vec<usize> = sizes
+            .iter()
+            .map(|&len| {
+                let o = offset;
+                offset += len;
+                o
+            })
+            .collect();
+        par.buckets
+            .par_iter_mut()
+            .zip(offsets.par_iter())
+            .enumerate()
+            .for_each(|(b, (bucket, &offset))| {
+                let Bucket {
+                    keys,
+                    tmp,
+                    hist,
+                    distinct,
+                } = bucket;
+                keys.clear();
+                for c in chunk_keys {
+                    keys.extend_from_slice(&c[b]);
+                }
+                radix_sort(keys, tmp, hist, row_shift, low_bits);
+                distinct.clear();
+                push_runs(keys, |x| x >> row_shift, pos_mask, offset, distinct);
+            });
+        // 3. The buckets' keys and distinct rows into place. Growing writes
+        // only the new elements: the old ones are all overwritten here.
+        self.sorted.resize(n, 0);
+        let distinct_lens: Vec<usize> = par.buckets.iter().map(|b| b.distinct.len()).collect();
+        let total: usize = distinct_lens.iter().sum();
+        self.distinct.resize(
+            total,
+            Distinct {
+                row: 0,
+                pos: 0,
+                count: 0,
+            },
+        );
+        let key_outs = split_lengths(&mut self.sorted, &sizes);
+        let distinct_outs = split_lengths(&mut self.distinct, &distinct_lens);
+        par.buckets
+            .par_iter()
+            .zip(key_outs.into_par_iter().zip(distinct_outs.into_par_iter()))
+            .for_each(|(bucket, (keys, distinct))| {
+                keys.copy_from_slice(&bucket.keys);
+                distinct.copy_from_slice(&bucket.distinct);
+            });
     }
 
     /// The general case: `(row, position)` as 128-bit keys.
@@ -186,6 +278,105 @@ impl Dedup {
             count: 1,
         }));
     }
+}
+
+/// Appends the runs of equal rows of the sorted `keys` to `out`: a row
+/// occurring once records its position (`key & pos_mask`), a repeated row the
+/// index of its first key plus `offset` (where `keys` starts in
+/// [`Dedup::sorted`]).
+fn push_runs(
+    keys: &[u64],
+    row_of: impl Fn(u64) -> u64,
+    pos_mask: u64,
+    offset: usize,
+    out: &mut Vec<Distinct>,
+) {
+    let n = keys.len();
+    let mut i = 0;
+    while i < n {
+        let row = row_of(keys[i]);
+        let mut j = i + 1;
+        while j < n && row_of(keys[j]) == row {
+            j += 1;
+        }
+        let count = j - i;
+        out.push(Distinct {
+            row: row as usize,
+            pos: if count == 1 {
+                (keys[i] & pos_mask) as usize
+            } else {
+                offset + i
+            },
+            count,
+        });
+        i = j;
+    }
+}
+
+/// Stable LSD radix sort of `keys` on bits `shift..shift + key_bits`, with
+/// `tmp` and `hist` as scratch (`keys` and `tmp` may be swapped).
+fn radix_sort(
+    keys: &mut Vec<u64>,
+    tmp: &mut Vec<u64>,
+    hist: &mut Vec<usize>,
+    shift: u32,
+    key_bits: u32,
+) {
+    if key_bits == 0 {
+        return;
+    }
+    let passes = key_bits.div_ceil(MAX_DIGIT_BITS);
+    let digit = key_bits.div_ceil(passes);
+    let buckets = 1usize << digit;
+    let mask = (buckets - 1) as u64;
+    let n = keys.len();
+    hist.clear();
+    hist.resize(passes as usize * buckets, 0);
+    // All histograms in one read of the keys.
+    for &x in keys.iter() {
+        let k = x >> shift;
+        for p in 0..passes as usize {
+            let d = ((k >> (p as u32 * digit)) & mask) as usize;
+            hist[p * buckets + d] += 1;
+        }
+    }
+    tmp.clear();
+    tmp.resize(n, 0);
+    for p in 0..passes {
+        let h = &mut hist[p as usize * buckets..(p as usize + 1) * buckets];
+        if h.contains(&n) {
+            // Every key has the same digit: the pass would not move anything.
+            continue;
+        }
+        let mut sum = 0usize;
+        for c in h.iter_mut() {
+            let x = *c;
+            *c = sum;
+            sum += x;
+        }
+        let s = shift + p * digit;
+        for &x in keys.iter() {
+            let d = ((x >> s) & mask) as usize;
+            let at = &mut h[d];
+            tmp[*at] = x;
+            *at += 1;
+        }
+        std::mem::swap(keys, tmp);
+    }
+}
+
+/// Splits `s` into consecutive slices of the given lengths (which sum to at
+/// most `s.len()`).
+#[cfg(feature = "rayon")]
+fn split_lengths<'a, T>(mut s: &'a mut [T], lengths: &[usize]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(lengths.len());
+    for &len in lengths {
+        let len = len.min(s.len());
+        let (a, rest) = std::mem::take(&mut s).split_at_mut(len);
+        out.push(a);
+        s = rest;
+    }
+    out
 }
 
 /// One entry of the table of [`RowHash`].
@@ -405,6 +596,82 @@ mod tests {
                 assert_eq!(total, n);
             }
         }
+    }
+
+    /// The parallel build gives exactly the sequential build's keys and
+    /// distinct rows, for any thread count, id pattern and table size, and
+    /// when reused across steps of other sizes.
+    #[cfg(feature = "rayon")]
+    #[test]
+    fn parallel_build_matches_sequential() {
+        let n_big = PARALLEL_MIN_IDS * 3 + 17;
+        type Pattern = Box<dyn Fn(usize, usize) -> usize>;
+        let patterns: Vec<(&str, Pattern)> = vec![
+            (
+                "hashed",
+                Box::new(|i, rows| (i.wrapping_mul(2_654_435_761) >> 3) % rows),
+            ),
+            ("all equal", Box::new(|_, rows| rows - 1)),
+            ("sequential", Box::new(|i, rows| i % rows)),
+            ("descending", Box::new(|i, rows| (rows - 1) - i % rows)),
+            (
+                "hot row",
+                Box::new(|i, rows| {
+                    if i % 3 == 0 {
+                        rows / 2
+                    } else {
+                        (i * 7919) % rows
+                    }
+                }),
+            ),
+            ("strided", Box::new(|i, rows| (i << 12) % rows)),
+        ];
+        let mut seq = Dedup::default();
+        let mut reused = Dedup::default();
+        for threads in [2usize, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for rows in [
+                2usize,
+                3,
+                255,
+                256,
+                257,
+                70_000,
+                1 << 24,
+                10_000_000,
+                1 << 40,
+            ] {
+                for n in [PARALLEL_MIN_IDS, PARALLEL_MIN_IDS + 1, n_big, 100] {
+                    for (name, f) in &patterns {
+                        let ids: Vec<usize> = (0..n).map(|i| f(i, rows)).collect();
+                        seq.build(n, rows, |i| ids[i]);
+                        let mut fresh = Dedup::default();
+                        pool.install(|| {
+                            fresh.build_parallel(n, rows, |i| ids[i], threads);
+                            reused.build_parallel(n, rows, |i| ids[i], threads);
+                        });
+                        for (what, d) in [("fresh", &fresh), ("reused", &reused)] {
+                            let ctx =
+                                format!("{what} {name}, rows {rows}, n {n}, {threads} threads");
+                            assert_eq!(d.distinct, seq.distinct, "{ctx}");
+                            assert_eq!(d.sorted, seq.sorted, "{ctx}");
+                            assert_eq!(d.pos_mask, seq.pos_mask, "{ctx}");
+                        }
+                    }
+                }
+            }
+        }
+        // The sequential build is itself the reference's.
+        let ids: Vec<usize> = (0..n_big).map(|i| (i * 7919) % 70_000).collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| reused.build_parallel(n_big, 70_000, |i| ids[i], 2));
+        assert_eq!(got(&reused), reference(&ids));
     }
 
     /// `(row, positions)` of a [`RowHash`], in order of first occurrence.

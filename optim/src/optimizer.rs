@@ -844,6 +844,13 @@ impl LazyAdam {
                     rows = Rows::Hashed(&*hash);
                     hash.rows.len() * var.row_len
                 } else {
+                    #[cfg(feature = "rayon")]
+                    if threads > 1 {
+                        with_ids!(ids, |n, id| dedup.build_parallel(n, var.rows, id, threads));
+                    } else {
+                        with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
+                    }
+                    #[cfg(not(feature = "rayon"))]
                     with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
                     rows = Rows::Sorted(&*dedup);
                     dedup.distinct.len() * var.row_len
