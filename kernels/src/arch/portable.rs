@@ -19,24 +19,27 @@ fn u16x8_to_u32(p: [u16; 8]) -> u32x8 {
     u32x8::from(u16x8::new(p))
 }
 
-/// Keeps the low 16 bits of each u32 lane (every caller's lanes are already below 2^16):
-/// sign-extending shifts and one signed saturating pack on SSE2 (no `packusdw` before
-/// SSE4.1), instead of eight scalar moves.
+/// Narrows eight i32 lanes that already hold sign-extended 16-bit values (every caller's
+/// lanes do) with one signed saturating pack (`packssdw` on SSE2, `sqxtn` on NEON), which
+/// keeps such values exactly.
 #[inline(always)]
-fn u32x8_to_u16(x: u32x8) -> [u16; 8] {
-    let narrowed = i16x8::from_i32x8_truncate(bytemuck::cast::<u32x8, i32x8>(x));
-    bytemuck::cast::<i16x8, [u16; 8]>(narrowed)
+fn i32x8_to_u16(x: i32x8) -> [u16; 8] {
+    bytemuck::cast::<i16x8, [u16; 8]>(i16x8::from_i32x8_saturate(x))
 }
 
-/// bf16 narrowing on f32 bits: round to nearest-even; NaN -> high half with the quiet bit.
+/// bf16 narrowing, round to nearest-even; NaN -> its high half with the quiet bit. Returns the
+/// bf16 bits sign-extended to 32 bits (for [`i32x8_to_u16`]).
+///
+/// A NaN lane gets its quiet bit set and its low half cleared first, so the rounding add
+/// cannot carry out of the high half; the NaN test is one float compare.
 #[inline(always)]
-pub(crate) fn bf16_bits_from_f32_bits(b: u32x8) -> u32x8 {
-    let abs = b & u32x8::splat(0x7FFF_FFFF);
-    let nan = abs.simd_gt(u32x8::splat(0x7F80_0000));
-    let lsb = (b >> 16) & u32x8::splat(1);
-    let rounded = (b + u32x8::splat(0x7FFF) + lsb) >> 16;
-    let quiet = (b >> 16) | u32x8::splat(0x40);
-    nan.select(quiet, rounded)
+fn bf16_bits_from_f32(x: f32x8) -> i32x8 {
+    let b = bytemuck::cast::<f32x8, i32x8>(x);
+    let nan = bytemuck::cast::<f32x8, i32x8>(x.is_nan());
+    let b = (b & !(nan & i32x8::splat(0xFFFF))) | (nan & i32x8::splat(0x0040_0000));
+    let lsb = (b >> 16) & i32x8::splat(1);
+    // Wrapping add, then an arithmetic shift: the high half, sign-extended.
+    (b + i32x8::splat(0x7FFF) + lsb) >> 16
 }
 
 /// f16 bits -> f32 bits (exact), NaN quieted as F16C and `half` do.
@@ -55,25 +58,30 @@ fn f16_bits_to_f32(h: u32x8) -> f32x8 {
     f32x8::from_bits(bits | sign)
 }
 
-/// f32 -> f16 bits, round to nearest-even (as F16C and `half`).
+/// f32 -> f16 bits, round to nearest-even (as F16C and `half`), sign-extended to 32 bits (for
+/// [`i32x8_to_u16`]). The magnitude's bits are non-negative as i32, so every compare is a
+/// plain signed one (SSE2 has no unsigned compare).
 #[inline(always)]
-fn f32_to_f16_bits(x: f32x8) -> u32x8 {
-    let b = x.to_bits();
-    let sign = (b >> 16) & u32x8::splat(0x8000);
-    let a = b & u32x8::splat(0x7FFF_FFFF);
+fn f32_to_f16_bits(x: f32x8) -> i32x8 {
+    let b = bytemuck::cast::<f32x8, i32x8>(x);
+    // Arithmetic shift: 0xFFFF_8000 for negative lanes, 0 otherwise.
+    let sign = (b >> 16) & i32x8::splat(0xFFFF_8000_u32 as i32);
+    let a = b & i32x8::splat(0x7FFF_FFFF);
     // Inf / NaN / overflow (>= 65536).
-    let big = a.simd_gt(u32x8::splat(0x477F_FFFF));
-    let nan = a.simd_gt(u32x8::splat(0x7F80_0000));
-    let nan_bits = u32x8::splat(0x7E00) | ((a >> 13) & u32x8::splat(0x03FF));
-    let big_bits = nan.select(nan_bits, u32x8::splat(0x7C00));
+    let big = a.simd_gt(i32x8::splat(0x477F_FFFF));
+    let nan = a.simd_gt(i32x8::splat(0x7F80_0000));
+    let nan_bits = i32x8::splat(0x7E00) | ((a >> 13) & i32x8::splat(0x03FF));
+    let big_bits = nan.select(nan_bits, i32x8::splat(0x7C00));
     // Subnormal / zero result (< 2^-14): align the 10 mantissa bits at the bottom with an
     // RNE float add of 0.5 (whose ulp is 2^-24, the f16 subnormal quantum).
-    let small = u32x8::splat(0x3880_0000).simd_gt(a);
+    let small = i32x8::splat(0x3880_0000).simd_gt(a);
     let magic = f32x8::splat(0.5);
-    let small_bits = (f32x8::from_bits(a) + magic).to_bits() - magic.to_bits();
-    // Normal: rebias and round to nearest-even with an integer carry.
-    let odd = (a >> 13) & u32x8::splat(1);
-    let normal_bits = (a + u32x8::splat(0xC800_0FFF) + odd) >> 13;
+    let small_bits = bytemuck::cast::<f32x8, i32x8>(bytemuck::cast::<i32x8, f32x8>(a) + magic)
+        - bytemuck::cast::<f32x8, i32x8>(magic);
+    // Normal: rebias and round to nearest-even with an integer carry (positive for every
+    // normal lane, so the arithmetic shift is a logical one there).
+    let odd = (a >> 13) & i32x8::splat(1);
+    let normal_bits = (a + i32x8::splat(0xC800_0FFF_u32 as i32) + odd) >> 13;
     let r = big.select(big_bits, small.select(small_bits, normal_bits));
     r | sign
 }
@@ -176,7 +184,7 @@ unsafe impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn store_f16(self, p: *mut u16, x: f32x8) {
-        let h = u32x8_to_u16(f32_to_f16_bits(x));
+        let h = i32x8_to_u16(f32_to_f16_bits(x));
         // SAFETY: the caller guarantees 8 writable u16.
         unsafe { p.cast::<[u16; 8]>().write_unaligned(h) }
     }
@@ -188,7 +196,7 @@ unsafe impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn store_bf16(self, p: *mut u16, x: f32x8) {
-        let h = u32x8_to_u16(bf16_bits_from_f32_bits(x.to_bits()));
+        let h = i32x8_to_u16(bf16_bits_from_f32(x));
         // SAFETY: the caller guarantees 8 writable u16.
         unsafe { p.cast::<[u16; 8]>().write_unaligned(h) }
     }
