@@ -2,7 +2,7 @@
 //! the speed-up that leaves at more threads (Amdahl's law, a projection).
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin serial-fraction -- [--quick] [--rounds N]
+//! cargo run --release -p lazyadam-benches --bin serial-fraction -- [--quick] [--rounds N] [--workload NAME]
 //! ```
 //!
 //! Two steps of an f32 table (f32 moments, default configuration, no clipping):
@@ -148,6 +148,10 @@ fn main() -> BoxResult<()> {
         None => 3,
     }
     .max(1);
+    let only = match args.iter().position(|a| a == "--workload") {
+        Some(i) => Some(args.get(i + 1).ok_or("--workload needs a NAME")?.clone()),
+        None => None,
+    };
     let ids_table: std::collections::HashMap<String, Vec<u32>> = serde_json::from_str(IDS_JSON)?;
     let peer_ids = ids_table
         .get("sparse_1m_d64")
@@ -176,7 +180,10 @@ fn main() -> BoxResult<()> {
         serde_json::json!({"kind": "env", "threads": threads, "quick": quick, "rounds": rounds,
             "isa": lazyadam_kernels::Isa::best().name()})
     );
-    for w in &workloads {
+    for w in workloads
+        .iter()
+        .filter(|w| only.as_deref().is_none_or(|o| o == w.name))
+    {
         let mut t = table(w)?;
         let mut distinct = w.ids.clone();
         distinct.sort_unstable();
