@@ -258,6 +258,39 @@ fn scale_transform(t: &mut GradTransform, s: f32) {
     }
 }
 
+/// The checks of a sparse gradient for a table of `rows` rows of `row_len`:
+/// `values_len` is `ids.len() * row_len`, and every id is in `0..rows`.
+/// `name` gives the variable's name for the error.
+pub(crate) fn check_sparse(
+    name: impl Fn() -> String,
+    ids: &RowIds<'_>,
+    values_len: usize,
+    rows: usize,
+    row_len: usize,
+) -> Result<(), Error> {
+    let expected = ids.len().checked_mul(row_len);
+    if expected != Some(values_len) {
+        return Err(Error::LengthMismatch {
+            variable: name(),
+            what: "gradient values",
+            expected: expected.unwrap_or(usize::MAX),
+            got: values_len,
+        });
+    }
+    match ids.first_invalid(rows) {
+        None => Ok(()),
+        Some((_, RawId::Negative(id))) => Err(Error::NegativeRowId {
+            variable: name(),
+            id,
+        }),
+        Some((_, RawId::Ok(id))) => Err(Error::RowIdOutOfRange {
+            variable: name(),
+            id,
+            rows,
+        }),
+    }
+}
+
 /// Evaluates `$body` with `$n` the number of ids and `$id` an index function
 /// (`usize -> usize`) reading them in their own integer type: one copy of the
 /// body per id type, no conversion pass. The ids are already validated.
@@ -569,31 +602,7 @@ impl LazyAdam {
                     }
                 }
                 Gradient::Sparse { ids, values } => {
-                    let expected = ids.len().checked_mul(var.row_len);
-                    if expected != Some(values.len()) {
-                        return Err(Error::LengthMismatch {
-                            variable: name(),
-                            what: "gradient values",
-                            expected: expected.unwrap_or(usize::MAX),
-                            got: values.len(),
-                        });
-                    }
-                    match ids.first_invalid(var.rows) {
-                        None => {}
-                        Some((_, RawId::Negative(id))) => {
-                            return Err(Error::NegativeRowId {
-                                variable: name(),
-                                id,
-                            });
-                        }
-                        Some((_, RawId::Ok(id))) => {
-                            return Err(Error::RowIdOutOfRange {
-                                variable: name(),
-                                id,
-                                rows: var.rows,
-                            });
-                        }
-                    }
+                    check_sparse(name, ids, values.len(), var.rows, var.row_len)?;
                 }
             }
         }

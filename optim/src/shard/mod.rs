@@ -56,7 +56,7 @@ use lazyadam_kernels::{DType, SquareSum, bf16, f16};
 use crate::config::LazyAdamConfig;
 use crate::error::Error;
 use crate::extensions::Extensions;
-use crate::optimizer::{LazyAdam, clip_by_global_norm, clip_by_norm};
+use crate::optimizer::{LazyAdam, check_sparse, clip_by_global_norm, clip_by_norm};
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
 
@@ -241,34 +241,25 @@ pub struct ShardedLazyAdam<C: Collective> {
 
 /// Sends bytes and maps the engine's error.
 fn gathered<C: Collective>(comm: &mut C, local: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
-    let out = comm.all_gather(local).map_err(|source| Error::Collective {
-        op: "all_gather",
-        source,
-    })?;
-    if out.len() != comm.size() {
-        return Err(Error::Sharding {
-            reason: format!(
-                "all_gather returned {} buffers for {} ranks",
-                out.len(),
-                comm.size()
-            ),
-        });
-    }
-    Ok(out)
+    let out = comm.all_gather(local);
+    one_per_rank(comm.size(), "all_gather", out)
 }
 
 fn exchanged<C: Collective>(comm: &mut C, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Error> {
-    let out = comm.all_to_all(send).map_err(|source| Error::Collective {
-        op: "all_to_all",
-        source,
-    })?;
-    if out.len() != comm.size() {
+    let out = comm.all_to_all(send);
+    one_per_rank(comm.size(), "all_to_all", out)
+}
+
+/// A collective's result as a typed error, or its buffers if there is one per rank.
+fn one_per_rank(
+    ranks: usize,
+    op: &'static str,
+    out: Result<Vec<Vec<u8>>, CollectiveError>,
+) -> Result<Vec<Vec<u8>>, Error> {
+    let out = out.map_err(|source| Error::Collective { op, source })?;
+    if out.len() != ranks {
         return Err(Error::Sharding {
-            reason: format!(
-                "all_to_all returned {} buffers for {} ranks",
-                out.len(),
-                comm.size()
-            ),
+            reason: format!("{op} returned {} buffers for {ranks} ranks", out.len()),
         });
     }
     Ok(out)
@@ -528,31 +519,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
             }
             match (&v.kind, &g.grad) {
                 (Kind::Table { rows, dim, .. }, Gradient::Sparse { ids, values }) => {
-                    let expected = ids.len().checked_mul(*dim);
-                    if expected != Some(values.len()) {
-                        return Err(Error::LengthMismatch {
-                            variable: name(),
-                            what: "gradient values",
-                            expected: expected.unwrap_or(usize::MAX),
-                            got: values.len(),
-                        });
-                    }
-                    match ids.first_invalid(*rows) {
-                        None => {}
-                        Some((_, RawId::Negative(id))) => {
-                            return Err(Error::NegativeRowId {
-                                variable: name(),
-                                id,
-                            });
-                        }
-                        Some((_, RawId::Ok(id))) => {
-                            return Err(Error::RowIdOutOfRange {
-                                variable: name(),
-                                id,
-                                rows: *rows,
-                            });
-                        }
-                    }
+                    check_sparse(name, ids, values.len(), *rows, *dim)?;
                 }
                 (Kind::Table { .. }, Gradient::Dense(_)) => {
                     return Err(Error::Sharding {
