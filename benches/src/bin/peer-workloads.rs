@@ -89,7 +89,10 @@ struct Config {
     one_thread: bool,
 }
 
-const CONFIGS: [Config; 5] = [
+/// The storage configurations. Besides f32, the four 16-bit ones are DeepSpeed `CPUAdam`'s:
+/// bf16 or f16 parameters and gradients, with f32 moments or with moments in the parameter type
+/// (`bench_anchors.py`'s `fp32_optimizer_states=True/False`); f32 with bf16 moments is ours only.
+const CONFIGS: [Config; 7] = [
     Config {
         name: "lazyadam-f32",
         param: DType::F32,
@@ -115,6 +118,20 @@ const CONFIGS: [Config; 5] = [
         name: "lazyadam-f16-f32moments",
         param: DType::F16,
         grad: DType::F16,
+        moment: DType::F32,
+        one_thread: false,
+    },
+    Config {
+        name: "lazyadam-bf16",
+        param: DType::BF16,
+        grad: DType::BF16,
+        moment: DType::BF16,
+        one_thread: false,
+    },
+    Config {
+        name: "lazyadam-bf16-f32moments",
+        param: DType::BF16,
+        grad: DType::BF16,
         moment: DType::F32,
         one_thread: false,
     },
@@ -313,17 +330,20 @@ fn memory_per_param(cfg: &Config) -> BoxResult<(f64, f64)> {
     const N: usize = 64;
     let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
     let var = opt.add_variable("probe", &[8, 8], cfg.param, cfg.moment)?;
+    fn probe<T: Element>(opt: &mut LazyAdam, var: lazyadam::VarId) -> BoxResult<()>
+    where
+        for<'a> &'a mut [T]: Into<TensorMut<'a>>,
+        for<'a> &'a [T]: Into<TensorRef<'a>>,
+    {
+        let mut p = [T::from_f32(0.0); N];
+        let g = [T::from_f32(0.5); N];
+        opt.apply_gradients(&mut [Update::new(var, &mut p[..], Gradient::dense(&g[..]))])?;
+        Ok(())
+    }
     match (cfg.param, cfg.grad) {
-        (DType::F32, DType::F32) => {
-            let mut p = vec![0.0f32; N];
-            let g = [0.5f32; N];
-            opt.apply_gradients(&mut [Update::new(var, &mut p, Gradient::dense(&g[..]))])?;
-        }
-        (DType::F16, DType::F16) => {
-            let mut p = vec![f16::ZERO; N];
-            let g = [f16::from_f32(0.5); N];
-            opt.apply_gradients(&mut [Update::new(var, &mut p, Gradient::dense(&g[..]))])?;
-        }
+        (DType::F32, DType::F32) => probe::<f32>(&mut opt, var)?,
+        (DType::F16, DType::F16) => probe::<f16>(&mut opt, var)?,
+        (DType::BF16, DType::BF16) => probe::<bf16>(&mut opt, var)?,
         (p, g) => return Err(format!("no probe for params {p:?} / grads {g:?}").into()),
     }
     let slots = opt.slots(var).ok_or("the probe variable has no slots")?;
@@ -347,7 +367,8 @@ struct Args {
 
 const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]...\n\
     workloads: sparse_1m_d64 sparse_100k_d16 dense_16m\n\
-    configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16moments";
+    configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16\n    \
+    lazyadam-bf16-f32moments lazyadam-bf16moments";
 
 fn parse_args() -> BoxResult<Args> {
     let mut args = Args {
