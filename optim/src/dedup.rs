@@ -76,6 +76,21 @@ pub(crate) const PARALLEL_MIN_IDS: usize = 8192;
 #[cfg(feature = "rayon")]
 const BUCKET_BITS: u32 = 8;
 
+/// Buckets of the parallel build with at most this many keys are sorted by
+/// comparison (the keys are distinct, and sorting them whole orders them by
+/// row, then position, as the stable radix sort does): below it, the radix
+/// sort's histograms cost more than the keys.
+#[cfg(feature = "rayon")]
+const SMALL_SORT: usize = 256;
+
+/// Largest radix digit of the parallel build's bucket sorts, in bits. A
+/// bucket of a million-row table has 12 row bits below the bucket's: one pass
+/// of 4,096 counters rather than two of 64. With two passes, the second
+/// digit (the high bits of the row) of a skewed bucket is nearly always the
+/// same, and every increment and placement of it waits for the previous one.
+#[cfg(feature = "rayon")]
+const BUCKET_MAX_DIGIT_BITS: u32 = 12;
+
 /// Largest radix digit, in bits (2048 buckets: the histograms stay in L1).
 const MAX_DIGIT_BITS: u32 = 11;
 
@@ -125,6 +140,7 @@ impl Dedup {
             &mut self.hist,
             shift,
             key_bits,
+            MAX_DIGIT_BITS,
         );
     }
 
@@ -210,7 +226,11 @@ impl Dedup {
                 for c in chunk_keys {
                     keys.extend_from_slice(&c[b]);
                 }
-                radix_sort(keys, tmp, hist, row_shift, low_bits);
+                if keys.len() <= SMALL_SORT {
+                    keys.sort_unstable();
+                } else {
+                    radix_sort(keys, tmp, hist, row_shift, low_bits, BUCKET_MAX_DIGIT_BITS);
+                }
                 distinct.clear();
                 push_runs(keys, |x| x >> row_shift, pos_mask, offset, distinct);
             });
@@ -236,6 +256,9 @@ impl Dedup {
                 keys.copy_from_slice(&bucket.keys);
                 distinct.copy_from_slice(&bucket.distinct);
                 trim(&mut bucket.keys);
+                // Sort scratch: its contents are dead (and a bucket sorted
+                // by comparison, or found already sorted, never shortened it).
+                bucket.tmp.clear();
                 trim(&mut bucket.tmp);
                 trim(&mut bucket.distinct);
             });
@@ -317,23 +340,35 @@ fn push_runs(
     }
 }
 
-/// Stable LSD radix sort of `keys` on bits `shift..shift + key_bits`, with
-/// `tmp` and `hist` as scratch (`keys` and `tmp` may be swapped).
+/// Stable LSD radix sort of `keys` on bits `shift..shift + key_bits`, in
+/// digits of at most `max_digit_bits` bits, with `tmp` and `hist` as scratch
+/// (`keys` and `tmp` may be swapped).
 fn radix_sort(
     keys: &mut Vec<u64>,
     tmp: &mut Vec<u64>,
     hist: &mut Vec<usize>,
     shift: u32,
     key_bits: u32,
+    max_digit_bits: u32,
 ) {
     if key_bits == 0 {
         return;
     }
-    let passes = key_bits.div_ceil(MAX_DIGIT_BITS);
+    let passes = key_bits.div_ceil(max_digit_bits);
     let digit = key_bits.div_ceil(passes);
     let buckets = 1usize << digit;
     let mask = (buckets - 1) as u64;
     let n = keys.len();
+    let key_mask = u64::MAX >> (u64::BITS - key_bits.min(u64::BITS));
+    let sort_bits = |x: u64| (x >> shift) & key_mask;
+    if let Some(&first) = keys.first() {
+        // One row only (a hot row alone in its range of rows): already
+        // sorted. Checked up front, as counting it would chain every
+        // increment through one counter.
+        if keys.iter().all(|&x| sort_bits(x) == sort_bits(first)) {
+            return;
+        }
+    }
     hist.clear();
     hist.resize(passes as usize * buckets, 0);
     // All histograms in one read of the keys.
