@@ -14,6 +14,8 @@
 #   TF_PY      python with tensorflow-cpu==2.15.1, tensorflow-addons==0.23.0, numpy<2
 #              (default: $HOME/.venvs/tf/bin/python)
 #   PEERS      the shared peers' directory  (default: ../shared/peers beside the repository)
+#   QUICK=1    lazyadam's benches in quick mode (CI runs the script so; the figures are then
+#              not measurements)
 set -euo pipefail
 out=${1:?usage: sitting.sh OUT.jsonl [ROUNDS]}
 rounds=${2:-3}
@@ -26,12 +28,14 @@ tf_py=${TF_PY:-$HOME/.venvs/tf/bin/python}
 cargo build --release -q -p lazyadam-benches --bin peer-workloads --bin serial-fraction \
   --manifest-path "$root/Cargo.toml"
 bin=${CARGO_TARGET_DIR:-$root/target}/release
+quick=()
+if [ "${QUICK:-0}" = "1" ]; then quick=(--quick); fi
 
 # Runs a command; copies its JSON lines to $out tagged with the round and the source.
 tagged() {
   local round=$1 source=$2
   shift 2
-  "$@" 2>>"$out.stderr" | python3 -c '
+  "$@" 2> >(tee -a "$out.stderr" >&2) | python3 -c '
 import json, sys
 r, s = int(sys.argv[1]), sys.argv[2]
 for line in sys.stdin:
@@ -65,7 +69,7 @@ for r in $(seq 1 "$rounds"); do
   if have "$anchors_py" fbgemm_gpu fbgemm; then
     tagged "$r" fbgemm "$anchors_py" "$peers/bench_anchors.py" fbgemm sparse_1m_d64 sparse_100k_d16
   fi
-  tagged "$r" lazyadam "$bin/peer-workloads"
-  tagged "$r" serial-fraction "$bin/serial-fraction" --rounds 1
+  tagged "$r" lazyadam "$bin/peer-workloads" "${quick[@]}"
+  tagged "$r" serial-fraction "$bin/serial-fraction" --rounds 1 "${quick[@]}"
 done
 echo "sitting: lines in $out, peers' stderr (their correctness checks) in $out.stderr" >&2
