@@ -150,7 +150,7 @@ pub(crate) fn sr_bf16(x: f32, r: u64) -> u16 {
 ///
 /// Unbiased as [`sr_bf16`], including the f16 subnormal range. Magnitudes of 65536 and above
 /// (beyond the f16 grid) become infinity, as with round-to-nearest; NaN is rounded as by
-/// [`f16::from_f32`]. Below 2^-64 of an f16 subnormal step (f32 values under about 2^-88) the
+/// [`half::f16::from_f32`]. Below 2^-64 of an f16 subnormal step (f32 values under about 2^-88) the
 /// round-up probability is quantized to zero.
 #[inline(always)]
 pub(crate) fn sr_f16(x: f32, r: u64) -> u16 {
