@@ -1,5 +1,7 @@
 """Summarize a sitting written by benches/sitting.sh: per workload and implementation, the median
-step time of every round, and lazyadam's ratios against each peer taken within the same round.
+step time of every round, and each peer's time over lazyadam's taken within the same round
+(above 1: lazyadam is faster), against the configuration with the same storage (DeepSpeed's
+16-bit variants) or lazyadam-f32.
 
   python3 benches/summarize_sitting.py benches/results/SITTING.jsonl
 
@@ -8,6 +10,20 @@ Only the standard library; prints Markdown tables.
 import collections
 import json
 import sys
+
+
+# DeepSpeed's 16-bit variants (bench_anchors.py's labels) and the peer-workloads
+# configuration with the same storage; every other peer is compared with lazyadam-f32.
+COUNTERPARTS = [
+    ("bf16 params+grads+states", "lazyadam-bf16"),
+    ("bf16 params+grads, f32 states", "lazyadam-bf16-f32moments"),
+    ("f16 params+grads+states", "lazyadam-f16"),
+    ("f16 params+grads, f32 states", "lazyadam-f16-f32moments"),
+]
+
+
+def counterpart(impl):
+    return next((ours for tag, ours in COUNTERPARTS if tag in impl), "lazyadam-f32")
 
 
 def main():
@@ -26,13 +42,14 @@ def main():
         for (w, impl), by_round in sorted(times.items()):
             if w == workload:
                 print(f"| {impl} | " + " | ".join(f"{by_round.get(r, float('nan')):.4g}" for r in rounds) + " |")
-        ours = times.get((workload, "lazyadam-f32"), {})
         for (w, impl), by_round in sorted(times.items()):
             if w != workload or impl.startswith("lazyadam"):
                 continue
+            config = counterpart(impl)
+            ours = times.get((workload, config), {})
             ratios = [by_round[r] / ours[r] for r in rounds if r in ours and r in by_round]
             if ratios:
-                print(f"- lazyadam-f32 vs {impl}: {min(ratios):.2f}x-{max(ratios):.2f}x faster")
+                print(f"- {impl} / {config}, round by round: {min(ratios):.2f}x-{max(ratios):.2f}x")
     for d in lines:
         if d.get("kind") in ("serial_fraction", "stream_triad"):
             print(json.dumps(d, sort_keys=True))
