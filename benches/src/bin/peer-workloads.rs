@@ -3,8 +3,11 @@
 //! against TensorFlow Addons' LazyAdam or torch's SparseAdam can be taken in one sitting.
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]...
+//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH]
 //! ```
+//!
+//! `--isa` forces a kernel path (`scalar`, `portable`, `avx2`, `avx512`), to compare paths on one
+//! machine; the default is the best path this CPU runs.
 //!
 //! Every line on stdout is one JSON object:
 //!
@@ -31,8 +34,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use lazyadam::{
-    DType, Element, Gradient, Isa, LazyAdam, LazyAdamConfig, StepOutcome, TensorMut, TensorRef,
-    Update, bf16, f16,
+    DType, Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, StepOutcome, TensorMut,
+    TensorRef, Update, bf16, f16,
 };
 use rayon::prelude::*;
 
@@ -219,14 +222,21 @@ fn dtype_bytes(d: DType) -> usize {
 }
 
 /// Times one configuration on one workload: warm-up step, then `reps` timed steps.
-fn time_steps<P, G>(w: &Workload, cfg: &Config, ids: &[i64], reps: usize) -> BoxResult<(f64, f64)>
+fn time_steps<P, G>(
+    w: &Workload,
+    cfg: &Config,
+    ids: &[i64],
+    reps: usize,
+    isa: Option<Isa>,
+) -> BoxResult<(f64, f64)>
 where
     P: Element,
     G: Element,
     for<'a> &'a mut [P]: Into<TensorMut<'a>>,
     for<'a> &'a [G]: Into<TensorRef<'a>>,
 {
-    let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
+    let ext = Extensions::default().with_kernel(isa);
+    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext)?;
     let (shape, grad_len) = match w.dim {
         Some(d) => (vec![w.rows, d], ids.len() * d),
         None => (vec![w.rows], w.rows),
@@ -260,11 +270,17 @@ where
 }
 
 /// Dispatches on the configuration's parameter and gradient storage types.
-fn time_config(w: &Workload, cfg: &Config, ids: &[i64], reps: usize) -> BoxResult<(f64, f64)> {
+fn time_config(
+    w: &Workload,
+    cfg: &Config,
+    ids: &[i64],
+    reps: usize,
+    isa: Option<Isa>,
+) -> BoxResult<(f64, f64)> {
     match (cfg.param, cfg.grad) {
-        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps),
-        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps),
-        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps),
+        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, isa),
+        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, isa),
+        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, isa),
         (p, g) => Err(format!("no bench instantiation for params {p:?} / grads {g:?}").into()),
     }
 }
@@ -363,18 +379,22 @@ struct Args {
     quick: bool,
     workloads: Vec<String>,
     configs: Vec<String>,
+    /// A forced kernel path (`None`: the best one).
+    isa: Option<Isa>,
 }
 
-const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]...\n\
+const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH]\n\
     workloads: sparse_1m_d64 sparse_100k_d16 dense_16m\n\
     configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16\n    \
-    lazyadam-bf16-f32moments lazyadam-bf16moments";
+    lazyadam-bf16-f32moments lazyadam-bf16moments\n\
+    paths (--isa): scalar portable avx2 avx512 (default: the best this CPU runs)";
 
 fn parse_args() -> BoxResult<Args> {
     let mut args = Args {
         quick: false,
         workloads: Vec::new(),
         configs: Vec::new(),
+        isa: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -384,6 +404,17 @@ fn parse_args() -> BoxResult<Args> {
                 .workloads
                 .push(it.next().ok_or("--workload needs a NAME")?),
             "--config" => args.configs.push(it.next().ok_or("--config needs a NAME")?),
+            "--isa" => {
+                let name = it.next().ok_or("--isa needs a PATH")?;
+                let isa = Isa::ALL
+                    .into_iter()
+                    .find(|i| i.name() == name)
+                    .ok_or_else(|| format!("unknown path {name:?}\n{USAGE}"))?;
+                if !isa.is_supported() {
+                    return Err(format!("this CPU cannot run the {name} path").into());
+                }
+                args.isa = Some(isa);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -414,7 +445,7 @@ fn main() -> BoxResult<()> {
 
     print_json(serde_json::json!({
         "kind": "env",
-        "isa": Isa::best().name(),
+        "isa": args.isa.unwrap_or_else(Isa::best).name(),
         "threads": threads,
         "quick": args.quick,
     }));
@@ -466,9 +497,9 @@ fn main() -> BoxResult<()> {
         let reps = if args.quick { w.quick_reps } else { w.reps };
         for cfg in &selected_configs {
             let (median, min) = if cfg.one_thread {
-                one_pool.install(|| time_config(w, cfg, ids, reps))?
+                one_pool.install(|| time_config(w, cfg, ids, reps, args.isa))?
             } else {
-                time_config(w, cfg, ids, reps)?
+                time_config(w, cfg, ids, reps, args.isa)?
             };
             print_json(serde_json::json!({
                 "workload": w.name, "impl": cfg.name,
