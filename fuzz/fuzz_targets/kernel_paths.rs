@@ -479,8 +479,9 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
 
 /// The batched entry points on a table made of the input rows: `adam_rows` on every path
 /// gives the bits of the scalar `adam_row` applied row by row (rounding offset advanced to the
-/// row's place), `accumulate_rows` those of `accumulate_row` per slot; an out-of-range row or
-/// slot is an error that writes nothing.
+/// row's place), `accumulate_rows` those of `accumulate_row` per slot, `sum_rows_at` those of
+/// `load_row` then `accumulate_row` per picked gradient row; an out-of-range row, slot or
+/// position is an error that writes nothing.
 fn batched<P: Val, G: Val, M: Val>(
     u: &mut Unstructured<'_>,
     c: &AdamCoeffs,
@@ -564,6 +565,32 @@ fn batched<P: Val, G: Val, M: Val>(
         let e = k.accumulate_rows(&mut got, rl, &slots, &grads, &c.grad);
         assert_eq!(e.is_err(), bad, "{isa:?} accumulate_rows: {e:?}");
         assert!(same(&got, &want), "{isa:?} accumulate_rows");
+    }
+    // Positions into the `count` gradient rows; position `count` and beyond are out of range.
+    let picks = u.int_in_range(0usize..=6)?;
+    let positions: Vec<usize> = (0..picks)
+        .map(|_| u.int_in_range(0..=count + 1))
+        .collect::<Result<_>>()?;
+    let bad = positions.iter().any(|&p| p >= count);
+    let dst0: Vec<f32> = (0..rl).map(|_| fval(u)).collect::<Result<_>>()?;
+    let mut want = dst0.clone();
+    if !bad {
+        for (j, &p) in positions.iter().enumerate() {
+            let g = &grads[p * rl..(p + 1) * rl];
+            let r = if j == 0 {
+                scalar.load_row(&mut want, g, &c.grad)
+            } else {
+                scalar.accumulate_row(&mut want, g, &c.grad)
+            };
+            r.expect("equal lengths");
+        }
+    }
+    for isa in Isa::supported() {
+        let k = Kernels::new(isa).expect("supported() lists it");
+        let mut got = dst0.clone();
+        let e = k.sum_rows_at(&mut got, &grads, &positions, &c.grad);
+        assert_eq!(e.is_err(), bad, "{isa:?} sum_rows_at: {e:?}");
+        assert!(same(&got, &want), "{isa:?} sum_rows_at");
     }
     Ok(())
 }

@@ -491,7 +491,7 @@ pub enum KernelError {
     UnsupportedIsa(Isa),
     /// A row index is not below the number of rows of the table; nothing was written.
     RowOutOfRange {
-        /// Which list (`"rows"`, `"slots"`).
+        /// Which list (`"rows"`, `"slots"`, `"positions"`).
         what: &'static str,
         /// The offending index.
         row: usize,
@@ -501,7 +501,7 @@ pub enum KernelError {
     /// A table's length is not a whole number of rows, or the row length is 0 while
     /// rows are given; nothing was written.
     BadRowLength {
-        /// Which slice (`"param"`, `"acc"`).
+        /// Which slice (`"param"`, `"acc"`, `"src"`).
         what: &'static str,
         /// Its length.
         len: usize,
@@ -807,6 +807,41 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         check("src", dst.len(), src.len())?;
         arch::load_row::<G, true>(self.isa, dst, src, t);
+        Ok(())
+    }
+
+    /// Sums gradient rows picked by position into one f32 row: with `n = dst.len()`, row `p`
+    /// of `src` is `src[p * n..(p + 1) * n]`; `dst` gets the transform of the first picked row
+    /// (as [`Kernels::load_row`]), then each later one is added in order (as
+    /// [`Kernels::accumulate_row`]), with the bits of those calls. One call sums all the
+    /// occurrences of a duplicated id of a sparse gradient, prefetching the rows ahead, where
+    /// a call per occurrence would pay the dispatch and checks each time.
+    ///
+    /// With no positions nothing is written. Errors, with nothing written: `src` not a whole
+    /// number of rows (or `dst` empty while positions are given), a position not below the
+    /// number of rows of `src`.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels};
+    /// let mut dst = [0.0f32; 2];
+    /// let src = [1.0f32, 2.0, 10.0, 20.0, 100.0, 200.0]; // three rows of 2
+    /// Kernels::best().sum_rows_at(&mut dst, &src, &[2, 0], &GradTransform::default())?;
+    /// assert_eq!(dst, [101.0, 202.0]);
+    /// # Ok::<(), lazyadam_kernels::KernelError>(())
+    /// ```
+    pub fn sum_rows_at<G: Element>(
+        &self,
+        dst: &mut [f32],
+        src: &[G],
+        positions: &[usize],
+        t: &GradTransform,
+    ) -> Result<(), KernelError> {
+        let rows = table_rows("src", src.len(), dst.len(), !positions.is_empty())?;
+        check_rows("positions", positions.iter().copied(), rows)?;
+        if positions.is_empty() || dst.is_empty() {
+            return Ok(());
+        }
+        arch::sum_rows_at::<G>(self.isa, dst, src, positions, t);
         Ok(())
     }
 

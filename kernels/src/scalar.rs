@@ -334,6 +334,25 @@ pub(crate) fn accumulate_rows<G: Element>(
     }
 }
 
+/// The sum of the gradient rows at `positions` into `dst`: the first loaded, the others added
+/// in order (checked by the caller as for `simd::sum_rows_at`).
+pub(crate) fn sum_rows_at<G: Element>(
+    dst: &mut [f32],
+    src: &[G],
+    positions: &[usize],
+    t: &GradTransform,
+) {
+    let n = dst.len();
+    for (j, &p) in positions.iter().enumerate() {
+        let g = &src[p * n..(p + 1) * n];
+        if j == 0 {
+            load_row(dst, g, t);
+        } else {
+            accumulate_row(dst, g, t);
+        }
+    }
+}
+
 /// Adds the squares of `src` into the 8 lane accumulators; element `i` (counted from the start
 /// of the row, `start` being the index of `src[0]`) goes to lane `i % 8`.
 #[inline(always)]

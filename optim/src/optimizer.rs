@@ -11,8 +11,8 @@ use crate::error::{ConfigError, Error};
 use crate::extensions::{Extensions, NonFinitePolicy};
 use crate::lr::bias_corrected_lr;
 use crate::profile::{Phase, Timer};
-use crate::step::HashedScratch;
 use crate::step::{self, RowList, StepCtx, Tables, mix64};
+use crate::step::{HashedScratch, RowScratch};
 use crate::store::{Store, StoreElem, try_zeros};
 use crate::tensor::{
     Gradient, RawId, RowIds, Slots, StepOutcome, TensorMut, TensorRef, Update, VarId, VariableInfo,
@@ -49,8 +49,8 @@ pub(crate) struct LossScaleState {
 pub(crate) struct Scratch {
     pub dedup: Dedup,
     pub hash: RowHash,
-    /// Accumulator row of a duplicated id (sorted sequential path).
-    pub acc: Vec<f32>,
+    /// Buffers of the sorted sequential path.
+    pub rows: RowScratch,
     /// Buffers of the hashed path.
     pub hashed: HashedScratch,
     pub transforms: Vec<GradTransform>,
@@ -897,7 +897,7 @@ impl LazyAdam {
                 timer: &mut *timer,
             };
             let bufs = Bufs {
-                acc: &mut self.scratch.acc,
+                rows: &mut self.scratch.rows,
                 hashed: &mut self.scratch.hashed,
             };
             job.dispatch(var, &mut u.param, &u.grad.values(), bufs)?;
@@ -949,7 +949,7 @@ enum Rows<'a> {
 
 /// The scratch buffers a job writes.
 struct Bufs<'a> {
-    acc: &'a mut Vec<f32>,
+    rows: &'a mut RowScratch,
     hashed: &'a mut HashedScratch,
 }
 
@@ -1030,7 +1030,7 @@ impl Job<'_> {
             };
             match self.rows {
                 Rows::Hashed(h) => step::rows_hashed(self.ctx, tb, h, g, bufs.hashed)?,
-                Rows::Sorted(d) => step::rows(self.ctx, tb, RowList::new(d), g, bufs.acc)?,
+                Rows::Sorted(d) => step::rows(self.ctx, tb, RowList::new(d), g, bufs.rows)?,
                 Rows::Dense => {}
             }
         }

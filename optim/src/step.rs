@@ -1,7 +1,7 @@
 //! The step engine: row and dense updates on typed slices, sequential or in
 //! parallel (rayon), with per-row extensions.
 
-use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, KernelError, Kernels, Rounding};
+use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, KernelError, Kernels, Rounding};
 
 use crate::dedup::{Dedup, Distinct, RowHash};
 use crate::extensions::BiasCorrection;
@@ -225,24 +225,32 @@ impl<'a> RowList<'a> {
     }
 }
 
+/// Buffers of [`rows_seq`], kept across steps.
+#[derive(Debug, Default)]
+pub(crate) struct RowScratch {
+    /// The accumulator row of a duplicated id.
+    pub acc: Vec<f32>,
+    /// The positions of its occurrences.
+    pub pos: Vec<usize>,
+}
+
 /// Updates the distinct rows sequentially. A row occurring once takes the
 /// fused path (the transform inside `adam_row`); the occurrences of a
-/// duplicated row are summed in occurrence order into `buf` (the first
-/// loaded with `load_row`, the others added with `accumulate_row`), which
-/// then updates the row with the identity transform. Both give the same bits
-/// for a row occurring once, since the transform is the same IEEE operations
-/// either way (`load_row` then identity, or fused).
+/// duplicated row are summed in occurrence order into `sc.acc` by one
+/// `sum_rows_at` call (the first loaded as by `load_row`, the others added as
+/// by `accumulate_row`), which then updates the row with the identity
+/// transform. Both give the same bits for a row occurring once, since the
+/// transform is the same IEEE operations either way (`load_row` then
+/// identity, or fused).
 fn rows_seq<P: Element, G: Element, M: Element>(
     ctx: &StepCtx,
     tb: &mut Tables<'_, P, M>,
     list: RowList<'_>,
     values: &[G],
-    buf: &mut Vec<f32>,
+    sc: &mut RowScratch,
 ) -> Result<(), KernelError> {
     let rl = ctx.row_len;
     let t = ctx.transform;
-    // Inline summation for f32 gradients without a transform (see below).
-    let identity = G::DTYPE == DType::F32 && t == GradTransform::default();
     let grad_row = |p: usize| &values[p * rl..(p + 1) * rl];
     for (i, d) in list.distinct.iter().enumerate() {
         if let Some(ahead) = list.distinct.get(i + PREFETCH_AHEAD) {
@@ -252,36 +260,13 @@ fn rows_seq<P: Element, G: Element, M: Element>(
         if d.count == 1 {
             update_row(ctx, tb, d.row, grad_row(d.pos), t)?;
         } else {
-            if buf.len() < rl {
-                buf.resize(rl, 0.0);
-            }
-            let acc = &mut buf[..rl];
             let run = &list.sorted[d.pos..d.pos + d.count];
-            let pos = |x: u64| (x & list.pos_mask) as usize;
-            if identity {
-                // f32 values and the identity transform: `load_row` is a copy
-                // and `accumulate_row` one IEEE f32 addition per element,
-                // which plain code does with the same bits, without a kernel
-                // call per occurrence.
-                for (a, &g) in acc.iter_mut().zip(grad_row(pos(run[0]))) {
-                    *a = g.to_f32();
-                }
-            } else {
-                ctx.k.load_row(acc, grad_row(pos(run[0])), &t)?;
-            }
-            for (j, &x) in run.iter().enumerate().skip(1) {
-                if let Some(&ahead) = run.get(j + PREFETCH_AHEAD) {
-                    prefetch(values, pos(ahead) * rl, rl);
-                }
-                let src = grad_row(pos(x));
-                if identity {
-                    for (a, &g) in acc.iter_mut().zip(src) {
-                        *a += g.to_f32();
-                    }
-                } else {
-                    ctx.k.accumulate_row(acc, src, &t)?;
-                }
-            }
+            sc.pos.clear();
+            sc.pos
+                .extend(run.iter().map(|&x| (x & list.pos_mask) as usize));
+            sc.acc.resize(rl, 0.0);
+            let acc = &mut sc.acc[..rl];
+            ctx.k.sum_rows_at(acc, values, &sc.pos, &t)?;
             update_row(ctx, tb, d.row, acc, GradTransform::default())?;
         }
     }
@@ -404,21 +389,21 @@ fn hashed_par<P: Element, M: Element>(
 }
 
 /// Updates the distinct rows (in increasing row order), splitting the tables
-/// into disjoint row ranges for rayon tasks when `ctx.parallel`. `buf` is
-/// the accumulator row of the sequential path.
+/// into disjoint row ranges for rayon tasks when `ctx.parallel`. `sc` is
+/// the scratch of the sequential path.
 pub(crate) fn rows<P: Element, G: Element, M: Element>(
     ctx: &StepCtx,
     mut tb: Tables<'_, P, M>,
     list: RowList<'_>,
     values: &[G],
-    buf: &mut Vec<f32>,
+    sc: &mut RowScratch,
 ) -> Result<(), KernelError> {
     #[cfg(feature = "rayon")]
     if ctx.parallel {
         let leaf_rows = (LEAF_ELEMENTS / ctx.row_len.max(1)).max(1);
         return rows_par(ctx, tb, list, values, leaf_rows);
     }
-    rows_seq(ctx, &mut tb, list, values, buf)
+    rows_seq(ctx, &mut tb, list, values, sc)
 }
 
 #[cfg(feature = "rayon")]
@@ -431,7 +416,7 @@ fn rows_par<P: Element, G: Element, M: Element>(
 ) -> Result<(), KernelError> {
     let n = list.distinct.len();
     if n <= leaf_rows.max(1) {
-        return rows_seq(ctx, &mut tb, list, values, &mut Vec::new());
+        return rows_seq(ctx, &mut tb, list, values, &mut RowScratch::default());
     }
     // The rows are increasing: every row left of `mid` is below `split_row`.
     let mid = n / 2;

@@ -86,6 +86,22 @@ macro_rules! entry_points {
 
             /// # Safety
             ///
+            /// The CPU must support this path's features; arguments as for
+            /// `simd::sum_rows_at`.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn sum_rows_at<G: Element>(
+                dst: &mut [f32],
+                src: &[G],
+                positions: &[usize],
+                t: &GradTransform,
+            ) {
+                // SAFETY: the caller guarantees the features.
+                let s = unsafe { token() };
+                simd::sum_rows_at::<_, G>(s, dst, src, positions, t)
+            }
+
+            /// # Safety
+            ///
             /// The CPU must support this path's features.
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn load_row<G: Element, const ACC: bool>(
@@ -225,6 +241,23 @@ pub(crate) fn accumulate_rows<G: Element>(
         simd::accumulate_rows::<_, G>(portable::Portable, acc, row_len, slots, src, t),
         avx2::accumulate_rows::<G>(acc, row_len, slots, src, t),
         avx512::accumulate_rows::<G>(acc, row_len, slots, src, t)
+    )
+}
+
+#[inline]
+pub(crate) fn sum_rows_at<G: Element>(
+    isa: Isa,
+    dst: &mut [f32],
+    src: &[G],
+    positions: &[usize],
+    t: &GradTransform,
+) {
+    dispatch!(
+        isa,
+        scalar::sum_rows_at(dst, src, positions, t),
+        simd::sum_rows_at::<_, G>(portable::Portable, dst, src, positions, t),
+        avx2::sum_rows_at::<G>(dst, src, positions, t),
+        avx512::sum_rows_at::<G>(dst, src, positions, t)
     )
 }
 

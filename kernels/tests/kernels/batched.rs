@@ -1,4 +1,4 @@
-//! The batched primitives (`adam_rows`, `accumulate_rows`) on every path are bit-identical to
+//! The batched primitives (`adam_rows`, `accumulate_rows`, `sum_rows_at`) on every path are bit-identical to
 //! the scalar reference's one-row primitives applied row by row, and reject bad input
 //! without writing anything.
 
@@ -120,8 +120,46 @@ fn check_accumulate_rows<G: Element>(
     Ok(())
 }
 
+fn check_sum_rows_at<G: Element>(
+    t: &GradTransform,
+    dst: &[f32],
+    positions: &[usize],
+    src: &[f32],
+) -> Result<(), TestCaseError> {
+    let rl = dst.len();
+    let s0 = conv::<G>(src);
+    // The reference: the scalar path's one-row primitives, one call per position.
+    let mut want = dst.to_vec();
+    for (j, &p) in positions.iter().enumerate() {
+        let g = &s0[p * rl..(p + 1) * rl];
+        if j == 0 {
+            scalar().load_row(&mut want, g, t).unwrap();
+        } else {
+            scalar().accumulate_row(&mut want, g, t).unwrap();
+        }
+    }
+    for k in paths() {
+        let mut got = dst.to_vec();
+        k.sum_rows_at(&mut got, &s0, positions, t).unwrap();
+        assert_rows(&format!("{} sum_rows_at", k.isa().name()), &got, &want)?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sum_rows_at_matches_row_by_row_reference(
+        t in transform(),
+        (dst, positions, src) in (1usize..80, 1usize..12, 0usize..24).prop_flat_map(|(rl, n, k)| {
+            (row(rl), prop::collection::vec(0..n, k), row(rl * n))
+        }),
+    ) {
+        check_sum_rows_at::<f32>(&t, &dst, &positions, &src)?;
+        check_sum_rows_at::<f16>(&t, &dst, &positions, &src)?;
+        check_sum_rows_at::<bf16>(&t, &dst, &positions, &src)?;
+    }
 
     #[test]
     fn adam_rows_matches_row_by_row_reference(c in coeffs(), case in case()) {
@@ -257,6 +295,46 @@ fn accumulate_rows_rejects_bad_input_without_writing() {
         k.accumulate_rows(&mut acc, 2, &[2, 2], &src[..4], &t)
             .unwrap();
         assert_eq!(acc, [1.0, 1.0, 1.0, 1.0, 5.0, 5.0]);
+    }
+}
+
+#[test]
+fn sum_rows_at_rejects_bad_input_without_writing() {
+    let t = GradTransform::default();
+    for k in paths() {
+        let mut dst = vec![1.0f32; 2];
+        let src: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        // A bad position after good ones: nothing written, the first bad one reported.
+        assert_eq!(
+            k.sum_rows_at(&mut dst, &src, &[0, 3, usize::MAX], &t),
+            Err(KernelError::RowOutOfRange {
+                what: "positions",
+                row: 3,
+                rows: 3
+            })
+        );
+        // `src` not a whole number of rows.
+        assert_eq!(
+            k.sum_rows_at(&mut dst, &src[..5], &[0], &t),
+            Err(KernelError::BadRowLength {
+                what: "src",
+                len: 5,
+                row_len: 2
+            })
+        );
+        // An empty row with positions.
+        assert!(matches!(
+            k.sum_rows_at(&mut [], &src, &[0], &t),
+            Err(KernelError::BadRowLength { what: "src", .. })
+        ));
+        assert_eq!(dst, [1.0, 1.0]);
+        // No positions: nothing written, also on an empty source.
+        assert_eq!(k.sum_rows_at(&mut dst, &src, &[], &t), Ok(()));
+        assert_eq!(k.sum_rows_at::<f32>(&mut dst, &[], &[], &t), Ok(()));
+        assert_eq!(dst, [1.0, 1.0]);
+        // The first row is loaded (not added), the others added, repeats included.
+        k.sum_rows_at(&mut dst, &src, &[2, 0, 2], &t).unwrap();
+        assert_eq!(dst, [8.0, 11.0], "{}", k.isa().name());
     }
 }
 
