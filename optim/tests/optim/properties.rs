@@ -357,6 +357,66 @@ proptest! {
     }
 }
 
+/// Large dense variables: the parallel dense path splits them into leaves of at least 2^16
+/// elements (each takes the kernels' out-of-cache loop), at any thread count with the bits of
+/// one thread; an odd length leaves leaves of unequal sizes. With 16-bit parameters and
+/// stochastic rounding every leaf must also round with its elements' own indices.
+#[test]
+fn large_dense_variables_give_identical_bits_for_any_thread_count() {
+    use lazyadam::{Element, TensorMut, TensorRef, bf16, f16};
+    fn run<P: Element>(n: usize, moment: DType, sr: Option<u64>, threads: usize) -> Vec<u32>
+    where
+        for<'a> &'a mut [P]: Into<TensorMut<'a>>,
+        for<'a> &'a [P]: Into<TensorRef<'a>>,
+    {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let ext = Extensions::default().with_stochastic_rounding(sr);
+            let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+            let t = opt.add_variable("w", &[n], P::DTYPE, moment).unwrap();
+            let mut p: Vec<P> = (0..n)
+                .map(|i| P::from_f32(((i * 7) as f32 * 0.001).cos()))
+                .collect();
+            let g: Vec<P> = (0..n)
+                .map(|i| P::from_f32(((i * 13) as f32 * 0.002).sin() * 1e-2))
+                .collect();
+            for _ in 0..2 {
+                opt.apply_gradients(&mut [Update::new(t, &mut p[..], Gradient::dense(&g[..]))])
+                    .unwrap();
+            }
+            let s = opt.slots(t).unwrap();
+            let mut bits: Vec<u32> = p.iter().map(|x| x.to_f32().to_bits()).collect();
+            bits.extend(f32_bits(&s.m.to_f32_vec()));
+            bits.extend(f32_bits(&s.v.to_f32_vec()));
+            bits
+        })
+    }
+    let n = (1 << 18) + 4097;
+    let one = run::<f32>(n, DType::F32, None, 1);
+    assert_eq!(one, run::<f32>(n, DType::F32, None, 2), "f32");
+    assert_eq!(one, run::<f32>(n, DType::F32, None, 3), "f32, 3 threads");
+    let one = run::<f16>(n, DType::F16, Some(11), 1);
+    assert_eq!(
+        one,
+        run::<f16>(n, DType::F16, Some(11), 2),
+        "f16 with rounding"
+    );
+    assert_eq!(
+        one,
+        run::<f16>(n, DType::F16, Some(11), 3),
+        "f16 with rounding, 3 threads"
+    );
+    let one = run::<bf16>(n, DType::F32, Some(5), 1);
+    assert_eq!(
+        one,
+        run::<bf16>(n, DType::F32, Some(5), 2),
+        "bf16 with rounding"
+    );
+}
+
 /// Large tables: the parallel row path splits at row-range boundaries
 /// (including the case where every row falls in one range).
 #[test]
