@@ -1,0 +1,152 @@
+//! One sparse step shape repeated, for profilers: the ids of `sparse_1m_d64`
+//! (`../../data/workload_ids.json`, taken modulo `--rows`) over a table of `--rows` x 64, with
+//! f32 or all-f16 storage. Prints one JSON line: the median and fastest step and the mean time
+//! of each phase (`LAZYADAM_PHASE_TIMES=1` to fill them in).
+//!
+//! ```text
+//! cargo run --release -p lazyadam-benches --bin sparse-probe -- [--rows N] [--steps N] [--storage f32|f16] [--isa PATH]
+//! ```
+//!
+//! With a small `--rows` (4,096: the tables stay in cache) the step's instruction count is a
+//! repeatable figure on a noisy machine, for example the row updates' share:
+//!
+//! ```text
+//! valgrind --tool=callgrind --callgrind-out-file=cg.out \
+//!     target/release/sparse-probe --rows 4096 --steps 30 --storage f16
+//! callgrind_annotate --inclusive=yes cg.out | grep 'step::rows_seq \['
+//! ```
+//!
+//! (valgrind runs the AVX2 path: it does not emulate AVX-512.)
+
+use std::error::Error as StdError;
+use std::time::Instant;
+
+use lazyadam::{
+    Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, TensorMut, TensorRef, Update, f16,
+};
+
+const IDS_JSON: &str = include_str!("../../data/workload_ids.json");
+const DIM: usize = 64;
+
+type BoxResult<T> = Result<T, Box<dyn StdError + Send + Sync>>;
+
+struct Args {
+    rows: usize,
+    steps: usize,
+    f16: bool,
+    isa: Option<Isa>,
+}
+
+const USAGE: &str = "usage: sparse-probe [--rows N] [--steps N] [--storage f32|f16] [--isa PATH]";
+
+fn parse_args() -> BoxResult<Args> {
+    let mut a = Args {
+        rows: 1_000_000,
+        steps: 200,
+        f16: false,
+        isa: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--rows" => a.rows = value()?.parse()?,
+            "--steps" => a.steps = value()?.parse()?,
+            "--storage" => {
+                a.f16 = match value()?.as_str() {
+                    "f32" => false,
+                    "f16" => true,
+                    other => return Err(format!("unknown storage {other:?}\n{USAGE}").into()),
+                }
+            }
+            "--isa" => {
+                let name = value()?;
+                let isa = Isa::ALL
+                    .into_iter()
+                    .find(|i| i.name() == name)
+                    .ok_or_else(|| format!("unknown path {name:?}\n{USAGE}"))?;
+                if !isa.is_supported() {
+                    return Err(format!("this CPU cannot run the {name} path").into());
+                }
+                a.isa = Some(isa);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
+        }
+    }
+    if a.rows == 0 || a.steps == 0 {
+        return Err(format!("--rows and --steps must be positive\n{USAGE}").into());
+    }
+    Ok(a)
+}
+
+/// Runs the steps; returns (median ms, fastest ms).
+fn run<T: Element>(a: &Args, ids: &[i64]) -> BoxResult<(f64, f64)>
+where
+    for<'x> &'x mut [T]: Into<TensorMut<'x>>,
+    for<'x> &'x [T]: Into<TensorRef<'x>>,
+{
+    let ext = Extensions::default().with_kernel(a.isa);
+    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext)?;
+    let var = opt.add_variable("table", &[a.rows, DIM], T::DTYPE, T::DTYPE)?;
+    let mut p = vec![T::from_f32(0.01); a.rows * DIM];
+    let g: Vec<T> = (0..ids.len() * DIM)
+        .map(|i| T::from_f32(((i % 97) as f32 - 48.0) * 1e-3))
+        .collect();
+    let mut ups = [Update::new(var, &mut p[..], Gradient::sparse(ids, &g[..]))];
+    // Warm-up: creates the slots.
+    opt.apply_gradients(&mut ups)?;
+    lazyadam::phase_times();
+    let mut ms = Vec::with_capacity(a.steps);
+    for _ in 0..a.steps {
+        let t0 = Instant::now();
+        opt.apply_gradients(&mut ups)?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], ms[0]))
+}
+
+fn main() -> BoxResult<()> {
+    let a = parse_args()?;
+    let table: std::collections::HashMap<String, Vec<i64>> = serde_json::from_str(IDS_JSON)?;
+    let ids: Vec<i64> = table
+        .get("sparse_1m_d64")
+        .ok_or("workload_ids.json has no sparse_1m_d64 ids")?
+        .iter()
+        .map(|&i| i % a.rows as i64)
+        .collect();
+    let (median, min) = if a.f16 {
+        run::<f16>(&a, &ids)?
+    } else {
+        run::<f32>(&a, &ids)?
+    };
+    let (phases, steps) = lazyadam::phase_times();
+    let phases: serde_json::Map<String, serde_json::Value> = phases
+        .into_iter()
+        .map(|(k, ns)| {
+            (
+                k.to_string(),
+                (ns as f64 / steps.max(1) as f64 / 1e6).into(),
+            )
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "rows": a.rows, "dim": DIM, "ids": ids.len(), "steps": a.steps,
+            "storage": if a.f16 { "f16" } else { "f32" },
+            "isa": a.isa.unwrap_or_else(Isa::best).name(),
+            "threads": rayon::current_num_threads(),
+            "median_ms": median, "min_ms": min, "phase_mean_ms": phases,
+        })
+    );
+    Ok(())
+}
