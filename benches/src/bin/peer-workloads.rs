@@ -37,6 +37,7 @@ use lazyadam::{
     DType, Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, StepOutcome, TensorMut,
     TensorRef, Update, bf16, f16,
 };
+use lazyadam_benches::parse_isa;
 use rayon::prelude::*;
 
 /// The row ids of the sparse workloads, fixed once (Zipf(1.1)); a copy of
@@ -406,14 +407,7 @@ fn parse_args() -> BoxResult<Args> {
             "--config" => args.configs.push(it.next().ok_or("--config needs a NAME")?),
             "--isa" => {
                 let name = it.next().ok_or("--isa needs a PATH")?;
-                let isa = Isa::ALL
-                    .into_iter()
-                    .find(|i| i.name() == name)
-                    .ok_or_else(|| format!("unknown path {name:?}\n{USAGE}"))?;
-                if !isa.is_supported() {
-                    return Err(format!("this CPU cannot run the {name} path").into());
-                }
-                args.isa = Some(isa);
+                args.isa = Some(parse_isa(&name).map_err(|e| format!("{e}\n{USAGE}"))?);
             }
             "-h" | "--help" => {
                 println!("{USAGE}");

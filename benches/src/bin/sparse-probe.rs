@@ -21,6 +21,8 @@
 use std::error::Error as StdError;
 use std::time::Instant;
 
+use lazyadam_benches::parse_isa;
+
 use lazyadam::{
     Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, TensorMut, TensorRef, Update, f16,
 };
@@ -62,17 +64,7 @@ fn parse_args() -> BoxResult<Args> {
                     other => return Err(format!("unknown storage {other:?}\n{USAGE}").into()),
                 }
             }
-            "--isa" => {
-                let name = value()?;
-                let isa = Isa::ALL
-                    .into_iter()
-                    .find(|i| i.name() == name)
-                    .ok_or_else(|| format!("unknown path {name:?}\n{USAGE}"))?;
-                if !isa.is_supported() {
-                    return Err(format!("this CPU cannot run the {name} path").into());
-                }
-                a.isa = Some(isa);
-            }
+            "--isa" => a.isa = Some(parse_isa(&value()?).map_err(|e| format!("{e}\n{USAGE}"))?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
