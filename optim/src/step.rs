@@ -11,9 +11,11 @@ use crate::lr::bias_corrected_lr;
 #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
 pub(crate) const LEAF_ELEMENTS: usize = 8192;
 
-/// Smallest leaf task of the parallel dense path: the kernels' threshold for their
-/// out-of-cache loop (moments, then parameters, per chunk), so that every leaf of a large
-/// variable takes it. With leaves of [`LEAF_ELEMENTS`] no leaf did. Measured on `dense_16m`
+/// Smallest leaf task of the parallel dense path on variables of at least twice this many
+/// elements: the kernels' threshold for their out-of-cache loop (moments, then parameters,
+/// per chunk), so that every leaf of a large variable takes it. With leaves of
+/// [`LEAF_ELEMENTS`] no leaf did. Smaller variables (in cache, where the one-pass loop is
+/// the faster) keep leaves of [`LEAF_ELEMENTS`], so they still use every thread. Measured on `dense_16m`
 /// (AVX-512, `peer-workloads --workload dense_16m`, eight alternations with 8,192-element
 /// leaves): the fastest all-f16 step 3.7-5.8 ms against 4.4-7.8 ms, lower in seven of the
 /// eight; the median lower in five.
@@ -473,22 +475,57 @@ pub(crate) fn dense<P: Element, G: Element, M: Element>(
     offset: usize,
 ) -> Result<(), KernelError> {
     #[cfg(feature = "rayon")]
-    if ctx.parallel && param.len() >= 2 * DENSE_LEAF_ELEMENTS {
-        // Split in the middle, at a multiple of 64 elements.
-        let mid = (param.len() / 2).div_ceil(64) * 64;
-        if mid < param.len() {
-            let (p0, p1) = param.split_at_mut(mid);
-            let (m0, m1) = m.split_at_mut(mid);
-            let (v0, v1) = v.split_at_mut(mid);
-            let (h0, h1) = split_opt(vhat, mid);
-            let (g0, g1) = grad.split_at(mid);
-            let (a, b) = rayon::join(
-                || dense(ctx, p0, m0, v0, h0, g0, offset),
-                || dense(ctx, p1, m1, v1, h1, g1, offset + mid),
-            );
-            return a.and(b);
-        }
+    if ctx.parallel {
+        let leaf = if param.len() >= 2 * DENSE_LEAF_ELEMENTS {
+            DENSE_LEAF_ELEMENTS
+        } else {
+            LEAF_ELEMENTS
+        };
+        return dense_par(ctx, param, m, v, vhat, grad, offset, leaf);
     }
+    dense_leaf(ctx, param, m, v, vhat, grad, offset)
+}
+
+/// The parallel part of [`dense`]: halves (at a multiple of 64 elements) down
+/// to pieces under `2 * leaf` elements.
+#[cfg(feature = "rayon")]
+#[allow(clippy::too_many_arguments)]
+fn dense_par<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: Option<&mut [M]>,
+    grad: &[G],
+    offset: usize,
+    leaf: usize,
+) -> Result<(), KernelError> {
+    let mid = (param.len() / 2).div_ceil(64) * 64;
+    if param.len() < 2 * leaf || mid >= param.len() {
+        return dense_leaf(ctx, param, m, v, vhat, grad, offset);
+    }
+    let (p0, p1) = param.split_at_mut(mid);
+    let (m0, m1) = m.split_at_mut(mid);
+    let (v0, v1) = v.split_at_mut(mid);
+    let (h0, h1) = split_opt(vhat, mid);
+    let (g0, g1) = grad.split_at(mid);
+    let (a, b) = rayon::join(
+        || dense_par(ctx, p0, m0, v0, h0, g0, offset, leaf),
+        || dense_par(ctx, p1, m1, v1, h1, g1, offset + mid, leaf),
+    );
+    a.and(b)
+}
+
+/// One task's piece of [`dense`].
+fn dense_leaf<P: Element, G: Element, M: Element>(
+    ctx: &StepCtx,
+    param: &mut [P],
+    m: &mut [M],
+    v: &mut [M],
+    vhat: Option<&mut [M]>,
+    grad: &[G],
+    offset: usize,
+) -> Result<(), KernelError> {
     let mut c = ctx.base;
     c.grad = ctx.transform;
     if let Some(seed) = ctx.sr_seed {

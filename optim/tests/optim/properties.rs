@@ -357,12 +357,12 @@ proptest! {
     }
 }
 
-/// Large dense variables: the parallel dense path splits them into leaves of at least 2^16
-/// elements (each takes the kernels' out-of-cache loop), at any thread count with the bits of
-/// one thread; an odd length leaves leaves of unequal sizes. With 16-bit parameters and
+/// Dense variables: the parallel dense path splits large ones into leaves of at least 2^16
+/// elements (each takes the kernels' out-of-cache loop) and smaller ones into leaves of at
+/// least 8,192, at any thread count with the bits of one thread; an odd length leaves leaves of unequal sizes. With 16-bit parameters and
 /// stochastic rounding every leaf must also round with its elements' own indices.
 #[test]
-fn large_dense_variables_give_identical_bits_for_any_thread_count() {
+fn dense_variables_give_identical_bits_for_any_thread_count() {
     use lazyadam::{Element, TensorMut, TensorRef, bf16, f16};
     fn run<P: Element>(n: usize, moment: DType, sr: Option<u64>, threads: usize) -> Vec<u32>
     where
@@ -394,6 +394,11 @@ fn large_dense_variables_give_identical_bits_for_any_thread_count() {
             bits
         })
     }
+    // Under 2^17 elements the leaves stay small (8,192 to 16,383), so that an in-cache
+    // variable still uses every thread.
+    let n = 50_001;
+    let one = run::<f16>(n, DType::F32, Some(3), 1);
+    assert_eq!(one, run::<f16>(n, DType::F32, Some(3), 2), "50,001 f16");
     let n = (1 << 18) + 4097;
     let one = run::<f32>(n, DType::F32, None, 1);
     assert_eq!(one, run::<f32>(n, DType::F32, None, 2), "f32");
