@@ -479,6 +479,16 @@ pub(crate) fn adam_rows<S: Simd, P: Element, G: Element, M: Element>(
     }
 }
 
+/// Hints the CPU to load the `len` elements from `p` (every 64-byte line they start in
+/// from `p` on). A hint only: nothing is read, and `p` need not be in range.
+#[inline(always)]
+fn prefetch_elements<S: Simd, T>(s: S, p: *const T, len: usize) {
+    let p = p as *const u8;
+    for l in 0..(len * core::mem::size_of::<T>()).div_ceil(64) {
+        s.prefetch(p.wrapping_add(64 * l));
+    }
+}
+
 /// How many rows ahead [`adam_rows`] prefetches its table rows.
 const ROWS_AHEAD: usize = 4;
 
@@ -500,14 +510,9 @@ fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool>(
             // Rows of a large table are at random places: start their cache and TLB misses
             // early. Hints only; the addresses are in range anyway (checked by the caller).
             let at = ahead * row_len;
-            let lines = |bytes: usize| bytes.div_ceil(64);
-            for l in 0..lines(row_len * core::mem::size_of::<P>()) {
-                s.prefetch((param.as_ptr().wrapping_add(at) as *const u8).wrapping_add(64 * l));
-            }
-            for l in 0..lines(row_len * core::mem::size_of::<M>()) {
-                s.prefetch((m.as_ptr().wrapping_add(at) as *const u8).wrapping_add(64 * l));
-                s.prefetch((v.as_ptr().wrapping_add(at) as *const u8).wrapping_add(64 * l));
-            }
+            prefetch_elements(s, param.as_ptr().wrapping_add(at), row_len);
+            prefetch_elements(s, m.as_ptr().wrapping_add(at), row_len);
+            prefetch_elements(s, v.as_ptr().wrapping_add(at), row_len);
         }
         let range = r * row_len..(r + 1) * row_len;
         // The rounding index of the row's first element is its place in the table.
@@ -578,10 +583,7 @@ fn sum_rows_body<S: Simd, G: Element, const ID: bool>(
     for (j, &p) in positions.iter().enumerate() {
         if let Some(&ahead) = positions.get(j + SUM_AHEAD) {
             // Hints only (the occurrences of a row lie anywhere in `src`).
-            let at = src.as_ptr().wrapping_add(ahead.wrapping_mul(n)) as *const u8;
-            for l in 0..(n * core::mem::size_of::<G>()).div_ceil(64) {
-                s.prefetch(at.wrapping_add(64 * l));
-            }
+            prefetch_elements(s, src.as_ptr().wrapping_add(ahead.wrapping_mul(n)), n);
         }
         let g = &src[p * n..(p + 1) * n];
         if j == 0 {
