@@ -15,8 +15,8 @@ pub(crate) const LEAF_ELEMENTS: usize = 8192;
 /// elements: the kernels' threshold for their out-of-cache loop (moments, then parameters,
 /// per chunk), so that every leaf of a large variable takes it. With leaves of
 /// [`LEAF_ELEMENTS`] no leaf did. Smaller variables (in cache, where the one-pass loop is
-/// the faster) keep leaves of [`LEAF_ELEMENTS`], so they still use every thread. Measured on `dense_16m`
-/// (AVX-512, `peer-workloads --workload dense_16m`, eight alternations with 8,192-element
+/// the faster) keep leaves of at most [`LEAF_ELEMENTS`], so they still use every thread.
+/// Measured on `dense_16m` (AVX-512, `peer-workloads --workload dense_16m`, eight alternations with 8,192-element
 /// leaves): the fastest all-f16 step 3.7-5.8 ms against 4.4-7.8 ms, lower in seven of the
 /// eight; the median lower in five.
 #[cfg(feature = "rayon")]
@@ -476,18 +476,20 @@ pub(crate) fn dense<P: Element, G: Element, M: Element>(
 ) -> Result<(), KernelError> {
     #[cfg(feature = "rayon")]
     if ctx.parallel {
-        let leaf = if param.len() >= 2 * DENSE_LEAF_ELEMENTS {
-            DENSE_LEAF_ELEMENTS
+        // Large variables: halves while they are at least 2 * DENSE_LEAF_ELEMENTS long;
+        // smaller ones: while they are over LEAF_ELEMENTS long.
+        let split_above = if param.len() >= 2 * DENSE_LEAF_ELEMENTS {
+            2 * DENSE_LEAF_ELEMENTS - 1
         } else {
             LEAF_ELEMENTS
         };
-        return dense_par(ctx, param, m, v, vhat, grad, offset, leaf);
+        return dense_par(ctx, param, m, v, vhat, grad, offset, split_above);
     }
     dense_leaf(ctx, param, m, v, vhat, grad, offset)
 }
 
-/// The parallel part of [`dense`]: halves (at a multiple of 64 elements) down
-/// to pieces under `2 * leaf` elements.
+/// The parallel part of [`dense`]: halves (at a multiple of 64 elements) the
+/// pieces over `split_above` elements.
 #[cfg(feature = "rayon")]
 #[allow(clippy::too_many_arguments)]
 fn dense_par<P: Element, G: Element, M: Element>(
@@ -498,10 +500,10 @@ fn dense_par<P: Element, G: Element, M: Element>(
     vhat: Option<&mut [M]>,
     grad: &[G],
     offset: usize,
-    leaf: usize,
+    split_above: usize,
 ) -> Result<(), KernelError> {
     let mid = (param.len() / 2).div_ceil(64) * 64;
-    if param.len() < 2 * leaf || mid >= param.len() {
+    if param.len() <= split_above || mid >= param.len() {
         return dense_leaf(ctx, param, m, v, vhat, grad, offset);
     }
     let (p0, p1) = param.split_at_mut(mid);
@@ -510,8 +512,8 @@ fn dense_par<P: Element, G: Element, M: Element>(
     let (h0, h1) = split_opt(vhat, mid);
     let (g0, g1) = grad.split_at(mid);
     let (a, b) = rayon::join(
-        || dense_par(ctx, p0, m0, v0, h0, g0, offset, leaf),
-        || dense_par(ctx, p1, m1, v1, h1, g1, offset + mid, leaf),
+        || dense_par(ctx, p0, m0, v0, h0, g0, offset, split_above),
+        || dense_par(ctx, p1, m1, v1, h1, g1, offset + mid, split_above),
     );
     a.and(b)
 }

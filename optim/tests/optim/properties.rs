@@ -394,7 +394,7 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
             bits
         })
     }
-    // Under 2^17 elements the leaves stay small (8,192 to 16,383), so that an in-cache
+    // Under 2^17 elements the leaves stay small (at most 8,192), so that an in-cache
     // variable still uses every thread.
     let n = 50_001;
     let one = run::<f16>(n, DType::F32, Some(3), 1);
