@@ -37,7 +37,7 @@ use lazyadam::{
     DType, Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, StepOutcome, TensorMut,
     TensorRef, Update, bf16, f16,
 };
-use lazyadam_benches::parse_isa;
+use lazyadam_benches::{median_min_ms, parse_isa};
 use rayon::prelude::*;
 
 /// The row ids of the sparse workloads, fixed once (Zipf(1.1)); a copy of
@@ -199,13 +199,6 @@ fn normal_vec<T: Element>(n: usize, seed: u64) -> Vec<T> {
             }
         });
     out
-}
-
-/// Median and minimum of a set of durations, in milliseconds.
-fn median_min_ms(times: &mut [Duration]) -> (f64, f64) {
-    times.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    (ms(times[times.len() / 2]), ms(times[0]))
 }
 
 /// Rounds to 4 significant decimals after the point like the peers' script (`round(x, 4)`),

@@ -21,7 +21,7 @@
 use std::error::Error as StdError;
 use std::time::Instant;
 
-use lazyadam_benches::parse_isa;
+use lazyadam_benches::{median_min_ms, parse_isa};
 
 use lazyadam::{
     Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, TensorMut, TensorRef, Update, f16,
@@ -96,14 +96,13 @@ where
     // Warm-up: creates the slots.
     opt.apply_gradients(&mut ups)?;
     lazyadam::phase_times();
-    let mut ms = Vec::with_capacity(a.steps);
+    let mut times = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
         let t0 = Instant::now();
         opt.apply_gradients(&mut ups)?;
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        times.push(t0.elapsed());
     }
-    ms.sort_by(f64::total_cmp);
-    Ok((ms[ms.len() / 2], ms[0]))
+    Ok(median_min_ms(&mut times))
 }
 
 fn main() -> BoxResult<()> {
