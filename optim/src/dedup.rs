@@ -208,7 +208,7 @@ impl Dedup {
         // ranges, each sorted on the same few bits. (Measured on 1,048,576
         // Zipf-like ids over 10,000,000 rows, 2 threads: sampled boundaries
         // took 8.5-9.7 ms against 7.2-7.4 ms with equal ranges.)
-        let n_buckets = (n / BUCKET_KEYS).clamp(chunks, MAX_BUCKETS);
+        let n_buckets = (n / BUCKET_KEYS).max(chunks).min(MAX_BUCKETS);
         let bounds = &mut par.bounds;
         bounds.clear();
         let mut uniform_bits = None;
@@ -459,7 +459,7 @@ fn radix_sort(
     key_bits: u32,
     max_digit_bits: u32,
 ) {
-    if key_bits == 0 {
+    if key_bits == 0 || keys.len() < 2 {
         return;
     }
     let n = keys.len();
@@ -911,6 +911,12 @@ mod tests {
                 }
             }
         }
+        // More chunks than `MAX_BUCKETS` (a pool of over 64 threads) is fine.
+        let ids: Vec<usize> = (0..n_big).map(|i| (i * 7919) % 70_000).collect();
+        seq.build(n_big, 70_000, |i| ids[i]);
+        reused.build_parallel(n_big, 70_000, |i| ids[i], 100);
+        assert_eq!(reused.sorted, seq.sorted);
+        assert_eq!(reused.distinct, seq.distinct);
         // Steps of `MAX_BUCKETS * BUCKET_KEYS` ids and more take equal row
         // ranges instead of sampled ones.
         let n_large = MAX_BUCKETS * BUCKET_KEYS + 5;
