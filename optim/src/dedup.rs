@@ -163,15 +163,14 @@ impl Dedup {
     }
 
     /// [`Dedup::build`] on up to `threads` threads, with identical results:
-    /// the rows are split into contiguous ranges (buckets) at quantiles of
-    /// a sample of the ids, so that skewed ids (hot rows, or ids crowded in
-    /// a few row ranges) still give buckets of similar sizes; chunks of the
-    /// ids are scattered into per-chunk buckets in parallel, then each
-    /// bucket gathers its chunks in chunk order (so its keys stay in
-    /// occurrence order), radix-sorts them on their rows relative to the
-    /// bucket's first row and finds its runs, all buckets in parallel; the
-    /// buckets' keys and distinct rows are then copied into place in
-    /// parallel. Steps
+    /// the rows are split into contiguous ranges (buckets), at quantiles of
+    /// a sample of the ids (so that skewed ids still give buckets of similar
+    /// sizes) or, for large steps, into equal ranges; chunks of the ids are
+    /// scattered into per-chunk buckets in parallel, then each bucket
+    /// gathers its chunks in chunk order (so its keys stay in occurrence
+    /// order), radix-sorts them on their rows relative to the bucket's first
+    /// row, writes them into place and finds its runs, all buckets in
+    /// parallel; the buckets' distinct rows are then concatenated. Steps
     /// under [`PARALLEL_MIN_IDS`] ids, one-thread pools, and keys wider than
     /// 64 bits take [`Dedup::build`].
     #[cfg(feature = "rayon")]
@@ -465,12 +464,10 @@ fn radix_sort(
     let n = keys.len();
     let key_mask = u64::MAX >> (u64::BITS - key_bits.min(u64::BITS));
     let sort_bits = |x: u64| (x >> shift) & key_mask;
-    if let Some(&first) = keys.first() {
-        // One row only (a hot row alone in its range of rows): already
-        // sorted.
-        if keys.iter().all(|&x| sort_bits(x) == sort_bits(first)) {
-            return;
-        }
+    // One row only (a hot row alone in its range of rows): already sorted.
+    let first = sort_bits(keys[0]);
+    if keys.iter().all(|&x| sort_bits(x) == first) {
+        return;
     }
     if u32::try_from(n).is_err() {
         // Beyond the `u32` counters (32 GiB of keys). The keys are distinct
@@ -912,7 +909,8 @@ mod tests {
             }
         }
         // More chunks than `MAX_BUCKETS` (a pool of over 64 threads) is fine.
-        let ids: Vec<usize> = (0..n_big).map(|i| (i * 7919) % 70_000).collect();
+        let ids_70k: Vec<usize> = (0..n_big).map(|i| (i * 7919) % 70_000).collect();
+        let ids = &ids_70k;
         seq.build(n_big, 70_000, |i| ids[i]);
         reused.build_parallel(n_big, 70_000, |i| ids[i], 100);
         assert_eq!(reused.sorted, seq.sorted);
@@ -938,13 +936,9 @@ mod tests {
             }
         }
         // The sequential build is itself the reference's.
-        let ids: Vec<usize> = (0..n_big).map(|i| (i * 7919) % 70_000).collect();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let ids = &ids_70k;
         pool.install(|| reused.build_parallel(n_big, 70_000, |i| ids[i], 2));
-        assert_eq!(got(&reused), reference(&ids));
+        assert_eq!(got(&reused), reference(ids));
     }
 
     /// Ids that move from one row range to the next across steps (each step
@@ -959,7 +953,7 @@ mod tests {
             .build()
             .unwrap();
         let mut d = Dedup::default();
-        let width = rows >> 8;
+        let width = rows / MAX_BUCKETS;
         let retained = |d: &Dedup| -> usize {
             let chunks: usize = d.par.chunk_keys.iter().flatten().map(Vec::capacity).sum();
             let buckets: usize = d
@@ -971,7 +965,7 @@ mod tests {
             chunks + buckets
         };
         let mut most = 0;
-        for b in 0..256 {
+        for b in 0..MAX_BUCKETS {
             // Every id of this step in row range `b`.
             let ids: Vec<usize> = (0..n).map(|i| b * width + (i * 7) % width).collect();
             pool.install(|| d.build_parallel(n, rows, |i| ids[i], 2));
