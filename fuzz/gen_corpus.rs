@@ -10,7 +10,7 @@
 //! - `replay_case`: a handful of the smaller conformance cases, whole;
 //! - `checkpoint_load`: `0x00` + checkpoints saved by `LazyAdam::to_bytes` after a few steps, in
 //!   several storage configurations, and structured-mode seeds;
-//! - `kernel_paths`, `sparse_step`: deterministic pseudo-random bytes (structured inputs).
+//! - `kernel_paths`, `sparse_step`, `parallel_step`: deterministic pseudo-random bytes (structured inputs).
 //!
 //! Existing seeds with the same names are overwritten; nothing else is touched.
 
@@ -203,7 +203,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // Structured targets: pseudo-random seeds of a few sizes.
-    for target in ["kernel_paths", "sparse_step"] {
+    for target in ["kernel_paths", "sparse_step", "parallel_step"] {
         for k in 0..8u64 {
             let bytes = random_bytes(0x5EED ^ (k << 8) ^ target.len() as u64, 64 << (k % 5));
             write(&corpus.join(target), &format!("seed_{k}.bin"), &bytes)?;
