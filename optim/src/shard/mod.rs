@@ -56,7 +56,7 @@ use lazyadam_kernels::{DType, SquareSum, bf16, f16};
 use crate::config::LazyAdamConfig;
 use crate::error::Error;
 use crate::extensions::Extensions;
-use crate::optimizer::{LazyAdam, check_sparse, clip_by_global_norm, clip_by_norm};
+use crate::optimizer::{LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm};
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
 
@@ -579,10 +579,20 @@ impl<C: Collective> ShardedLazyAdam<C> {
 
         // This rank's verdict and contribution.
         let mut by_var: Vec<Option<Gradient<'_>>> = vec![None; nv];
-        let local = self.contribution(grads, &mut by_var, need_sums, skips);
+        // The step's rates are evaluated once, in `contribution`: a second
+        // evaluation (of a user schedule) could fail after the agreement on
+        // this rank alone, and the others would wait for it in the next round.
+        let (local, rates) = match self.contribution(grads, &mut by_var, need_sums, skips) {
+            Ok((payload, rates)) => (Ok(payload), Some(rates)),
+            Err(e) => (Err(e), None),
+        };
         let (all, header) = self.agree("step", local)?;
-        // Checked in `contribution` (the same on every rank).
-        let rates = self.inner.step_rates()?;
+        // `agree` fails when this rank's contribution did.
+        let Some(rates) = rates else {
+            return Err(Error::Sharding {
+                reason: "the step's rates were not evaluated".into(),
+            });
+        };
 
         // Read every rank's contribution: presence, sums, dense gradients.
         let mut present = vec![false; nv];
@@ -723,9 +733,9 @@ impl<C: Collective> ShardedLazyAdam<C> {
         by_var: &mut [Option<Gradient<'g>>],
         need_sums: bool,
         skips: bool,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<(Vec<u8>, StepRates), Error> {
         self.check(grads)?;
-        self.inner.step_rates()?;
+        let rates = self.inner.step_rates()?;
         let inv_scale = self.inner.inv_scale();
         let base = self.inner.base_transform(inv_scale);
         for g in grads {
@@ -760,7 +770,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
             }
         }
         w.u8(non_finite as u8);
-        Ok(w.0)
+        Ok((w.0, rates))
     }
 
     /// The all-to-all of a step's sparse gradients: for each table present

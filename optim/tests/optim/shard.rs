@@ -1057,3 +1057,60 @@ fn long_gradients_clip_alike_on_any_thread_count() {
         .sqrt();
     assert!(norm > 1.0);
 }
+
+/// 0.01 at every step; when `strict`, NaN when asked again about the step it was last asked
+/// about (a stateful user schedule: the trait takes `&self`). Its `Debug` (which the ranks'
+/// configuration fingerprint includes) is the same either way.
+struct OnceAStep {
+    strict: bool,
+    last: std::sync::Mutex<Option<u64>>,
+}
+
+impl std::fmt::Debug for OnceAStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnceAStep")
+    }
+}
+
+impl lazyadam::LearningRateSchedule for OnceAStep {
+    fn learning_rate(&self, step: u64) -> f32 {
+        let mut last = self.last.lock().unwrap();
+        if self.strict && *last == Some(step) {
+            return f32::NAN;
+        }
+        *last = Some(step);
+        0.01
+    }
+}
+
+#[test]
+fn a_step_asks_the_schedule_once_so_ranks_cannot_diverge() {
+    // Rank 0's schedule would fail a second evaluation of the same step; rank 1's never does.
+    // A step that evaluates the rate again after the ranks agreed would fail on rank 0 only
+    // and apply on rank 1: the group would diverge without either rank knowing.
+    let out = on_ranks(2, |comm| {
+        let r = comm.rank();
+        let mut cfg = cfg();
+        cfg.learning_rate =
+            lazyadam::LearningRate::Custom(lazyadam::CustomSchedule::new(OnceAStep {
+                strict: r == 0,
+                last: std::sync::Mutex::new(None),
+            }));
+        let (mut opt, ids, bias) = setup(&cfg, &Extensions::default(), comm);
+        let b = batch(5, 0, r);
+        let grads = [
+            ShardGradient::new(ids[0], Gradient::sparse(&b.ids[0], &b.values[0])),
+            ShardGradient::new(bias, Gradient::dense(&[1.0f32; BIAS])),
+        ];
+        let outcomes: Vec<String> = (0..3)
+            .map(|_| match opt.step(&grads) {
+                Ok(o) => format!("{o:?}"),
+                Err(e) => format!("error: {e}"),
+            })
+            .collect();
+        (outcomes, opt.iterations(), bits(opt.params(bias).unwrap()))
+    });
+    assert_eq!(out[0], out[1], "the ranks diverged");
+    assert_eq!(out[0].0, vec!["Applied"; 3], "rank 0: {:?}", out[0].0);
+    assert_eq!(out[0].1, 3);
+}
