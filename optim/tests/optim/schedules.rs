@@ -241,3 +241,54 @@ fn schedules_parse_from_keras_json() {
     let c = LazyAdamConfig::from_keras_json(json).unwrap();
     assert_eq!(c.learning_rate_at(2), 0.025);
 }
+
+/// 0.01 the first time it is asked about a step, NaN when asked about that step again.
+#[derive(Debug, Default)]
+struct OnceAStep(std::sync::Mutex<Option<u64>>);
+
+impl LearningRateSchedule for OnceAStep {
+    fn learning_rate(&self, step: u64) -> f32 {
+        let mut last = self.0.lock().unwrap();
+        if *last == Some(step) {
+            return f32::NAN;
+        }
+        *last = Some(step);
+        0.01
+    }
+}
+
+#[test]
+fn a_step_evaluates_its_schedule_once_and_uses_the_rate_it_checked() {
+    // A step that checked one evaluation of a (stateful) user schedule and used another could
+    // write with a rate nobody checked. With the schedule asked once per step, every step
+    // applies and equals the same steps with the constant rate, bit for bit.
+    use lazyadam::{CustomSchedule, DType, Gradient, LazyAdam, StepOutcome, Update};
+    let run = |lr: LearningRate| {
+        let cfg = LazyAdamConfig {
+            learning_rate: lr,
+            ..LazyAdamConfig::default()
+        };
+        let mut opt = LazyAdam::new(cfg).unwrap();
+        let id = opt
+            .add_variable("t", &[4, 2], DType::F32, DType::F32)
+            .unwrap();
+        let mut p = [0.5f32; 8];
+        let mut outcomes = Vec::new();
+        for step in 0..3u32 {
+            let ids = [step % 4, 3, step % 4];
+            let g = [0.25f32, -1.0, 2.0, 0.5, -0.75, 1.5];
+            let mut u = [Update::new(
+                id,
+                &mut p[..],
+                Gradient::sparse(&ids[..], &g[..]),
+            )];
+            outcomes.push(opt.apply_gradients(&mut u).map_err(|e| e.to_string()));
+        }
+        (outcomes, opt.iterations(), p.map(f32::to_bits))
+    };
+    let custom = run(LearningRate::Custom(CustomSchedule::new(
+        OnceAStep::default(),
+    )));
+    assert_eq!(custom.0, vec![Ok(StepOutcome::Applied); 3]);
+    assert_eq!(custom, run(LearningRate::Constant(0.01)));
+}
