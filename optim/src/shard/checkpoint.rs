@@ -316,7 +316,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
 
     /// The agreement of a load: every rank's verdict and fingerprint.
     fn agree_loaded(&mut self, local: Option<Error>) -> Result<(), Error> {
-        self.agree("load", local.map_or(Ok(Vec::new()), Err))
+        self.agree("load", local.map_or(Ok((Vec::new(), ())), Err))
             .map(|_| ())
     }
 

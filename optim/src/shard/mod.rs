@@ -457,28 +457,29 @@ impl<C: Collective> ShardedLazyAdam<C> {
     }
 
     /// Runs the agreement round: every rank's `payload` (after the status
-    /// header), or the error that fails the call on every rank.
-    fn agree(
+    /// header) and this rank's `kept` value, which goes with its payload and
+    /// is not sent; or the error that fails the call on every rank.
+    fn agree<T>(
         &mut self,
         op: &'static str,
-        local: Result<Vec<u8>, Error>,
-    ) -> Result<(Vec<Vec<u8>>, usize), Error> {
+        local: Result<(Vec<u8>, T), Error>,
+    ) -> Result<(Vec<Vec<u8>>, usize, T), Error> {
+        let fp = self.fingerprint();
         let mut w = Writer::default();
-        w.u64(self.fingerprint());
+        w.u64(fp);
         let mine = match local {
-            Ok(payload) => {
+            Ok((payload, kept)) => {
                 w.u8(OK);
                 w.bytes(&payload);
-                None
+                Ok(kept)
             }
             Err(e) => {
                 w.u8(REJECTED);
-                Some(e)
+                Err(e)
             }
         };
         let all = gathered(&mut self.comm, &w.0)?;
         let me = self.rank();
-        let fp = self.fingerprint();
         // A rank's rejection first (its message may carry no fingerprint),
         // then disagreement.
         let mut rejected = None;
@@ -489,9 +490,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 rejected = Some(r);
             }
         }
-        if let Some(e) = mine {
-            return Err(e);
-        }
+        let kept = mine?;
         if let Some(rank) = rejected {
             return Err(Error::PeerRejected { rank, op });
         }
@@ -505,7 +504,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 });
             }
         }
-        Ok((all, 9))
+        Ok((all, 9, kept))
     }
 
     /// Checks this rank's gradients against the whole tables; writes nothing.
@@ -582,17 +581,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
         // The step's rates are evaluated once, in `contribution`: a second
         // evaluation (of a user schedule) could fail after the agreement on
         // this rank alone, and the others would wait for it in the next round.
-        let (local, rates) = match self.contribution(grads, &mut by_var, need_sums, skips) {
-            Ok((payload, rates)) => (Ok(payload), Some(rates)),
-            Err(e) => (Err(e), None),
-        };
-        let (all, header) = self.agree("step", local)?;
-        // `agree` fails when this rank's contribution did.
-        let Some(rates) = rates else {
-            return Err(Error::Sharding {
-                reason: "the step's rates were not evaluated".into(),
-            });
-        };
+        let local = self.contribution(grads, &mut by_var, need_sums, skips);
+        let (all, header, rates) = self.agree("step", local)?;
 
         // Read every rank's contribution: presence, sums, dense gradients.
         let mut present = vec![false; nv];
@@ -928,7 +918,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 ),
             }),
         });
-        let (all, header) = self.agree("fetch", local)?;
+        let (all, header, ()) = self.agree("fetch", local.map(|p| (p, ())))?;
         let (i, _) = self.var(var)?;
         for (r, msg) in all.iter().enumerate() {
             let mut rd = Reader::new(msg, r);

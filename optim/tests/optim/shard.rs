@@ -2,6 +2,7 @@
 //! one process stepping on the concatenation of the ranks' batches; a rank's
 //! bad request fails the step everywhere with nothing written.
 
+use crate::schedules::OnceAStep;
 use lazyadam::shard::{owned_rows, owner_of};
 use lazyadam::{
     Collective, CollectiveError, DType, DynamicLossScale, Error, Extensions, Gradient, LazyAdam,
@@ -1058,31 +1059,6 @@ fn long_gradients_clip_alike_on_any_thread_count() {
     assert!(norm > 1.0);
 }
 
-/// 0.01 at every step; when `strict`, NaN when asked again about the step it was last asked
-/// about (a stateful user schedule: the trait takes `&self`). Its `Debug` (which the ranks'
-/// configuration fingerprint includes) is the same either way.
-struct OnceAStep {
-    strict: bool,
-    last: std::sync::Mutex<Option<u64>>,
-}
-
-impl std::fmt::Debug for OnceAStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnceAStep")
-    }
-}
-
-impl lazyadam::LearningRateSchedule for OnceAStep {
-    fn learning_rate(&self, step: u64) -> f32 {
-        let mut last = self.last.lock().unwrap();
-        if self.strict && *last == Some(step) {
-            return f32::NAN;
-        }
-        *last = Some(step);
-        0.01
-    }
-}
-
 #[test]
 fn a_step_asks_the_schedule_once_so_ranks_cannot_diverge() {
     // Rank 0's schedule would fail a second evaluation of the same step; rank 1's never does.
@@ -1092,10 +1068,7 @@ fn a_step_asks_the_schedule_once_so_ranks_cannot_diverge() {
         let r = comm.rank();
         let mut cfg = cfg();
         cfg.learning_rate =
-            lazyadam::LearningRate::Custom(lazyadam::CustomSchedule::new(OnceAStep {
-                strict: r == 0,
-                last: std::sync::Mutex::new(None),
-            }));
+            lazyadam::LearningRate::Custom(lazyadam::CustomSchedule::new(OnceAStep::new(r == 0)));
         let (mut opt, ids, bias) = setup(&cfg, &Extensions::default(), comm);
         let b = batch(5, 0, r);
         let grads = [
