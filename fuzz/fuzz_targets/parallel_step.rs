@@ -19,13 +19,13 @@ use std::sync::OnceLock;
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
     DType, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy,
-    RowIds, TensorMut, TensorRef, Update, VarId, bf16, f16,
+    RowIds, Update, VarId,
 };
 use libfuzzer_sys::fuzz_target;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 mod common;
-use common::weight_bits;
+use common::{Store, choose, weight_bits};
 
 /// Thread pools of 1, 2, 3 and 4 threads, built once (their threads never exit).
 fn pools() -> &'static [ThreadPool] {
@@ -54,10 +54,6 @@ fn next(state: &mut u64) -> u64 {
 /// True one time in `d`; false when the input has run out.
 fn one_in(u: &mut Unstructured<'_>, d: u8) -> Result<bool> {
     Ok(u.int_in_range(1..=d)? == d)
-}
-
-fn choose<T: Copy>(u: &mut Unstructured<'_>, xs: &[T]) -> Result<T> {
-    Ok(*u.choose(xs)?)
 }
 
 /// Appends `len` in-range ids (`< rows`) of one segment kind to `ids`.
@@ -116,44 +112,9 @@ fn segment(u: &mut Unstructured<'_>, rows: u64, len: usize, ids: &mut Vec<i128>)
     Ok(())
 }
 
-/// One variable's storage, in its declared dtype.
-#[derive(Clone)]
-enum Store {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-}
-
-impl Store {
-    fn from_f32(d: DType, x: &[f32]) -> Self {
-        match d {
-            DType::F32 => Store::F32(x.to_vec()),
-            DType::F16 => Store::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
-            DType::BF16 => Store::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
-        }
-    }
-    fn as_mut(&mut self) -> TensorMut<'_> {
-        match self {
-            Store::F32(v) => TensorMut::from(&mut v[..]),
-            Store::F16(v) => TensorMut::from(&mut v[..]),
-            Store::BF16(v) => TensorMut::from(&mut v[..]),
-        }
-    }
-    fn as_ref(&self) -> TensorRef<'_> {
-        match self {
-            Store::F32(v) => TensorRef::from(&v[..]),
-            Store::F16(v) => TensorRef::from(&v[..]),
-            Store::BF16(v) => TensorRef::from(&v[..]),
-        }
-    }
-    fn bits(&self) -> Vec<u32> {
-        match self {
-            Store::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
-            Store::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
-            Store::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
-        }
-    }
-}
+/// The step counter, the optimizer's weights as bits ([`weight_bits`]), and the parameters'
+/// bits.
+type State = (u64, Vec<(String, Vec<usize>, Vec<u64>)>, Vec<Vec<u32>>);
 
 /// One optimizer and its variables' parameters.
 struct Run {
@@ -163,7 +124,7 @@ struct Run {
 }
 
 impl Run {
-    fn state(&self) -> (u64, Vec<(String, Vec<usize>, Vec<u64>)>, Vec<Vec<u32>>) {
+    fn state(&self) -> State {
         (
             self.opt.iterations(),
             weight_bits(&self.opt),
@@ -272,24 +233,34 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         let moment = choose(u, &[DType::F32, DType::F32, DType::F16, DType::BF16])?;
         shapes.push((rows, row_len, dtype, moment));
     }
+    // The initial parameters, in each variable's dtype (the same for both runs).
+    let init: Vec<Store> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, &(rows, row_len, dtype, _))| {
+            let mut s = k as u64;
+            let x: Vec<f32> = (0..rows as usize * row_len)
+                .map(|_| (next(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                .collect();
+            Store::from_f32(dtype, &x)
+        })
+        .collect();
     let make = || -> Run {
         let mut opt =
             LazyAdam::with_extensions(config.clone(), ext.clone()).expect("a valid configuration");
-        let mut vars = Vec::new();
-        let mut params = Vec::new();
-        for (k, &(rows, row_len, dtype, moment)) in shapes.iter().enumerate() {
-            let n = rows as usize * row_len;
-            vars.push(
+        let vars = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, &(rows, row_len, dtype, moment))| {
                 opt.add_variable(&format!("v{k}"), &[rows as usize, row_len], dtype, moment)
-                    .expect("a valid variable"),
-            );
-            let mut s = k as u64;
-            let init: Vec<f32> = (0..n)
-                .map(|_| (next(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-                .collect();
-            params.push(Store::from_f32(dtype, &init));
+                    .expect("a valid variable")
+            })
+            .collect();
+        Run {
+            opt,
+            vars,
+            params: init.clone(),
         }
-        Run { opt, vars, params }
     };
     let pools = pools();
     let mut runs = [make(), make()];

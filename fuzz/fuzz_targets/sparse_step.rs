@@ -30,62 +30,9 @@ use lazyadam::{
 use libfuzzer_sys::fuzz_target;
 
 mod common;
-use common::weight_bits;
+use common::{Store, choose, weight_bits};
 
 const ULP: f64 = 1.2e-7; // 2^-23, a little rounded up
-
-/// Owned parameter storage of one variable, in its declared dtype.
-#[derive(Clone, Debug)]
-enum Store {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-}
-
-impl Store {
-    fn zeros(d: DType, n: usize) -> Self {
-        match d {
-            DType::F32 => Store::F32(vec![0.0; n]),
-            DType::F16 => Store::F16(vec![f16::ZERO; n]),
-            DType::BF16 => Store::BF16(vec![bf16::ZERO; n]),
-        }
-    }
-    fn from_f32(d: DType, x: &[f32]) -> Self {
-        match d {
-            DType::F32 => Store::F32(x.to_vec()),
-            DType::F16 => Store::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
-            DType::BF16 => Store::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
-        }
-    }
-    fn as_mut(&mut self) -> TensorMut<'_> {
-        match self {
-            Store::F32(v) => TensorMut::from(&mut v[..]),
-            Store::F16(v) => TensorMut::from(&mut v[..]),
-            Store::BF16(v) => TensorMut::from(&mut v[..]),
-        }
-    }
-    fn as_ref(&self) -> TensorRef<'_> {
-        match self {
-            Store::F32(v) => TensorRef::from(&v[..]),
-            Store::F16(v) => TensorRef::from(&v[..]),
-            Store::BF16(v) => TensorRef::from(&v[..]),
-        }
-    }
-    fn bits(&self) -> Vec<u32> {
-        match self {
-            Store::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
-            Store::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
-            Store::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
-        }
-    }
-    fn f32s(&self) -> Vec<f32> {
-        match self {
-            Store::F32(v) => v.clone(),
-            Store::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Store::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-}
 
 fn tensor_bits(t: &TensorRef<'_>) -> Vec<u32> {
     match t {
@@ -154,10 +101,6 @@ fn gval(u: &mut Unstructured<'_>) -> Result<f32> {
         2 => u.arbitrary::<i16>()? as f32 * 1e-6,
         _ => u.int_in_range(-64i8..=64)? as f32 / 16.0,
     })
-}
-
-fn choose<T: Copy>(u: &mut Unstructured<'_>, xs: &[T]) -> Result<T> {
-    Ok(xs[u.choose_index(xs.len())?])
 }
 
 /// One gradient's ids in each id type.

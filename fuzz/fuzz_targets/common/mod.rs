@@ -1,7 +1,9 @@
 //! Helpers shared by the fuzz targets (a module, not a target: cargo-fuzz builds only the
-//! `[[bin]]`s of `Cargo.toml`).
+//! `[[bin]]`s of `Cargo.toml`). Each target uses a part of it.
+#![allow(dead_code)]
 
-use lazyadam::{LazyAdam, WeightData};
+use arbitrary::{Result, Unstructured};
+use lazyadam::{DType, LazyAdam, TensorMut, TensorRef, WeightData, bf16, f16};
 
 /// The optimizer's weights as raw bits, so that NaN compares equal to the same NaN: a step
 /// that must change nothing is checked byte for byte.
@@ -20,4 +22,62 @@ pub fn weight_bits(opt: &LazyAdam) -> Vec<(String, Vec<usize>, Vec<u64>)> {
             (w.name, w.shape, bits)
         })
         .collect()
+}
+
+/// Owned parameter storage of one variable, in its declared dtype.
+#[derive(Clone, Debug)]
+pub enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Store {
+    pub fn zeros(d: DType, n: usize) -> Self {
+        match d {
+            DType::F32 => Store::F32(vec![0.0; n]),
+            DType::F16 => Store::F16(vec![f16::ZERO; n]),
+            DType::BF16 => Store::BF16(vec![bf16::ZERO; n]),
+        }
+    }
+    pub fn from_f32(d: DType, x: &[f32]) -> Self {
+        match d {
+            DType::F32 => Store::F32(x.to_vec()),
+            DType::F16 => Store::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
+            DType::BF16 => Store::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
+        }
+    }
+    pub fn as_mut(&mut self) -> TensorMut<'_> {
+        match self {
+            Store::F32(v) => TensorMut::from(&mut v[..]),
+            Store::F16(v) => TensorMut::from(&mut v[..]),
+            Store::BF16(v) => TensorMut::from(&mut v[..]),
+        }
+    }
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        match self {
+            Store::F32(v) => TensorRef::from(&v[..]),
+            Store::F16(v) => TensorRef::from(&v[..]),
+            Store::BF16(v) => TensorRef::from(&v[..]),
+        }
+    }
+    pub fn bits(&self) -> Vec<u32> {
+        match self {
+            Store::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+            Store::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+            Store::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+        }
+    }
+    pub fn f32s(&self) -> Vec<f32> {
+        match self {
+            Store::F32(v) => v.clone(),
+            Store::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Store::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+/// One of `xs`, chosen by the input.
+pub fn choose<T: Copy>(u: &mut Unstructured<'_>, xs: &[T]) -> Result<T> {
+    Ok(xs[u.choose_index(xs.len())?])
 }
