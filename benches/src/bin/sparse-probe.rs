@@ -3,8 +3,14 @@
 //! f32 or all-f16 storage. Prints one JSON line: the median and fastest step and the mean time
 //! of each phase (`LAZYADAM_PHASE_TIMES=1` to fill them in).
 //!
+//! `--huge-table` advises the parameter table for transparent huge pages (the optimizer's
+//! slots already are). `--rotate` shifts every id by a new offset each step: the duplicate
+//! structure stays the same, but the rows were not touched by recent steps, so they come from
+//! memory instead of the cache that the repeated ids of the peer workload keep them in.
+//!
 //! ```text
 //! cargo run --release -p lazyadam-benches --bin sparse-probe -- [--rows N] [--steps N] [--storage f32|f16] [--isa PATH]
+//!     [--huge-table] [--rotate]
 //! ```
 //!
 //! With a small `--rows` (4,096: the tables stay in cache) the step's instruction count is a
@@ -37,9 +43,12 @@ struct Args {
     steps: usize,
     f16: bool,
     isa: Option<Isa>,
+    huge: bool,
+    rotate: bool,
 }
 
-const USAGE: &str = "usage: sparse-probe [--rows N] [--steps N] [--storage f32|f16] [--isa PATH]";
+const USAGE: &str = "usage: sparse-probe [--rows N] [--steps N] [--storage f32|f16] [--isa PATH] \
+                     [--huge-table] [--rotate]";
 
 fn parse_args() -> BoxResult<Args> {
     let mut a = Args {
@@ -47,6 +56,8 @@ fn parse_args() -> BoxResult<Args> {
         steps: 200,
         f16: false,
         isa: None,
+        huge: false,
+        rotate: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -69,6 +80,8 @@ fn parse_args() -> BoxResult<Args> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
+            "--huge-table" => a.huge = true,
+            "--rotate" => a.rotate = true,
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
@@ -89,15 +102,31 @@ where
     let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext)?;
     let var = opt.add_variable("table", &[a.rows, DIM], T::DTYPE, T::DTYPE)?;
     let mut p = vec![T::from_f32(0.01); a.rows * DIM];
+    if a.huge && !lazyadam::advise_huge_pages(&p) {
+        eprintln!("sparse-probe: the huge-page advice was not taken (see advise_huge_pages)");
+    }
     let g: Vec<T> = (0..ids.len() * DIM)
         .map(|i| T::from_f32(((i % 97) as f32 - 48.0) * 1e-3))
         .collect();
-    let mut ups = [Update::new(var, &mut p[..], Gradient::sparse(ids, &g[..]))];
     // Warm-up: creates the slots.
-    opt.apply_gradients(&mut ups)?;
+    opt.apply_gradients(&mut [Update::new(var, &mut p[..], Gradient::sparse(ids, &g[..]))])?;
     lazyadam::phase_times();
     let mut times = Vec::with_capacity(a.steps);
-    for _ in 0..a.steps {
+    let mut step_ids = ids.to_vec();
+    for step in 0..a.steps {
+        if a.rotate {
+            // A new offset per step (a prime stride): the same duplicate structure over rows
+            // that earlier steps did not touch, so they come from memory, not the cache.
+            let offset = ((step as u64 + 1) * 104_729 % a.rows as u64) as i64;
+            for (s, &i) in step_ids.iter_mut().zip(ids) {
+                *s = (i + offset) % a.rows as i64;
+            }
+        }
+        let mut ups = [Update::new(
+            var,
+            &mut p[..],
+            Gradient::sparse(&step_ids, &g[..]),
+        )];
         let t0 = Instant::now();
         opt.apply_gradients(&mut ups)?;
         times.push(t0.elapsed());
@@ -133,6 +162,7 @@ fn main() -> BoxResult<()> {
         "{}",
         serde_json::json!({
             "rows": a.rows, "dim": DIM, "ids": ids.len(), "steps": a.steps,
+            "huge_table": a.huge, "rotate": a.rotate,
             "storage": if a.f16 { "f16" } else { "f32" },
             "isa": a.isa.unwrap_or_else(Isa::best).name(),
             "threads": rayon::current_num_threads(),
