@@ -463,7 +463,14 @@ fn schedule_from_value(v: &Value) -> Result<Schedule, ConfigError> {
             m_mul: num("m_mul", Some(1.0))?,
             alpha: num("alpha", Some(0.0))?,
         },
-        _ => unreachable!("class checked above"),
+        // The class was checked against the same names above; an error, not a panic, if the
+        // two lists ever drift apart.
+        other => {
+            return Err(ConfigError::invalid(
+                "learning_rate.class_name",
+                format!("unknown schedule class `{other}`"),
+            ));
+        }
     };
     s.validate("learning_rate")?;
     Ok(s)
