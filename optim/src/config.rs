@@ -307,6 +307,14 @@ fn float_value(x: f64) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The error of a `learning_rate.class_name` that names no known schedule.
+fn unknown_schedule_class(class_name: &str) -> ConfigError {
+    ConfigError::invalid(
+        "learning_rate.class_name",
+        format!("unknown schedule class `{class_name}`"),
+    )
+}
+
 fn schedule_from_value(v: &Value) -> Result<Schedule, ConfigError> {
     const KEY: &str = "learning_rate";
     let obj = v
@@ -376,12 +384,7 @@ fn schedule_from_value(v: &Value) -> Result<Schedule, ConfigError> {
             "m_mul",
             "alpha",
         ],
-        _ => {
-            return Err(ConfigError::invalid(
-                "learning_rate.class_name",
-                format!("unknown schedule class `{class_name}`"),
-            ));
-        }
+        _ => return Err(unknown_schedule_class(class_name)),
     };
     for (k, val) in config {
         if k == "name" {
@@ -465,12 +468,7 @@ fn schedule_from_value(v: &Value) -> Result<Schedule, ConfigError> {
         },
         // The class was checked against the same names above; an error, not a panic, if the
         // two lists ever drift apart.
-        other => {
-            return Err(ConfigError::invalid(
-                "learning_rate.class_name",
-                format!("unknown schedule class `{other}`"),
-            ));
-        }
+        other => return Err(unknown_schedule_class(other)),
     };
     s.validate("learning_rate")?;
     Ok(s)
