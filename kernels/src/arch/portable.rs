@@ -1,8 +1,8 @@
 //! The portable path: `wide` vectors with the compile-time target features.
 //!
 //! f16 conversions are branch-free integer/float bit manipulations (exact widening through a
-//! power-of-two multiply; narrowing with round-to-nearest-even through an integer carry, or a
-//! float add for the subnormal range), matching `half`'s results bit for bit.
+//! power-of-two multiply; narrowing with round-to-nearest-even through one float add), matching
+//! `half`'s results bit for bit.
 
 use wide::{f32x8, f64x4, i16x8, i32x8, u16x8, u32x8};
 
@@ -43,47 +43,58 @@ fn bf16_bits_from_f32(x: f32x8) -> i32x8 {
 }
 
 /// f16 bits -> f32 bits (exact), NaN quieted as F16C and `half` do.
+///
+/// Every finite value is the exponent/mantissa moved into f32 position and rescaled by 2^112
+/// (exact, also for f16 subnormals, which become f32 subnormals before the multiply). That
+/// product keeps an infinity's or NaN's mantissa and gives it the exponent of 2^16, so one OR
+/// of the f32 exponent field makes it an infinity or NaN, and one more sets a NaN's quiet bit.
+/// Compares are signed (SSE2 has no unsigned one); the shifted magnitude is below 2^28.
 #[inline(always)]
 fn f16_bits_to_f32(h: u32x8) -> f32x8 {
     let sign = (h & u32x8::splat(0x8000)) << 16;
     let em = (h & u32x8::splat(0x7FFF)) << 13;
-    // Finite values: reinterpret the exponent/mantissa and rescale by 2^112 (exact, also for
-    // f16 subnormals, which become f32 subnormals before the multiply).
     let scaled = f32x8::from_bits(em) * f32x8::splat(f32::from_bits((127 + 112) << 23));
-    let exp_all = (h & u32x8::splat(0x7C00)).simd_eq(u32x8::splat(0x7C00));
-    let man = h & u32x8::splat(0x03FF);
-    let is_nan = exp_all & !man.simd_eq(u32x8::splat(0));
-    let special = u32x8::splat(0x7F80_0000) | (man << 13) | (is_nan & u32x8::splat(0x0040_0000));
-    let bits = exp_all.select(special, scaled.to_bits());
-    f32x8::from_bits(bits | sign)
+    let em = bytemuck::cast::<u32x8, i32x8>(em);
+    // Exponent all ones: em >= 0x1F << 23; NaN: above that.
+    let special = em.simd_gt(i32x8::splat(0x0F7F_FFFF)) & i32x8::splat(0x7F80_0000);
+    let quiet = em.simd_gt(i32x8::splat(0x0F80_0000)) & i32x8::splat(0x0040_0000);
+    let fix = bytemuck::cast::<i32x8, u32x8>(special | quiet);
+    f32x8::from_bits(scaled.to_bits() | fix | sign)
 }
 
 /// f32 -> f16 bits, round to nearest-even (as F16C and `half`), sign-extended to 32 bits (for
-/// [`i32x8_to_u16`]). The magnitude's bits are non-negative as i32, so every compare is a
-/// plain signed one (SSE2 has no unsigned compare).
+/// [`i32x8_to_u16`]).
+///
+/// The float-add method of Marat Dukhan's FP16 library: the magnitude times 2^112 becomes
+/// infinity exactly when it rounds to an f16 infinity; back at 4x the magnitude, it is added
+/// to a power of two (`bias`) whose ulp is 4x the f16 ulp at that exponent (at least 4x the
+/// subnormal quantum 2^-24), so the one RNE float add rounds it to f16 precision. The sum's
+/// low 12 bits are then the f16 mantissa plus an exponent carry, and its exponent field, moved
+/// down, the f16 exponent. NaN lanes take their payload from the input (not from the float
+/// add, whose NaN result differs between targets) with the quiet bit set. The magnitude's bits
+/// are non-negative as i32, so the compare is a plain signed one.
 #[inline(always)]
 fn f32_to_f16_bits(x: f32x8) -> i32x8 {
     let b = bytemuck::cast::<f32x8, i32x8>(x);
     // Arithmetic shift: 0xFFFF_8000 for negative lanes, 0 otherwise.
     let sign = (b >> 16) & i32x8::splat(0xFFFF_8000_u32 as i32);
     let a = b & i32x8::splat(0x7FFF_FFFF);
-    // Inf / NaN / overflow (>= 65536).
-    let big = a.simd_gt(i32x8::splat(0x477F_FFFF));
+    let base = bytemuck::cast::<i32x8, f32x8>(a)
+        * f32x8::splat(f32::from_bits((127 + 112) << 23))
+        * f32x8::splat(f32::from_bits((127 - 110) << 23));
+    // The magnitude's power of two, at least 2^-14 (the smallest f16 normal), times 2^15. Its
+    // bits are never a NaN's (at most +infinity's), so the fast max is exact.
+    let exp = bytemuck::cast::<i32x8, f32x8>(a & i32x8::splat(0x7F80_0000))
+        .fast_max(f32x8::splat(f32::from_bits(0x3880_0000)));
+    let bias = bytemuck::cast::<i32x8, f32x8>(
+        bytemuck::cast::<f32x8, i32x8>(exp) + i32x8::splat(0x0780_0000),
+    );
+    // Non-negative for every non-NaN lane (an infinite `base` absorbs an overflowed `bias`).
+    let r = bytemuck::cast::<f32x8, i32x8>(bias + base);
+    let finite = ((r >> 13) & i32x8::splat(0x7C00)) + (r & i32x8::splat(0x0FFF));
     let nan = a.simd_gt(i32x8::splat(0x7F80_0000));
     let nan_bits = i32x8::splat(0x7E00) | ((a >> 13) & i32x8::splat(0x03FF));
-    let big_bits = nan.select(nan_bits, i32x8::splat(0x7C00));
-    // Subnormal / zero result (< 2^-14): align the 10 mantissa bits at the bottom with an
-    // RNE float add of 0.5 (whose ulp is 2^-24, the f16 subnormal quantum).
-    let small = i32x8::splat(0x3880_0000).simd_gt(a);
-    let magic = f32x8::splat(0.5);
-    let small_bits = bytemuck::cast::<f32x8, i32x8>(bytemuck::cast::<i32x8, f32x8>(a) + magic)
-        - bytemuck::cast::<f32x8, i32x8>(magic);
-    // Normal: rebias and round to nearest-even with an integer carry (positive for every
-    // normal lane, so the arithmetic shift is a logical one there).
-    let odd = (a >> 13) & i32x8::splat(1);
-    let normal_bits = (a + i32x8::splat(0xC800_0FFF_u32 as i32) + odd) >> 13;
-    let r = big.select(big_bits, small.select(small_bits, normal_bits));
-    r | sign
+    nan.select(nan_bits, finite) | sign
 }
 
 #[inline(always)]
@@ -220,5 +231,69 @@ unsafe impl Simd for Portable {
     fn acc_to_array(self, acc: (f64x4, f64x4)) -> [f64; 8] {
         let (a, b) = (acc.0.to_array(), acc.1.to_array());
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Narrows the f32 bit patterns `first, first + step, ...` (`count` of them, wrapping) with
+    /// the portable conversion and compares every result, NaNs included, with `half`'s bits.
+    fn check_narrowing(first: u32, step: u32, count: u64) {
+        let mut bits = first;
+        let mut done = 0u64;
+        while done < count {
+            let mut lanes = [0u32; 8];
+            for l in &mut lanes {
+                *l = bits;
+                bits = bits.wrapping_add(step);
+            }
+            let x = f32x8::from_bits(u32x8::new(lanes));
+            let got = i32x8_to_u16(f32_to_f16_bits(x));
+            for (l, &b) in lanes.iter().enumerate() {
+                let want = half::f16::from_f32(f32::from_bits(b)).to_bits();
+                assert_eq!(
+                    got[l], want,
+                    "f32 {b:#010x}: {:#06x} vs {want:#06x}",
+                    got[l]
+                );
+            }
+            done += 8;
+        }
+    }
+
+    /// A million f32 patterns spread over the whole range (an odd step visits every residue,
+    /// so every exponent, both signs, NaN payloads and low mantissa bits all occur).
+    #[test]
+    fn narrowing_matches_half_sampled() {
+        check_narrowing(0x0000_0001, 4093, 1 << 20);
+        // Dense runs around the f16 subnormal, normal and overflow boundaries, both signs.
+        for start in [0x3300_0000u32, 0x3880_0000, 0x477F_E000, 0x7F80_0000] {
+            for s in [0, 0x8000_0000] {
+                check_narrowing((start | s).wrapping_sub(1 << 14), 1, 1 << 15);
+            }
+        }
+    }
+
+    /// Every one of the 2^32 f32 bit patterns. Slow unoptimized; CI runs it in release:
+    /// `cargo test --release -p lazyadam-kernels --lib -- --ignored narrowing_matches_half_exhaustive`.
+    #[test]
+    #[ignore = "2^32 conversions: run in release"]
+    fn narrowing_matches_half_exhaustive() {
+        check_narrowing(0, 1, 1 << 32);
+    }
+
+    /// Every f16 bit pattern widens to `half`'s f32 bits (NaNs quieted alike).
+    #[test]
+    fn widening_matches_half_exhaustive() {
+        for hi in 0..(1u32 << 13) {
+            let lanes: [u16; 8] = core::array::from_fn(|l| (hi * 8 + l as u32) as u16);
+            let got = f16_bits_to_f32(u16x8_to_u32(lanes)).to_array();
+            for (l, &h) in lanes.iter().enumerate() {
+                let want = half::f16::from_bits(h).to_f32().to_bits();
+                assert_eq!(got[l].to_bits(), want, "f16 {h:#06x}");
+            }
+        }
     }
 }
