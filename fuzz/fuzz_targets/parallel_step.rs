@@ -18,8 +18,7 @@ use std::sync::OnceLock;
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    DType, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy,
-    RowIds, Update, VarId,
+    DType, Gradient, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy, RowIds, Update, VarId,
 };
 use libfuzzer_sys::fuzz_target;
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -180,22 +179,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         global_clipnorm: if clip == 3 { Some(1.0) } else { None },
         ..LazyAdamConfig::default()
     };
-    let policy = match u.int_in_range(0u8..=2)? {
-        0 => NonFinitePolicy::Error,
-        1 => NonFinitePolicy::SkipStep { loss_scale: None },
-        _ => NonFinitePolicy::Propagate,
-    };
-    let supported: Vec<Isa> = Isa::supported().collect();
-    let ext = Extensions {
-        non_finite: policy.clone(),
-        kernel: if u.arbitrary()? {
-            Some(choose(u, &supported)?)
-        } else {
-            None
-        },
-        parallel_min_elements: choose(u, &[1usize, 1024, 32_768])?,
-        ..Extensions::default()
-    };
+    let ext = common::policy_and_kernel(u, 2, &[1usize, 1024, 32_768])?;
+    let policy = ext.non_finite.clone();
     let threads = u.int_in_range(2usize..=4)?;
     // Above a million ids the parallel build takes equal row ranges: a rare, slow input.
     let big = one_in(u, 32)?;

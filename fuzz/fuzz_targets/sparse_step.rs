@@ -23,7 +23,7 @@
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    BiasCorrection, CustomSchedule, DType, DynamicLossScale, Extensions, Gradient, Isa, LazyAdam,
+    BiasCorrection, CustomSchedule, DType, DynamicLossScale, Extensions, Gradient, LazyAdam,
     LazyAdamConfig, LearningRate, LearningRateSchedule, NonFinitePolicy, RowIds, Schedule,
     StepOutcome, TensorMut, TensorRef, Update, VarId, bf16, f16,
 };
@@ -495,22 +495,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         global_clipnorm: h.global_clipnorm,
         ..LazyAdamConfig::default()
     };
-    let policy = match u.int_in_range(0u8..=3)? {
-        0 => NonFinitePolicy::Error,
-        1 => NonFinitePolicy::SkipStep { loss_scale: None },
-        _ => NonFinitePolicy::Propagate,
-    };
-    let supported: Vec<Isa> = Isa::supported().collect();
-    let ext = Extensions {
-        non_finite: policy.clone(),
-        kernel: if u.arbitrary()? {
-            Some(choose(u, &supported)?)
-        } else {
-            None
-        },
-        parallel_min_elements: choose(u, &[0usize, 1, 7, 32_768])?,
-        ..Extensions::default()
-    };
+    let ext = common::policy_and_kernel(u, 3, &[0usize, 1, 7, 32_768])?;
+    let policy = ext.non_finite.clone();
     let mut opt = LazyAdam::with_extensions(config, ext).expect("a valid configuration");
 
     // Variables.

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use arbitrary::{Result, Unstructured};
-use lazyadam::{DType, LazyAdam, TensorMut, TensorRef, WeightData, bf16, f16};
+use lazyadam::{
+    DType, Extensions, Isa, LazyAdam, NonFinitePolicy, TensorMut, TensorRef, WeightData, bf16, f16,
+};
 
 /// The optimizer's weights as raw bits, so that NaN compares equal to the same NaN: a step
 /// that must change nothing is checked byte for byte.
@@ -80,4 +82,32 @@ impl Store {
 /// One of `xs`, chosen by the input.
 pub fn choose<T: Copy>(u: &mut Unstructured<'_>, xs: &[T]) -> Result<T> {
     Ok(xs[u.choose_index(xs.len())?])
+}
+
+/// The extensions the two step targets draw alike: a non-finite policy (`Error` for a draw of
+/// 0, `SkipStep` without loss scaling for 1, `Propagate` for every draw up to `max_draw`), a
+/// kernel path forced half the time (one this CPU supports), and a parallel threshold from
+/// `min_elements`. The rest are the defaults.
+pub fn policy_and_kernel(
+    u: &mut Unstructured<'_>,
+    max_draw: u8,
+    min_elements: &[usize],
+) -> Result<Extensions> {
+    let non_finite = match u.int_in_range(0u8..=max_draw)? {
+        0 => NonFinitePolicy::Error,
+        1 => NonFinitePolicy::SkipStep { loss_scale: None },
+        _ => NonFinitePolicy::Propagate,
+    };
+    let supported: Vec<Isa> = Isa::supported().collect();
+    let kernel = if u.arbitrary()? {
+        Some(choose(u, &supported)?)
+    } else {
+        None
+    };
+    Ok(Extensions {
+        non_finite,
+        kernel,
+        parallel_min_elements: choose(u, min_elements)?,
+        ..Extensions::default()
+    })
 }
