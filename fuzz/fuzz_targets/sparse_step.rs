@@ -1132,6 +1132,7 @@ fn hostile(u: &mut Unstructured<'_>) -> Result<()> {
         }) && params
             .iter()
             .all(|p| p.f32s().iter().all(|x| x.is_finite() && x.abs() <= 1e4))
+            && common::slots_within(&opt, 1e4)
             && opt.learning_rate() <= 10.0
             && ext.weight_decay <= 0.1
             && config.epsilon >= 1e-30;

@@ -26,6 +26,20 @@ pub fn weight_bits(opt: &LazyAdam) -> Vec<(String, Vec<usize>, Vec<u64>)> {
         .collect()
 }
 
+/// Whether every float slot the optimizer holds (`m`, `v`, `vhat`) is finite and at most
+/// `bound` in magnitude: a step from such a state with moderate inputs keeps the parameters
+/// finite, while one from a state an earlier huge gradient left (say `v` = inf from 1e30
+/// squared, then `0 * inf` = NaN with `beta_2` = 0, as in the reference) need not.
+pub fn slots_within(opt: &LazyAdam, bound: f32) -> bool {
+    let ok = |x: f32| x.is_finite() && x.abs() <= bound;
+    opt.get_weights().iter().all(|w| match &w.data {
+        WeightData::F32(v) => v.iter().all(|&x| ok(x)),
+        WeightData::F16(v) => v.iter().all(|x| ok(x.to_f32())),
+        WeightData::BF16(v) => v.iter().all(|x| ok(x.to_f32())),
+        _ => true,
+    })
+}
+
 /// Owned parameter storage of one variable, in its declared dtype.
 #[derive(Clone, Debug)]
 pub enum Store {
