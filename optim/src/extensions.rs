@@ -188,6 +188,11 @@ pub enum NonFinitePolicy {
     Propagate,
     /// Reject the step with [`Error::NonFinite`](crate::Error::NonFinite);
     /// nothing is written.
+    ///
+    /// It checks the gradient's values, not what the update computes from
+    /// them: a finite gradient above about 1.8e19 in magnitude is accepted,
+    /// its square overflows, and `v` becomes +inf as in the reference. That
+    /// element then takes no step, now or later (`beta_2 * inf` stays inf).
     Error,
     /// Skip the whole step ([`StepOutcome::Skipped`](crate::StepOutcome), the
     /// step counter unchanged); with a loss scale, gradients are divided by

@@ -185,6 +185,49 @@ fn non_finite_error_policy() {
     assert!(pa.iter().all(|&x| x == 1.0));
 }
 
+/// The Error policy checks the gradient's values, not their squares. A finite 1e30 is
+/// accepted. The reference's `(1 - beta_2) * g * g` overflows, so `v` becomes +inf and
+/// `m / (sqrt(v) + epsilon)` is 0. That element then stays where it is, now and on later steps
+/// (`beta_2 * inf` stays inf), while the element next to it moves.
+#[test]
+fn error_policy_checks_gradients_not_their_squares() {
+    let ext = Extensions {
+        non_finite: NonFinitePolicy::Error,
+        ..Extensions::default()
+    };
+    let (mut opt, a, _) = two_vars(ext);
+    let mut pa = vec![1.0f32; 8];
+    let g = [1e30f32, 0.5];
+    for _ in 0..2 {
+        assert_eq!(
+            opt.apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[1u32], &g))])
+                .unwrap(),
+            StepOutcome::Applied
+        );
+        assert_eq!(
+            pa[2], 1.0,
+            "the element whose square overflowed took no step"
+        );
+        assert!(pa[3] < 1.0, "its neighbour did: {}", pa[3]);
+    }
+    let v = opt
+        .get_weights()
+        .into_iter()
+        .find(|w| w.name == "emb/v")
+        .expect("the slot is saved");
+    match v.data {
+        lazyadam::WeightData::F32(v) => {
+            assert_eq!(v[2], f32::INFINITY);
+            // The reference's f32 arithmetic: v = beta_2 * v + (1 - beta_2) * g * g.
+            let (b2, g2) = (0.999f32, 0.5f32 * 0.5);
+            let v1 = b2 * 0.0 + (1.0 - b2) * g2;
+            assert_eq!(v[3], b2 * v1 + (1.0 - b2) * g2);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(opt.iterations(), 2);
+}
+
 #[test]
 fn non_finite_propagates_by_default() {
     let (mut opt, a, _) = two_vars(Extensions::default());
