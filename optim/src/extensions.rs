@@ -193,11 +193,21 @@ pub enum NonFinitePolicy {
     /// them: a finite gradient above about 1.8e19 in magnitude is accepted,
     /// its square overflows, and `v` becomes +inf as in the reference. That
     /// element then takes no step, now or later (`beta_2 * inf` stays inf).
+    /// Nor does it check the sums of a sparse gradient's duplicate rows: like
+    /// the reference, a row whose duplicates sum past `f32::MAX` gets an
+    /// infinite gradient, and NaN can follow in its row.
     Error,
     /// Skip the whole step ([`StepOutcome::Skipped`](crate::StepOutcome), the
     /// step counter unchanged); with a loss scale, gradients are divided by
     /// the current scale, which backs off on a skipped step and grows after
     /// `growth_interval` good steps.
+    ///
+    /// The check sees every gradient value after unscaling, as the reference's
+    /// loss-scale optimizer does, but not the sums of a sparse gradient's
+    /// duplicate rows: a row whose unscaled duplicates sum past `f32::MAX` is
+    /// applied with an infinite gradient (NaN can follow in its row). That
+    /// takes unscaled values near `f32::MAX / n`, with `n` the row's
+    /// occurrences: a loss scale far below 1, or gradients near `f32::MAX`.
     SkipStep {
         /// Dynamic loss scaling, if the gradients are scaled.
         loss_scale: Option<DynamicLossScale>,

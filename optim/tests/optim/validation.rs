@@ -228,6 +228,47 @@ fn error_policy_checks_gradients_not_their_squares() {
     assert_eq!(opt.iterations(), 2);
 }
 
+/// SkipStep sees each unscaled value, as the reference's loss-scale optimizer does, not the
+/// sum of a row's duplicates (documented on `NonFinitePolicy::SkipStep`). With the smallest
+/// loss scale, -3 unscales to about -2.55e38 (finite), and three occurrences of one row sum
+/// to -inf in f32. The step is applied, and `m / sqrt(v)` = -inf / inf is NaN in that row.
+/// The same values once per row keep every parameter finite.
+#[test]
+fn skip_step_checks_unscaled_values_not_duplicate_sums() {
+    let ls = DynamicLossScale {
+        scale: f32::MIN_POSITIVE,
+        growth_factor: 2.0,
+        backoff_factor: 0.5,
+        growth_interval: 2,
+    };
+    let ext = Extensions {
+        non_finite: NonFinitePolicy::SkipStep {
+            loss_scale: Some(ls),
+        },
+        ..Extensions::default()
+    };
+    let unscaled = -3.0f32 * (1.0 / f32::MIN_POSITIVE);
+    assert!(unscaled.is_finite() && (unscaled + unscaled + unscaled).is_infinite());
+    let g = [-3.0f32; 6];
+
+    let (mut opt, a, _) = two_vars(ext.clone());
+    let mut pa = vec![1.0f32; 8];
+    let out = opt
+        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[0u32, 0, 0], &g))])
+        .unwrap();
+    assert_eq!(out, StepOutcome::Applied);
+    assert!(pa[0].is_nan() && pa[1].is_nan(), "{pa:?}");
+    assert_eq!(&pa[2..], &[1.0; 6]);
+
+    let (mut opt, a, _) = two_vars(ext);
+    let mut pa = vec![1.0f32; 8];
+    let out = opt
+        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[0u32, 1, 2], &g))])
+        .unwrap();
+    assert_eq!(out, StepOutcome::Applied);
+    assert!(pa.iter().all(|x| x.is_finite()), "{pa:?}");
+}
+
 #[test]
 fn non_finite_propagates_by_default() {
     let (mut opt, a, _) = two_vars(Extensions::default());
