@@ -16,6 +16,22 @@ fn two_vars(ext: Extensions) -> (LazyAdam, lazyadam::VarId, lazyadam::VarId) {
     (opt, a, b)
 }
 
+/// SkipStep with a dynamic loss scale starting at `scale` (growth 2 after 2 good steps,
+/// backoff 0.5).
+fn skip_with_loss_scale(scale: f32) -> Extensions {
+    Extensions {
+        non_finite: NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale {
+                scale,
+                growth_factor: 2.0,
+                backoff_factor: 0.5,
+                growth_interval: 2,
+            }),
+        },
+        ..Extensions::default()
+    }
+}
+
 #[test]
 fn variable_registration_errors() {
     let mut opt = LazyAdam::new(LazyAdamConfig::default()).unwrap();
@@ -235,18 +251,7 @@ fn error_policy_checks_gradients_not_their_squares() {
 /// The same values once per row keep every parameter finite.
 #[test]
 fn skip_step_checks_unscaled_values_not_duplicate_sums() {
-    let ls = DynamicLossScale {
-        scale: f32::MIN_POSITIVE,
-        growth_factor: 2.0,
-        backoff_factor: 0.5,
-        growth_interval: 2,
-    };
-    let ext = Extensions {
-        non_finite: NonFinitePolicy::SkipStep {
-            loss_scale: Some(ls),
-        },
-        ..Extensions::default()
-    };
+    let ext = skip_with_loss_scale(f32::MIN_POSITIVE);
     let unscaled = -3.0f32 * (1.0 / f32::MIN_POSITIVE);
     assert!(unscaled.is_finite() && (unscaled + unscaled + unscaled).is_infinite());
     let g = [-3.0f32; 6];
@@ -284,18 +289,7 @@ fn non_finite_propagates_by_default() {
 
 #[test]
 fn skip_step_with_dynamic_loss_scale() {
-    let ls = DynamicLossScale {
-        scale: 1024.0,
-        growth_factor: 2.0,
-        backoff_factor: 0.5,
-        growth_interval: 2,
-    };
-    let ext = Extensions {
-        non_finite: NonFinitePolicy::SkipStep {
-            loss_scale: Some(ls),
-        },
-        ..Extensions::default()
-    };
+    let ext = skip_with_loss_scale(1024.0);
     let mut scaled = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
     let a = scaled
         .add_variable("w", &[2], DType::F32, DType::F32)
