@@ -182,6 +182,9 @@ mod sealed {
         fn from_bits16(bits: u16) -> Self;
         /// Finite (neither infinite nor NaN).
         fn finite_elem(self) -> bool;
+        /// The magnitude's bits (sign cleared): they order as the magnitudes
+        /// do, and a NaN's are above an infinity's.
+        fn abs_bits(self) -> u32;
         /// The slice as f32 values, for `f32` only.
         #[inline(always)]
         fn as_f32s(s: &[Self]) -> Option<&[f32]>
@@ -221,6 +224,10 @@ impl sealed::Sealed for f32 {
         self.to_bits() & 0x7F80_0000 != 0x7F80_0000
     }
     #[inline(always)]
+    fn abs_bits(self) -> u32 {
+        self.to_bits() & 0x7FFF_FFFF
+    }
+    #[inline(always)]
     fn as_f32s(s: &[f32]) -> Option<&[f32]> {
         Some(s)
     }
@@ -247,6 +254,10 @@ impl sealed::Sealed for f16 {
     fn finite_elem(self) -> bool {
         self.to_bits() & 0x7C00 != 0x7C00
     }
+    #[inline(always)]
+    fn abs_bits(self) -> u32 {
+        u32::from(self.to_bits() & 0x7FFF)
+    }
 }
 
 impl Element for f16 {
@@ -269,6 +280,10 @@ impl sealed::Sealed for bf16 {
     #[inline(always)]
     fn finite_elem(self) -> bool {
         self.to_bits() & 0x7F80 != 0x7F80
+    }
+    #[inline(always)]
+    fn abs_bits(self) -> u32 {
+        u32::from(self.to_bits() & 0x7FFF)
     }
 }
 
@@ -910,6 +925,28 @@ impl Kernels {
     /// ```
     pub fn all_finite<G: Element>(&self, src: &[G]) -> bool {
         arch::all_finite(self.isa, src)
+    }
+
+    /// The largest magnitude among the elements, widened to f32 (exactly): NaN if an element
+    /// is NaN (its payload unspecified), infinity if one is infinite and none is NaN, 0 for
+    /// an empty slice. One pass, an integer maximum of the magnitudes' bits, the same on every
+    /// path.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{Kernels, f16};
+    /// let k = Kernels::best();
+    /// assert_eq!(k.max_abs(&[1.0f32, -3.5, 2.0]), 3.5);
+    /// assert_eq!(k.max_abs(&[f16::from_f32(-0.25)]), 0.25);
+    /// assert!(k.max_abs(&[f32::INFINITY, f32::NAN]).is_nan());
+    /// assert_eq!(k.max_abs::<f32>(&[]), 0.0);
+    /// ```
+    pub fn max_abs<G: Element>(&self, src: &[G]) -> f32 {
+        let bits = arch::max_abs_bits(self.isa, src);
+        match G::DTYPE {
+            DType::F32 => f32::from_bits(bits),
+            // 16-bit magnitudes: `bits` fits in 15 bits.
+            DType::F16 | DType::BF16 => G::from_bits16(bits as u16).to_f32(),
+        }
     }
 
     /// `dst[i] = round(src[i])` with the given rounding. Lengths must match (else `Err`,

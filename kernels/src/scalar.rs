@@ -415,6 +415,12 @@ pub(crate) fn all_finite<G: Element>(src: &[G]) -> bool {
     src.iter().all(|x| x.finite_elem())
 }
 
+/// The largest of the elements' magnitude bits (0 for none).
+#[inline(always)]
+pub(crate) fn max_abs_bits<G: Element>(src: &[G]) -> u32 {
+    src.iter().fold(0, |m, x| m.max(x.abs_bits()))
+}
+
 /// `dst[i] = round(src[i])` (lengths already checked); `start` is the row index of `dst[0]`.
 #[inline(always)]
 pub(crate) fn store_row<P: Element>(dst: &mut [P], src: &[f32], r: Rounding, start: usize) {

@@ -150,6 +150,14 @@ macro_rules! entry_points {
             ///
             /// The CPU must support this path's features.
             #[target_feature(enable = $features)]
+            pub(crate) unsafe fn max_abs_bits<G: Element>(src: &[G]) -> u32 {
+                simd::max_abs_bits(src)
+            }
+
+            /// # Safety
+            ///
+            /// The CPU must support this path's features.
+            #[target_feature(enable = $features)]
             pub(crate) unsafe fn store_row<P: Element>(dst: &mut [P], src: &[f32], r: Rounding) {
                 // SAFETY: the caller guarantees the features.
                 let s = unsafe { token() };
@@ -316,6 +324,17 @@ pub(crate) fn all_finite<G: Element>(isa: Isa, src: &[G]) -> bool {
         simd::all_finite(src),
         avx2::all_finite::<G>(src),
         avx512::all_finite::<G>(src)
+    )
+}
+
+#[inline]
+pub(crate) fn max_abs_bits<G: Element>(isa: Isa, src: &[G]) -> u32 {
+    dispatch!(
+        isa,
+        scalar::max_abs_bits(src),
+        simd::max_abs_bits(src),
+        avx2::max_abs_bits::<G>(src),
+        avx512::max_abs_bits::<G>(src)
     )
 }
 

@@ -74,6 +74,7 @@ fn check_grad_prims<G: Element>(
     scalar().accumulate_row(&mut ra, &s0, t).unwrap();
     let rs = scalar().sum_squares(&s0, t);
     let rf = scalar().all_finite(&s0);
+    let rm = scalar().max_abs(&s0);
     for k in paths() {
         let name = k.isa().name();
         let mut xl = dst.to_vec();
@@ -85,6 +86,14 @@ fn check_grad_prims<G: Element>(
         let xs = k.sum_squares(&s0, t);
         prop_assert!(same_f64(xs, rs), "{} sum_squares: {} vs {}", name, xs, rs);
         prop_assert_eq!(k.all_finite(&s0), rf, "{} all_finite", name);
+        let xm = k.max_abs(&s0);
+        prop_assert!(
+            xm.to_bits() == rm.to_bits() || (xm.is_nan() && rm.is_nan()),
+            "{} max_abs: {} vs {}",
+            name,
+            xm,
+            rm
+        );
     }
     Ok(())
 }

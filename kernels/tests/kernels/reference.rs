@@ -146,6 +146,18 @@ proptest! {
         prop_assert_eq!(k.all_finite(&h), h.iter().all(|x| x.is_finite()));
         let b: Vec<bf16> = conv(&src);
         prop_assert_eq!(k.all_finite(&b), b.iter().all(|x| x.is_finite()));
+        // max_abs: NaN if any element is NaN, else the largest |x| (0 for none).
+        let wide = |v: Vec<f32>| -> f32 {
+            if v.iter().any(|x| x.is_nan()) {
+                f32::NAN
+            } else {
+                v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+            }
+        };
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        prop_assert!(same(k.max_abs(&src), wide(src.clone())));
+        prop_assert!(same(k.max_abs(&h), wide(h.iter().map(|x| x.to_f32()).collect())));
+        prop_assert!(same(k.max_abs(&b), wide(b.iter().map(|x| x.to_f32()).collect())));
     }
 
     #[test]
