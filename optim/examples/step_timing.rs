@@ -6,11 +6,16 @@
 //! Environment: `ITERS` (timed steps, default 200), `BATCHES` (distinct id
 //! lists cycled through, default 8; 1 = the same ids every step), `HUGE=1` (advise the
 //! parameter table for transparent huge pages), `LAZYADAM_PHASE_TIMES=1`
-//! (print where the time goes).
+//! (print where the time goes), `NON_FINITE=error` or `NON_FINITE=skip` (the
+//! non-finite policy `Error`, or `SkipStep` with the default dynamic loss
+//! scale; the gradients are finite, so only the checks' cost shows).
 
 use std::time::Instant;
 
-use lazyadam::{DType, Gradient, LazyAdam, LazyAdamConfig, Update};
+use lazyadam::{
+    DType, DynamicLossScale, Extensions, Gradient, LazyAdam, LazyAdamConfig, NonFinitePolicy,
+    Update,
+};
 
 fn main() -> Result<(), lazyadam::Error> {
     let args: Vec<usize> = std::env::args()
@@ -57,7 +62,18 @@ fn main() -> Result<(), lazyadam::Error> {
         .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
         .collect();
 
-    let mut opt = LazyAdam::new(LazyAdamConfig::default())?;
+    let (policy, non_finite) = match std::env::var("NON_FINITE").as_deref() {
+        Ok("error") => ("Error", NonFinitePolicy::Error),
+        Ok("skip") => (
+            "SkipStep",
+            NonFinitePolicy::SkipStep {
+                loss_scale: Some(DynamicLossScale::default()),
+            },
+        ),
+        _ => ("Propagate", NonFinitePolicy::Propagate),
+    };
+    let ext = Extensions::default().with_non_finite(non_finite);
+    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext)?;
     let table = opt.add_variable("table", &[rows, dim], DType::F32, DType::F32)?;
     // HUGE=1: advise the parameter table for transparent huge pages (the
     // optimizer does it for its own slots) before it is written.
@@ -95,7 +111,7 @@ fn main() -> Result<(), lazyadam::Error> {
         let per = start.elapsed().as_secs_f64() / iters as f64;
         times.sort_by(f64::total_cmp);
         println!(
-            "{rows} x {dim}, {n_ids} ids ({} distinct), {} threads: {:.4} ms/step (median {:.4}, min {:.4})",
+            "{rows} x {dim}, {n_ids} ids ({} distinct), {} threads, {policy}: {:.4} ms/step (median {:.4}, min {:.4})",
             distinct.len(),
             rayon::current_num_threads(),
             per * 1e3,

@@ -138,6 +138,26 @@ pub enum Error {
         /// The offending value (widened to f32).
         value: f32,
     },
+    /// A row occurs more than once in a sparse gradient, and its occurrences
+    /// sum to NaN or an infinity (each value is finite), under
+    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error). The sum is
+    /// the one the step would apply: the transformed values (loss scale,
+    /// clipping) added in f32 in occurrence order.
+    #[error(
+        "variable `{variable}`: the {occurrences} occurrences of row id {row} sum to the non-finite gradient value {value} at element {element} of the row"
+    )]
+    NonFiniteSum {
+        /// The variable.
+        variable: String,
+        /// The row id.
+        row: u64,
+        /// The first offending element within the row.
+        element: usize,
+        /// That element's sum.
+        value: f32,
+        /// How many times the row occurs in the gradient.
+        occurrences: usize,
+    },
     /// The same variable appears twice in one step.
     #[error("variable `{variable}` appears more than once in one step")]
     DuplicateUpdate {

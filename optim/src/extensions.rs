@@ -186,16 +186,27 @@ pub enum NonFinitePolicy {
     /// Apply it anyway, as the reference does (NaN spreads into the rows).
     #[default]
     Propagate,
-    /// Reject the step with [`Error::NonFinite`](crate::Error::NonFinite);
-    /// nothing is written.
+    /// Reject the step with [`Error::NonFinite`](crate::Error::NonFinite)
+    /// when a gradient value is NaN or infinite, and with
+    /// [`Error::NonFiniteSum`](crate::Error::NonFiniteSum) when the
+    /// occurrences of a sparse gradient's duplicate row sum to one (the
+    /// reference would apply an infinite gradient there, and NaN can follow
+    /// in the row); nothing is written.
     ///
-    /// It checks the gradient's values, not what the update computes from
-    /// them: a finite gradient above about 1.8e19 in magnitude is accepted,
-    /// its square overflows, and `v` becomes +inf as in the reference. That
-    /// element then takes no step, now or later (`beta_2 * inf` stays inf).
-    /// Nor does it check the sums of a sparse gradient's duplicate rows: like
-    /// the reference, a row whose duplicates sum past `f32::MAX` gets an
-    /// infinite gradient, and NaN can follow in its row.
+    /// The sums are the step's own: the transformed values (after clipping)
+    /// added in f32 in occurrence order, so `[3e38, -3e38, 3e38]` passes and
+    /// `[3e38, 3e38, -3e38]` does not. A sparse gradient takes one pass over
+    /// its values, which finds their largest magnitude (and so whether one
+    /// is NaN or infinite); that bounds every sum, and only a gradient with
+    /// a value within a factor of about `4n` of `f32::MAX` (`n` its ids),
+    /// which the bound cannot clear, has its duplicate rows summed before
+    /// the step.
+    ///
+    /// It checks gradients and their sums, not what the update computes
+    /// from them: a finite gradient above about 1.8e19 in magnitude is
+    /// accepted, its square overflows, and `v` becomes +inf as in the
+    /// reference. That element then takes no step, now or later
+    /// (`beta_2 * inf` stays inf).
     Error,
     /// Skip the whole step ([`StepOutcome::Skipped`](crate::StepOutcome), the
     /// step counter unchanged); with a loss scale, gradients are divided by
@@ -203,11 +214,14 @@ pub enum NonFinitePolicy {
     /// `growth_interval` good steps.
     ///
     /// The check sees every gradient value after unscaling, as the reference's
-    /// loss-scale optimizer does, but not the sums of a sparse gradient's
-    /// duplicate rows: a row whose unscaled duplicates sum past `f32::MAX` is
-    /// applied with an infinite gradient (NaN can follow in its row). That
-    /// takes unscaled values near `f32::MAX / n`, with `n` the row's
-    /// occurrences: a loss scale far below 1, or gradients near `f32::MAX`.
+    /// loss-scale optimizer does, and also the sums of a sparse gradient's
+    /// duplicate rows, as [`Error`](Self::Error) describes: a row whose
+    /// unscaled (and clipped) duplicates sum past `f32::MAX` skips the step,
+    /// where the reference's loss-scale optimizer, which checks the values
+    /// before the inner optimizer sums them, would apply an infinite
+    /// gradient. That takes unscaled values near `f32::MAX / n`, with `n` the
+    /// row's occurrences: a loss scale far below 1, or gradients near
+    /// `f32::MAX`.
     SkipStep {
         /// Dynamic loss scaling, if the gradients are scaled.
         loss_scale: Option<DynamicLossScale>,

@@ -57,6 +57,9 @@ pub(crate) struct Scratch {
     pub seen: Vec<bool>,
     /// Unscaled gradient values of a chunk (the loss-scale finiteness check).
     pub unscaled: Vec<f32>,
+    /// Per update of a step: whether its duplicate rows' sums need the
+    /// exact check ([`LazyAdam::non_finite_sum`]).
+    pub check_sums: Vec<bool>,
 }
 
 /// LazyAdam: Adam that updates, for sparse gradients, only the rows present
@@ -151,6 +154,41 @@ fn first_non_finite(values: &TensorRef<'_>) -> Option<(usize, f32)> {
         let x = values.get_f32(i)?;
         (!x.is_finite()).then_some((i, x))
     })
+}
+
+/// The non-finite policy's verdict on a gradient's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Every value, unscaled, is finite, and so is surely every sum of a
+    /// sparse gradient's duplicate rows.
+    Finite,
+    /// Every value, unscaled, is finite; the sums of duplicate rows need the
+    /// exact check ([`LazyAdam::non_finite_sum`]).
+    CheckSums,
+    /// A value, or its unscaled value, is NaN or infinite.
+    NonFinite,
+}
+
+/// Whether every sum of at most `n` values of magnitude at most `max_abs`,
+/// each unscaled by `inv_scale` and transformed as a step does (clipping only
+/// shrinks them), added in f32 in any order, is surely finite. A sufficient
+/// test, not an exact one: each rounded addition `s + x` lands at most `|x|`
+/// from the exact sum (the old partial sum `s` is a candidate), so every
+/// partial sum is at most twice the sum of the magnitudes, which the test
+/// keeps below `f32::MAX` with room for the roundings of the unscaling and of
+/// this f64 product. NaN never passes.
+pub(crate) fn sums_surely_finite(max_abs: f32, n: usize, inv_scale: f32) -> bool {
+    4.0 * n as f64 * max_abs as f64 * inv_scale as f64 <= f32::MAX as f64
+}
+
+/// The largest magnitude among `values`, widened to f32: NaN if one is NaN,
+/// 0 for none ([`Kernels::max_abs`]).
+pub(crate) fn max_abs(k: &Kernels, values: &TensorRef<'_>) -> f32 {
+    match values {
+        TensorRef::F32(s) => k.max_abs(s),
+        TensorRef::F16(s) => k.max_abs(s),
+        TensorRef::BF16(s) => k.max_abs(s),
+    }
 }
 
 fn all_finite(k: &Kernels, values: &TensorRef<'_>) -> bool {
@@ -606,9 +644,6 @@ impl LazyAdam {
                 }
             }
         }
-        for u in updates {
-            self.check_finite(u.var.index, &u.grad)?;
-        }
         Ok(())
     }
 
@@ -683,26 +718,37 @@ impl LazyAdam {
     pub fn apply_gradients(&mut self, updates: &mut [Update<'_>]) -> Result<StepOutcome, Error> {
         let mut timer = Timer::start();
         self.validate(updates)?;
+        // The loss scale's unscale factor (see `inv_scale`).
+        let inv_scale = self.inv_scale();
+        // The non-finite policy's look at every value: under Error a
+        // non-finite one is the error; under SkipStep it skips the step (after
+        // the rates are known to be valid, as every step's are).
+        let mut check_sums = std::mem::take(&mut self.scratch.check_sums);
+        check_sums.clear();
+        let mut non_finite = false;
+        if self.checks_non_finite() {
+            for u in updates.iter() {
+                let v = self.verdict(&u.grad, inv_scale);
+                if v == Verdict::NonFinite {
+                    if self.skips_non_finite() {
+                        non_finite = true;
+                        break;
+                    }
+                    // The error naming the first non-finite value.
+                    self.check_finite(u.var.index, &u.grad)?;
+                }
+                check_sums.push(v == Verdict::CheckSums);
+            }
+        }
         let rates = self.step_rates()?;
         timer.lap(Phase::Validate);
 
-        // The loss scale's unscale factor (see `inv_scale`).
-        let inv_scale = self.inv_scale();
-
         // Non-finite gradients under SkipStep: skip, back off the loss scale.
-        if self.skips_non_finite() {
-            let mut finite = true;
-            for u in updates.iter() {
-                if !self.finite_scaled(&u.grad.values(), inv_scale) {
-                    finite = false;
-                    break;
-                }
-            }
-            if !finite {
-                self.skip_step();
-                timer.finish();
-                return Ok(StepOutcome::Skipped);
-            }
+        if non_finite {
+            self.scratch.check_sums = check_sums;
+            self.skip_step();
+            timer.finish();
+            return Ok(StepOutcome::Skipped);
         }
 
         // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm.
@@ -724,8 +770,29 @@ impl LazyAdam {
             }
             clip_by_global_norm(&mut transforms, &total, c);
         }
+        // The sums of duplicate rows that the bound could not clear, exactly.
+        let mut sums = Ok(());
+        for ((u, t), _) in updates
+            .iter()
+            .zip(&transforms)
+            .zip(&check_sums)
+            .filter(|(_, c)| **c)
+        {
+            sums = self.non_finite_sum(u.var.index, &u.grad, t);
+            if sums.is_err() {
+                break;
+            }
+        }
+        self.scratch.check_sums = check_sums;
         timer.lap(Phase::Transforms);
-        let r = self.write_step(updates, &transforms, rates, &mut timer);
+        let r = match sums {
+            Ok(()) => self.write_step(updates, &transforms, rates, &mut timer),
+            Err(Error::NonFiniteSum { .. }) if self.skips_non_finite() => {
+                self.skip_step();
+                Ok(StepOutcome::Skipped)
+            }
+            Err(e) => Err(e),
+        };
         self.scratch.transforms = transforms;
         timer.finish();
         r
@@ -736,6 +803,87 @@ impl LazyAdam {
     /// the backoff).
     pub(crate) fn inv_scale(&self) -> f32 {
         self.loss_scale.map(|l| 1.0 / l.scale).unwrap_or(1.0)
+    }
+
+    /// Whether the policy looks at gradient values (`Error` or `SkipStep`).
+    pub(crate) fn checks_non_finite(&self) -> bool {
+        self.ext.non_finite != NonFinitePolicy::Propagate
+    }
+
+    /// The non-finite policy's verdict on a gradient's values unscaled by
+    /// `inv_scale` (see [`Verdict`]). A sparse gradient of two or more ids
+    /// takes one pass for its largest magnitude `m` (its values are all
+    /// finite once unscaled exactly when `m * inv_scale` is, rounding being
+    /// monotonic), which also bounds its duplicate rows' sums
+    /// ([`sums_surely_finite`]); any other takes the plain check.
+    pub(crate) fn verdict(&mut self, grad: &Gradient<'_>, inv_scale: f32) -> Verdict {
+        let values = grad.values();
+        match grad {
+            Gradient::Sparse { ids, .. } if ids.len() >= 2 => {
+                let m = max_abs(&self.kernels, &values);
+                if !(m * inv_scale).is_finite() {
+                    Verdict::NonFinite
+                } else if sums_surely_finite(m, ids.len(), inv_scale) {
+                    Verdict::Finite
+                } else {
+                    Verdict::CheckSums
+                }
+            }
+            _ if self.finite_scaled(&values, inv_scale) => Verdict::Finite,
+            _ => Verdict::NonFinite,
+        }
+    }
+
+    /// The exact check of a sparse gradient's duplicate rows, for when
+    /// [`sums_surely_finite`] could not clear them: each row of variable
+    /// `index` that occurs more than once is summed as the step sums it (the
+    /// values transformed by `t`, added in f32 in occurrence order, by the
+    /// same kernel, so to the same bits), and the first such row, in row
+    /// order, with a non-finite element is [`Error::NonFiniteSum`]. Writes no
+    /// parameter or slot. The ids must be validated.
+    pub(crate) fn non_finite_sum(
+        &mut self,
+        index: usize,
+        grad: &Gradient<'_>,
+        t: &GradTransform,
+    ) -> Result<(), Error> {
+        let Gradient::Sparse { ids, values } = grad else {
+            return Ok(());
+        };
+        let var = &self.vars[index];
+        let rl = var.row_len;
+        if rl == 0 || ids.len() < 2 {
+            return Ok(());
+        }
+        let dedup = &mut self.scratch.dedup;
+        with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
+        let sc = &mut self.scratch.rows;
+        sc.acc.resize(rl, 0.0);
+        for d in dedup.distinct.iter().filter(|d| d.count > 1) {
+            sc.pos.clear();
+            sc.pos.extend(
+                dedup.sorted[d.pos..d.pos + d.count]
+                    .iter()
+                    .map(|&x| (x & dedup.pos_mask) as usize),
+            );
+            let acc = &mut sc.acc[..rl];
+            let k = &self.kernels;
+            match values {
+                TensorRef::F32(s) => k.sum_rows_at(acc, s, &sc.pos, t)?,
+                TensorRef::F16(s) => k.sum_rows_at(acc, s, &sc.pos, t)?,
+                TensorRef::BF16(s) => k.sum_rows_at(acc, s, &sc.pos, t)?,
+            }
+            if let Some(element) = acc.iter().position(|x| !x.is_finite()) {
+                return Err(Error::NonFiniteSum {
+                    variable: var.info.name.clone(),
+                    row: (var.row_offset + d.row) as u64,
+                    element,
+                    value: acc[element],
+                    occurrences: d.count,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Whether non-finite gradients skip the step ([`NonFinitePolicy::SkipStep`]).
@@ -1036,5 +1184,55 @@ impl Job<'_> {
         }
         self.timer.lap(Phase::Update);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The bound is sufficient: with the largest magnitude it accepts for `n` values and
+        /// `inv_scale`, `n` values of at most that magnitude (that one included, signs and
+        /// order arbitrary), unscaled and added in f32, never overflow.
+        #[test]
+        fn sums_the_bound_clears_are_finite(
+            n in 1usize..3000,
+            inv_exp in -126i32..100,
+            fracs in proptest::collection::vec(0.0f32..=1.0, 1..64),
+            signs in any::<u64>(),
+        ) {
+            let inv = 2f32.powi(inv_exp) * 1.7;
+            prop_assume!(inv.is_finite());
+            // The largest magnitude the bound accepts (binary search over positive bits).
+            let (mut lo, mut hi) = (0u32, 0x7F80_0000u32);
+            prop_assume!(sums_surely_finite(f32::from_bits(lo), n, inv));
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if sums_surely_finite(f32::from_bits(mid), n, inv) { lo = mid } else { hi = mid }
+            }
+            let m = f32::from_bits(lo);
+            prop_assert!(!sums_surely_finite(f32::from_bits(hi), n, inv));
+            let mut same_sign = -0.0f32;
+            let mut mixed = -0.0f32;
+            for i in 0..n {
+                let x = if i % 2 == 0 { m } else { m * fracs[i % fracs.len()] };
+                same_sign += m * inv;
+                let s = if signs >> (i % 64) & 1 == 1 { -x } else { x };
+                mixed += s * inv;
+            }
+            prop_assert!(same_sign.is_finite() && mixed.is_finite(), "{m} x {n} at {inv}");
+        }
+    }
+
+    #[test]
+    fn the_bound_refuses_nan_and_infinity_and_is_not_far_from_tight() {
+        assert!(!sums_surely_finite(f32::NAN, 2, 1.0));
+        assert!(!sums_surely_finite(f32::INFINITY, 2, 1.0));
+        assert!(!sums_surely_finite(1.0, 2, f32::INFINITY));
+        assert!(sums_surely_finite(f32::MAX / 8.0, 2, 1.0));
+        assert!(!sums_surely_finite(f32::MAX / 7.0, 2, 1.0));
+        assert!(sums_surely_finite(0.0, usize::MAX, f32::MAX));
     }
 }

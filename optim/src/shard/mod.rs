@@ -10,8 +10,9 @@
 //! 1. **Check and agree** (one all-gather): each rank validates its
 //!    gradients against the *whole* tables (ids below the table's row count,
 //!    lengths, the non-finite policy), and sends its verdict, the exact sums
-//!    of squares of its sparse gradients (for clipping), its dense gradients,
-//!    and a fingerprint of its variables, configuration, step counter and
+//!    of squares of its sparse gradients (for clipping), under `Error` or
+//!    `SkipStep` the largest magnitude and the id count of each table's
+//!    gradient, its dense gradients, and a fingerprint of its variables, configuration, step counter and
 //!    loss scale. If any rank rejects the step, every rank returns an error
 //!    ([`Error::PeerRejected`] on the others) and nothing is written
 //!    anywhere.
@@ -33,7 +34,16 @@
 //!    each in its own order: exactly the concatenated batch restricted to its
 //!    rows, so duplicates are summed in the single process's
 //!    first-occurrence order.
-//! 5. **Update**: each owner runs the ordinary step on its rows (threads as
+//! 5. **Duplicate sums** (one more all-gather, only when needed): under
+//!    `Error` or `SkipStep`, when the global largest magnitude and id count
+//!    of a table cannot rule out a duplicate row's sum overflowing (see
+//!    [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error)), every rank
+//!    knows it from the agreed figures; each owner sums its duplicated rows
+//!    as its step will, and the verdicts are shared: any non-finite sum skips
+//!    the step everywhere (`SkipStep`), or fails it with
+//!    [`Error::NonFiniteSum`] on the owner and [`Error::PeerRejected`]
+//!    elsewhere (`Error`). One process decides the same from the same sums.
+//! 6. **Update**: each owner runs the ordinary step on its rows (threads as
 //!    configured; every result is independent of threads and kernel paths).
 //!
 //! [`ShardedLazyAdam::fetch_rows`] gives any rank the current values of any
@@ -56,7 +66,10 @@ use lazyadam_kernels::{DType, SquareSum, bf16, f16};
 use crate::config::LazyAdamConfig;
 use crate::error::Error;
 use crate::extensions::Extensions;
-use crate::optimizer::{LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm};
+use crate::optimizer::{
+    LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm, max_abs,
+    sums_surely_finite,
+};
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
 
@@ -575,13 +588,14 @@ impl<C: Collective> ShardedLazyAdam<C> {
         let inv_scale = self.inner.inv_scale();
         let base = self.inner.base_transform(inv_scale);
         let skips = self.inner.skips_non_finite();
+        let checks = self.inner.checks_non_finite();
 
         // This rank's verdict and contribution.
         let mut by_var: Vec<Option<Gradient<'_>>> = vec![None; nv];
         // The step's rates are evaluated once, in `contribution`: a second
         // evaluation (of a user schedule) could fail after the agreement on
         // this rank alone, and the others would wait for it in the next round.
-        let local = self.contribution(grads, &mut by_var, need_sums, skips);
+        let local = self.contribution(grads, &mut by_var, need_sums, checks, skips);
         let (all, header, rates) = self.agree("step", local)?;
 
         // Read every rank's contribution: presence, sums, dense gradients.
@@ -589,6 +603,9 @@ impl<C: Collective> ShardedLazyAdam<C> {
         let mut sums = vec![SquareSum::ZERO; nv];
         let mut dense: Vec<Option<Vec<f32>>> = vec![None; nv];
         let mut non_finite = false;
+        // Per table: the largest magnitude's bits and the id count, over ranks.
+        let mut max_bits = vec![0u32; nv];
+        let mut id_count = vec![0usize; nv];
         for (r, msg) in all.iter().enumerate() {
             let mut rd = Reader::new(msg, r);
             rd.take(header, "header")?;
@@ -599,6 +616,18 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 present[i] = true;
                 match self.vars[i].kind {
                     Kind::Table { .. } => {
+                        if checks {
+                            let m = u32::try_from(rd.u64("largest magnitude")?)
+                                .ok()
+                                .filter(|&b| b <= 0x7FFF_FFFF)
+                                .ok_or_else(|| rd.malformed("largest magnitude"))?;
+                            max_bits[i] = max_bits[i].max(m);
+                            let n = usize::try_from(rd.u64("id count")?)
+                                .ok()
+                                .and_then(|n| id_count[i].checked_add(n))
+                                .ok_or_else(|| rd.malformed("id count"))?;
+                            id_count[i] = n;
+                        }
                         if need_sums {
                             let b = rd.take(SquareSum::BYTES, "sum of squares")?;
                             let s = SquareSum::from_bytes(b)
@@ -677,6 +706,54 @@ impl<C: Collective> ShardedLazyAdam<C> {
             self.route(&by_var, &present)?
         };
 
+        // Duplicate rows whose sums the bound cannot clear (every rank decides
+        // alike, from the agreed magnitudes and counts): each owner sums its
+        // rows exactly as its step will, and one more agreement round shares
+        // the verdict. Under SkipStep any non-finite sum skips the step
+        // everywhere; under Error the owner's error fails it everywhere.
+        let check_sums: Vec<bool> = (0..nv)
+            .map(|i| {
+                checks
+                    && present[i]
+                    && matches!(self.vars[i].kind, Kind::Table { .. })
+                    && id_count[i] >= 2
+                    && !sums_surely_finite(f32::from_bits(max_bits[i]), id_count[i], inv_scale)
+            })
+            .collect();
+        if check_sums.iter().any(|&c| c) {
+            let mut verdict = Ok(());
+            for i in (0..nv).filter(|&i| check_sums[i]) {
+                let grad = match (&routed[i], by_var[i]) {
+                    (Some((ids, vals)), _) => {
+                        Gradient::sparse(RowIds::U64(ids), TensorRef::F32(vals))
+                    }
+                    (None, Some(g)) if single => g,
+                    _ => continue,
+                };
+                verdict = self.inner.non_finite_sum(i, &grad, &transforms[i]);
+                if verdict.is_err() {
+                    break;
+                }
+            }
+            let local = match verdict {
+                Ok(()) => Ok((vec![0u8], ())),
+                Err(Error::NonFiniteSum { .. }) if skips => Ok((vec![1u8], ())),
+                Err(e) => Err(e),
+            };
+            let (all, header, ()) = self.agree("step", local)?;
+            let mut skip = false;
+            for (r, msg) in all.iter().enumerate() {
+                let mut rd = Reader::new(msg, r);
+                rd.take(header, "header")?;
+                skip |= rd.u8("sum verdict")? != 0;
+                rd.finish()?;
+            }
+            if skip {
+                self.inner.skip_step();
+                return Ok(StepOutcome::Skipped);
+            }
+        }
+
         // Apply: this rank's rows of each table, and the dense replicas.
         let mut updates = Vec::new();
         let mut ts = Vec::new();
@@ -722,6 +799,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
         grads: &[ShardGradient<'g>],
         by_var: &mut [Option<Gradient<'g>>],
         need_sums: bool,
+        checks: bool,
         skips: bool,
     ) -> Result<(Vec<u8>, StepRates), Error> {
         self.check(grads)?;
@@ -742,9 +820,14 @@ impl<C: Collective> ShardedLazyAdam<C> {
             };
             w.u8(1);
             match (&self.vars[i].kind, g) {
-                (Kind::Table { .. }, Gradient::Sparse { values, .. }) => {
-                    if skips && !non_finite {
-                        non_finite = !self.inner.finite_scaled(values, inv_scale);
+                (Kind::Table { .. }, Gradient::Sparse { ids, values }) => {
+                    if checks {
+                        // The largest magnitude (non-negative, or NaN) and
+                        // the id count bound every rank's duplicate sums.
+                        let m = max_abs(&self.inner.kernels, values);
+                        non_finite |= skips && !(m * inv_scale).is_finite();
+                        w.u64(m.to_bits() as u64);
+                        w.u64(ids.len() as u64);
                     }
                     if need_sums {
                         w.bytes(&self.inner.square_sum(values, &base).to_bytes());

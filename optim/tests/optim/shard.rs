@@ -166,14 +166,26 @@ fn single(
     }
 }
 
-/// Puts an infinity into rank `r`'s first table gradient at step `s`.
+/// Puts an infinity into rank `r`'s first table gradient at step `s`. With [`EVERY_RANK`] as
+/// the rank, every rank instead adds three occurrences of row 1 (which the batches never
+/// hold) whose first element is 3.4e38: finite, and 4.25e37 unscaled by 8, so that nine or
+/// more of them (three ranks or more) sum past `f32::MAX`.
 fn poisoned(mut b: Batch, s: usize, r: usize, poison: Option<(usize, usize)>) -> Batch {
     if poison == Some((s, r)) {
         b.ids[0].push(1);
         b.values[0].extend([f32::INFINITY, 0.0, 0.0, 0.0, 0.0]);
     }
+    if poison == Some((s, EVERY_RANK)) {
+        for _ in 0..3 {
+            b.ids[0].push(1);
+            b.values[0].extend([3.4e38f32, 0.0, 0.0, 0.0, 0.0]);
+        }
+    }
     b
 }
+
+/// The rank of [`poisoned`] that means every rank.
+const EVERY_RANK: usize = usize::MAX;
 
 /// What one rank ends with: its rows of each table (params, m, v, vhat), the
 /// dense variable, the counter, the loss scale, the outcomes.
@@ -490,6 +502,84 @@ fn a_non_finite_value_on_one_rank_skips_the_step_everywhere() {
     let (got, _) = sharded(&cfg(), &ext, 3, 6, 5, Some((3, 0)));
     assert_eq!(got.outcomes[3], StepOutcome::Skipped);
     assert_eq!(got.iterations, 5);
+}
+
+/// Under SkipStep, a row whose occurrences (spread over the ranks) sum past `f32::MAX` skips
+/// the step on every rank, exactly when it does in one process: at step 1 every rank adds
+/// three occurrences of row 1, whose sum is finite over one or two ranks' batches and not over
+/// three or four. With `global_clipnorm` the values are scaled down before they are added,
+/// and every step applies. Every rank count gives the single process's bits either way.
+#[test]
+fn duplicate_sums_past_f32_max_decide_alike_on_every_rank_count() {
+    let ext = Extensions::default().with_non_finite(NonFinitePolicy::SkipStep {
+        loss_scale: Some(DynamicLossScale {
+            scale: 8.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2,
+        }),
+    });
+    // Step 1: the scale is still 8 (it doubles after two good steps).
+    let poison = Some((1, EVERY_RANK));
+    for ranks in 1..=4 {
+        let want = single(&cfg(), &ext, ranks, 4, 1, poison);
+        let skipped = if ranks >= 3 {
+            StepOutcome::Skipped
+        } else {
+            StepOutcome::Applied
+        };
+        assert_eq!(want.outcomes[1], skipped, "{ranks} ranks");
+        let (got, _) = sharded(&cfg(), &ext, ranks, 4, 1, poison);
+        assert_eq!(got, want, "{ranks} ranks");
+    }
+    check(cfg().with_global_clipnorm(1.0), ext.clone(), poison);
+    let clipped = single(&cfg().with_global_clipnorm(1.0), &ext, 4, 4, 1, poison);
+    assert!(clipped.outcomes.iter().all(|&o| o == StepOutcome::Applied));
+}
+
+/// Under Error, the rank that owns such a row refuses the step with `NonFiniteSum`, every
+/// other rank with `PeerRejected`, and nothing is written anywhere: ranks 1 and 2 each send
+/// row 0 (owned by rank 0) with 3e38, whose two occurrences sum to +inf.
+#[test]
+fn a_duplicate_sum_past_f32_max_under_error_fails_the_step_everywhere() {
+    let ext = Extensions::default().with_non_finite(NonFinitePolicy::Error);
+    let out = on_ranks(3, |comm| {
+        let r = comm.rank();
+        let (mut opt, ids, _) = setup(&cfg(), &ext, comm);
+        let before = bits(opt.params(ids[0]).unwrap());
+        let slots = |opt: &ShardedLazyAdam<ThreadCollective>| {
+            let s = opt.local().slots(ids[0]).unwrap();
+            (bits(s.m), bits(s.v))
+        };
+        let slots_before = slots(&opt);
+        let row: [u32; 1] = [if r == 0 { 5 } else { 0 }];
+        let vals = [if r == 0 { 1.0 } else { 3e38f32 }, 0.0, 0.0, 0.0, 0.0];
+        let grads = [ShardGradient::new(ids[0], Gradient::sparse(&row, &vals))];
+        let err = opt.step(&grads).unwrap_err();
+        assert_eq!(bits(opt.params(ids[0]).unwrap()), before, "rank {r} wrote");
+        assert_eq!(slots(&opt), slots_before, "rank {r} wrote slots");
+        assert_eq!(opt.iterations(), 0);
+        // The group goes on: a finite step applies everywhere.
+        let vals = [1.0f32; 5];
+        let grads = [ShardGradient::new(ids[0], Gradient::sparse(&[0u32], &vals))];
+        assert_eq!(opt.step(&grads).unwrap(), StepOutcome::Applied);
+        err
+    });
+    for (r, e) in out.iter().enumerate() {
+        match (r, e) {
+            (
+                0,
+                Error::NonFiniteSum {
+                    row: 0,
+                    element: 0,
+                    occurrences: 2,
+                    ..
+                },
+            ) => {}
+            (1 | 2, Error::PeerRejected { rank: 0, .. }) => {}
+            (_, e) => panic!("rank {r}: {e}"),
+        }
+    }
 }
 
 #[test]

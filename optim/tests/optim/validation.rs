@@ -244,34 +244,156 @@ fn error_policy_checks_gradients_not_their_squares() {
     assert_eq!(opt.iterations(), 2);
 }
 
-/// SkipStep sees each unscaled value, as the reference's loss-scale optimizer does, not the
-/// sum of a row's duplicates (documented on `NonFinitePolicy::SkipStep`). With the smallest
-/// loss scale, -3 unscales to about -2.55e38 (finite), and three occurrences of one row sum
-/// to -inf in f32. The step is applied, and `m / sqrt(v)` = -inf / inf is NaN in that row.
-/// The same values once per row keep every parameter finite.
-#[test]
-fn skip_step_checks_unscaled_values_not_duplicate_sums() {
-    let ext = skip_with_loss_scale(f32::MIN_POSITIVE);
-    let unscaled = -3.0f32 * (1.0 / f32::MIN_POSITIVE);
-    assert!(unscaled.is_finite() && (unscaled + unscaled + unscaled).is_infinite());
-    let g = [-3.0f32; 6];
+/// Every weight the optimizer holds (slots, step counter) as bits, for "nothing was written"
+/// checks.
+fn slot_bits(opt: &LazyAdam) -> Vec<(String, Vec<u64>)> {
+    opt.get_weights()
+        .into_iter()
+        .map(|w| {
+            let bits = match w.data {
+                lazyadam::WeightData::I64(v) => v.iter().map(|&x| x as u64).collect(),
+                lazyadam::WeightData::F32(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
+                lazyadam::WeightData::F16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
+                lazyadam::WeightData::BF16(v) => v.iter().map(|x| x.to_bits() as u64).collect(),
+            };
+            (w.name, bits)
+        })
+        .collect()
+}
 
-    let (mut opt, a, _) = two_vars(ext.clone());
+/// SkipStep also checks the sums of a sparse gradient's duplicate rows. Under the loss scale
+/// 2^-100, -1.5e8 unscales to about -1.9e38 (finite), and two occurrences of one row sum to
+/// -inf in f32 (the reference's loss-scale optimizer would apply that, and NaN would follow in
+/// the row). The step is skipped and the scale backs off; the same values on distinct rows
+/// are applied and stay finite.
+#[test]
+fn skip_step_checks_duplicate_row_sums() {
+    let scale = 2.0f32.powi(-100);
+    let unscaled = -1.5e8f32 * (1.0 / scale);
+    assert!(unscaled.is_finite() && (unscaled + unscaled).is_infinite());
+    let g = [-1.5e8f32, 0.0, -1.5e8, 0.0];
+
+    let (mut opt, a, _) = two_vars(skip_with_loss_scale(scale));
+    let mut pa = vec![1.0f32; 8];
+    opt.apply_gradients(&mut [Update::new(
+        a,
+        &mut pa,
+        Gradient::sparse(&[3u32], &[1.0f32; 2]),
+    )])
+    .unwrap();
+    let (params, slots) = (pa.clone(), slot_bits(&opt));
+    let out = opt
+        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[0u32, 0], &g))])
+        .unwrap();
+    assert_eq!(out, StepOutcome::Skipped);
+    assert_eq!(pa, params);
+    assert_eq!(slot_bits(&opt), slots);
+    assert_eq!(opt.iterations(), 1);
+    assert_eq!(opt.loss_scale(), Some(scale * 0.5));
+
+    let (mut opt, a, _) = two_vars(skip_with_loss_scale(scale));
     let mut pa = vec![1.0f32; 8];
     let out = opt
-        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[0u32, 0, 0], &g))])
+        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[0u32, 1], &g))])
         .unwrap();
     assert_eq!(out, StepOutcome::Applied);
-    assert!(pa[0].is_nan() && pa[1].is_nan(), "{pa:?}");
-    assert_eq!(&pa[2..], &[1.0; 6]);
+    // Finite, and still 1: each square overflows, so `v` is +inf and the step is 0.
+    assert_eq!(pa, vec![1.0; 8]);
+}
 
+/// The check of duplicate sums is exact, not a bound: it adds the occurrences as the step
+/// does, in occurrence order in f32. 3e38, -3e38, 3e38 never leaves the finite range and is
+/// applied; 3e38, 3e38, -3e38 overflows at its second addition and is refused with
+/// `NonFiniteSum` (and nothing written), although both hold the same values.
+#[test]
+fn error_policy_checks_duplicate_row_sums_in_the_steps_order() {
+    let ext = Extensions {
+        non_finite: NonFinitePolicy::Error,
+        ..Extensions::default()
+    };
     let (mut opt, a, _) = two_vars(ext);
     let mut pa = vec![1.0f32; 8];
+    let fine = [3e38f32, 1.0, -3e38, 1.0, 3e38, 1.0];
     let out = opt
-        .apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&[0u32, 1, 2], &g))])
+        .apply_gradients(&mut [Update::new(
+            a,
+            &mut pa,
+            Gradient::sparse(&[2u32, 2, 2], &fine),
+        )])
         .unwrap();
     assert_eq!(out, StepOutcome::Applied);
-    assert!(pa.iter().all(|x| x.is_finite()), "{pa:?}");
+    assert!(pa[5] < 1.0, "the row moved: {pa:?}");
+
+    let (params, slots) = (pa.clone(), slot_bits(&opt));
+    let bad = [3e38f32, 1.0, 3e38, 1.0, -3e38, 1.0];
+    let e = opt
+        .apply_gradients(&mut [Update::new(
+            a,
+            &mut pa,
+            Gradient::sparse(&[2u32, 2, 2], &bad),
+        )])
+        .unwrap_err();
+    match &e {
+        Error::NonFiniteSum {
+            variable,
+            row,
+            element,
+            value,
+            occurrences,
+        } => {
+            assert_eq!(variable, "emb");
+            assert_eq!((*row, *element, *occurrences), (2, 0, 3));
+            assert_eq!(*value, f32::INFINITY);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains("row id 2"), "{e}");
+    assert_eq!(pa, params);
+    assert_eq!(slot_bits(&opt), slots);
+    assert_eq!(opt.iterations(), 1);
+}
+
+/// The sums checked are those of the transformed values, as the step applies them: with
+/// `clipnorm`, two occurrences of 3e38 are scaled down before they are added, so their sum
+/// is finite and the step is applied; without it, the same gradient is refused. The ids are
+/// many (over the hashed path's limit) so that the step sorts them, as in long batches.
+#[test]
+fn duplicate_sums_are_checked_after_clipping_on_every_path() {
+    let ext = Extensions {
+        non_finite: NonFinitePolicy::Error,
+        ..Extensions::default()
+    };
+    let n = 70_000usize;
+    let ids: Vec<u32> = (0..n as u32).map(|i| i % 4).collect();
+    let mut g = vec![0.0f32; 2 * n];
+    g[2 * 4 * 1000 + 2] = 3e38; // row 1's 1001st occurrence
+    g[2 * 4 * 2000 + 2] = 3e38; // and its 2001st
+    for clipnorm in [None, Some(1.0f32)] {
+        let mut cfg = LazyAdamConfig::default();
+        if let Some(c) = clipnorm {
+            cfg = cfg.with_clipnorm(c);
+        }
+        let mut opt = LazyAdam::with_extensions(cfg, ext.clone()).unwrap();
+        let a = opt
+            .add_variable("emb", &[4, 2], DType::F32, DType::F32)
+            .unwrap();
+        let mut pa = vec![1.0f32; 8];
+        let r = opt.apply_gradients(&mut [Update::new(a, &mut pa, Gradient::sparse(&ids, &g))]);
+        if clipnorm.is_some() {
+            assert_eq!(r.unwrap(), StepOutcome::Applied);
+            assert!(pa.iter().all(|x| x.is_finite()), "{pa:?}");
+            assert!(pa[2] < 1.0, "{pa:?}");
+        } else {
+            match r.unwrap_err() {
+                Error::NonFiniteSum {
+                    row, occurrences, ..
+                } => assert_eq!((row, occurrences), (1, n / 4)),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(pa, vec![1.0; 8]);
+            assert_eq!(opt.iterations(), 0);
+        }
+    }
 }
 
 #[test]
