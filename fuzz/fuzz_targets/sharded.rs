@@ -6,7 +6,7 @@
 //!   all-to-all with bytes from the input (the first 8 bytes of an all-gather answer are
 //!   replaced by rank 0's fingerprint when the input says so, so that the payload is parsed);
 //!   rank 0 steps with gradients drawn from the input (ids in and out of range, NaN, dense and
-//!   sparse), then fetches rows. An error leaves every parameter, slot and the step counter as
+//!   sparse; any non-finite policy), then fetches rows. An error leaves every parameter, slot and the step counter as
 //!   they were.
 //! - odd: the rest is split into two shard files (the second may be a valid shard of a real
 //!   run) and loaded as rank 0 and as rank 1 of two: an error or a usable optimizer, never a
@@ -17,7 +17,8 @@ use std::collections::VecDeque;
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    Collective, CollectiveError, DType, Gradient, LazyAdamConfig, ShardGradient, ShardedLazyAdam,
+    Collective, CollectiveError, DType, DynamicLossScale, Extensions, Gradient, LazyAdamConfig,
+    NonFinitePolicy, ShardGradient, ShardedLazyAdam,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -77,7 +78,21 @@ fn forged_peer(u: &mut Unstructured<'_>) -> Result<()> {
         1 => cfg = cfg.with_clipnorm(1.0),
         _ => cfg = cfg.with_global_clipnorm(0.5),
     }
-    let Ok(mut opt) = ShardedLazyAdam::new(cfg, Forged { answers }) else {
+    // A checking policy sends each table's largest magnitude and id count, and may take a
+    // second agreement round for the sums of duplicate rows (a tiny loss scale makes finite
+    // values' sums overflow).
+    let non_finite = match u.int_in_range(0..=2)? {
+        0 => NonFinitePolicy::Propagate,
+        1 => NonFinitePolicy::Error,
+        _ => NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale {
+                scale: 2f32.powi(-100),
+                ..DynamicLossScale::default()
+            }),
+        },
+    };
+    let ext = Extensions::default().with_non_finite(non_finite);
+    let Ok(mut opt) = ShardedLazyAdam::with_extensions(cfg, ext, Forged { answers }) else {
         return Ok(());
     };
     let rows = u.int_in_range(0..=9)?;

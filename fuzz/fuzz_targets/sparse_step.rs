@@ -1133,9 +1133,6 @@ fn hostile(u: &mut Unstructured<'_>) -> Result<()> {
             .iter()
             .all(|p| p.f32s().iter().all(|x| x.is_finite() && x.abs() <= 1e4))
             && common::slots_within(&opt, 1e4)
-            // Unscaling by a tiny loss scale can make finite values huge, and the sum of a
-            // row's duplicates overflow, which no policy checks (see `NonFinitePolicy`).
-            && opt.loss_scale().is_none_or(|s| s >= 1.0)
             && opt.learning_rate() <= 10.0
             && ext.weight_decay <= 0.1
             && config.epsilon >= 1e-30;
