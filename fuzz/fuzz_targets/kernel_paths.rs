@@ -422,6 +422,14 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
     }
     let r_fin = scalar.all_finite(&input.g);
     assert_eq!(r_fin, input.g.iter().all(|x| x.to_f32().is_finite()));
+    let r_max = scalar.max_abs(&input.g);
+    let want_max = if input.g.iter().any(|x| x.to_f32().is_nan()) {
+        f32::NAN
+    } else {
+        input.g.iter().fold(0.0f32, |m, x| m.max(x.to_f32().abs()))
+    };
+    let same_f32 = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+    assert!(same_f32(r_max, want_max), "max_abs {r_max} vs {want_max}");
     let store_len = if mismatched { input.p.len() } else { n };
     let mut r_store = vec![P::from_f32(7.0); store_len];
     let e_store = scalar.store_row(&mut r_store, &store_src, c.rounding);
@@ -467,6 +475,7 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
         );
         check_split(&k);
         assert_eq!(k.all_finite(&input.g), r_fin, "{isa:?} all_finite");
+        assert!(same_f32(k.max_abs(&input.g), r_max), "{isa:?} max_abs");
         let mut d = vec![P::from_f32(7.0); store_len];
         assert_eq!(k.store_row(&mut d, &store_src, c.rounding), e_store);
         assert!(same(&d, &r_store), "{isa:?} store_row");
