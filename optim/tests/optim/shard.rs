@@ -487,16 +487,21 @@ fn stochastic_rounding_draws_by_global_row() {
     );
 }
 
-#[test]
-fn a_non_finite_value_on_one_rank_skips_the_step_everywhere() {
-    let ext = Extensions::default().with_non_finite(NonFinitePolicy::SkipStep {
+/// SkipStep with a dynamic loss scale of 8 (doubling after two good steps, halving on a skip).
+fn skip_with_scale_8() -> Extensions {
+    Extensions::default().with_non_finite(NonFinitePolicy::SkipStep {
         loss_scale: Some(DynamicLossScale {
             scale: 8.0,
             growth_factor: 2.0,
             backoff_factor: 0.5,
             growth_interval: 2,
         }),
-    });
+    })
+}
+
+#[test]
+fn a_non_finite_value_on_one_rank_skips_the_step_everywhere() {
+    let ext = skip_with_scale_8();
     // Rank 0 poisons step 2 (every rank count has a rank 0).
     check(cfg().with_global_clipnorm(1.0), ext.clone(), Some((2, 0)));
     let (got, _) = sharded(&cfg(), &ext, 3, 6, 5, Some((3, 0)));
@@ -511,14 +516,7 @@ fn a_non_finite_value_on_one_rank_skips_the_step_everywhere() {
 /// and every step applies. Every rank count gives the single process's bits either way.
 #[test]
 fn duplicate_sums_past_f32_max_decide_alike_on_every_rank_count() {
-    let ext = Extensions::default().with_non_finite(NonFinitePolicy::SkipStep {
-        loss_scale: Some(DynamicLossScale {
-            scale: 8.0,
-            growth_factor: 2.0,
-            backoff_factor: 0.5,
-            growth_interval: 2,
-        }),
-    });
+    let ext = skip_with_scale_8();
     // Step 1: the scale is still 8 (it doubles after two good steps).
     let poison = Some((1, EVERY_RANK));
     for ranks in 1..=4 {
