@@ -12,8 +12,8 @@
 //!    lengths, the non-finite policy), and sends its verdict, the exact sums
 //!    of squares of its sparse gradients (for clipping), under `Error` or
 //!    `SkipStep` the largest magnitude and the id count of each table's
-//!    gradient, its dense gradients, and a fingerprint of its variables, configuration, step counter and
-//!    loss scale. If any rank rejects the step, every rank returns an error
+//!    gradient, its dense gradients, and a fingerprint of its variables,
+//!    configuration, step counter and loss scale. If any rank rejects the step, every rank returns an error
 //!    ([`Error::PeerRejected`] on the others) and nothing is written
 //!    anywhere.
 //! 2. **Dense gradients** are summed over ranks in rank order, in f32
@@ -562,10 +562,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     });
                 }
             }
-            // Dense gradients are checked once summed over ranks.
-            if let Kind::Table { .. } = v.kind {
-                self.inner.check_finite(i, &g.grad)?;
-            }
+            // A table's values are checked with its largest magnitude (in
+            // `contribution`), dense gradients once summed over ranks.
         }
         Ok(())
     }
@@ -803,7 +801,6 @@ impl<C: Collective> ShardedLazyAdam<C> {
         skips: bool,
     ) -> Result<(Vec<u8>, StepRates), Error> {
         self.check(grads)?;
-        let rates = self.inner.step_rates()?;
         let inv_scale = self.inner.inv_scale();
         let base = self.inner.base_transform(inv_scale);
         for g in grads {
@@ -825,6 +822,10 @@ impl<C: Collective> ShardedLazyAdam<C> {
                         // The largest magnitude (non-negative, or NaN) and
                         // the id count bound every rank's duplicate sums.
                         let m = max_abs(&self.inner.kernels, values);
+                        if !skips && !m.is_finite() {
+                            // Under Error: the error naming the first one.
+                            self.inner.check_finite(i, g)?;
+                        }
                         non_finite |= skips && !(m * inv_scale).is_finite();
                         w.u64(m.to_bits() as u64);
                         w.u64(ids.len() as u64);
@@ -843,6 +844,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
             }
         }
         w.u8(non_finite as u8);
+        // After the values' check, as in a single-process step.
+        let rates = self.inner.step_rates()?;
         Ok((w.0, rates))
     }
 
