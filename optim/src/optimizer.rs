@@ -857,15 +857,12 @@ impl LazyAdam {
         }
         let dedup = &mut self.scratch.dedup;
         with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
+        let list = RowList::new(dedup);
         let sc = &mut self.scratch.rows;
         sc.acc.resize(rl, 0.0);
-        for d in dedup.distinct.iter().filter(|d| d.count > 1) {
+        for d in list.distinct.iter().filter(|d| d.count > 1) {
             sc.pos.clear();
-            sc.pos.extend(
-                dedup.sorted[d.pos..d.pos + d.count]
-                    .iter()
-                    .map(|&x| (x & dedup.pos_mask) as usize),
-            );
+            sc.pos.extend(list.occurrences(d));
             let acc = &mut sc.acc[..rl];
             let k = &self.kernels;
             match values {

@@ -225,6 +225,15 @@ impl<'a> RowList<'a> {
         }
     }
 
+    /// Positions (in the id list) of the occurrences of a duplicated row `d`
+    /// (`d.count > 1`), in occurrence order.
+    pub(crate) fn occurrences(&self, d: &Distinct) -> impl Iterator<Item = usize> + use<'a> {
+        let mask = self.pos_mask;
+        self.sorted[d.pos..d.pos + d.count]
+            .iter()
+            .map(move |&x| (x & mask) as usize)
+    }
+
     /// Position (in the id list) of the first occurrence of `d`.
     #[inline]
     fn first(&self, d: &Distinct) -> usize {
@@ -271,10 +280,8 @@ fn rows_seq<P: Element, G: Element, M: Element>(
         if d.count == 1 {
             update_row(ctx, tb, d.row, grad_row(d.pos), t)?;
         } else {
-            let run = &list.sorted[d.pos..d.pos + d.count];
             sc.pos.clear();
-            sc.pos
-                .extend(run.iter().map(|&x| (x & list.pos_mask) as usize));
+            sc.pos.extend(list.occurrences(d));
             sc.acc.resize(rl, 0.0);
             let acc = &mut sc.acc[..rl];
             ctx.k.sum_rows_at(acc, values, &sc.pos, &t)?;
