@@ -949,13 +949,6 @@ impl<S: Simd, G: Element> exact::Load<G> for VecLoad<S> {
     }
 }
 
-/// The largest of the elements' magnitude bits (0 for none): an integer maximum, which the
-/// compiler vectorizes with the path's instruction set.
-#[inline(always)]
-pub(crate) fn max_abs_bits<G: Element>(src: &[G]) -> u32 {
-    src.iter().fold(0, |m, x| m.max(x.abs_bits()))
-}
-
 /// Every element finite: integer tests on the raw bits, in blocks so that the compiler
 /// vectorizes each block with the path's instruction set.
 #[inline(always)]
