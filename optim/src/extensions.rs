@@ -35,7 +35,9 @@ pub struct Extensions {
     /// Force a kernel path (tests and benches). `None` picks the best one.
     pub kernel: Option<Isa>,
     /// Below this many updated elements in a step, the step stays on the
-    /// calling thread (default 32 768).
+    /// calling thread (default 32 768). Passes over a gradient's values (its
+    /// sum of squares for clipping, the non-finite policy's check) use the
+    /// pool from 4 x this many values.
     pub parallel_min_elements: usize,
     /// How the bias-corrected step size is evaluated (default: as the
     /// reference, in f32).
@@ -195,12 +197,14 @@ pub enum NonFinitePolicy {
     ///
     /// The sums are the step's own: the transformed values (after clipping)
     /// added in f32 in occurrence order, so `[3e38, -3e38, 3e38]` passes and
-    /// `[3e38, 3e38, -3e38]` does not. A sparse gradient takes one pass over
+    /// `[3e38, 3e38, -3e38]` does not. Every gradient takes one pass over
     /// its values, which finds their largest magnitude (and so whether one
-    /// is NaN or infinite); that bounds every sum, and only a gradient with
-    /// a value within a factor of about `4n` of `f32::MAX` (`n` its ids),
-    /// which the bound cannot clear, has its duplicate rows summed before
-    /// the step.
+    /// is NaN or infinite); a gradient of at least 4 x
+    /// [`Extensions::parallel_min_elements`] values is split over the rayon
+    /// pool for it, with the same verdict on any thread count. For a sparse
+    /// gradient that magnitude bounds every sum, and only one with a value
+    /// within a factor of about `4n` of `f32::MAX` (`n` its ids), which the
+    /// bound cannot clear, has its duplicate rows summed before the step.
     ///
     /// It checks gradients and their sums, not what the update computes
     /// from them: a finite gradient above about 1.8e19 in magnitude is

@@ -55,8 +55,6 @@ pub(crate) struct Scratch {
     pub hashed: HashedScratch,
     pub transforms: Vec<GradTransform>,
     pub seen: Vec<bool>,
-    /// Unscaled gradient values of a chunk (the loss-scale finiteness check).
-    pub unscaled: Vec<f32>,
     /// Per update of a step: whether its duplicate rows' sums need the
     /// exact check ([`LazyAdam::non_finite_sum`]).
     pub check_sums: Vec<bool>,
@@ -181,54 +179,32 @@ pub(crate) fn sums_surely_finite(max_abs: f32, n: usize, inv_scale: f32) -> bool
     4.0 * n as f64 * max_abs as f64 * inv_scale as f64 <= f32::MAX as f64
 }
 
-/// The largest magnitude among `values`, widened to f32: NaN if one is NaN,
-/// 0 for none ([`Kernels::max_abs`]).
-pub(crate) fn max_abs(k: &Kernels, values: &TensorRef<'_>) -> f32 {
-    match values {
-        TensorRef::F32(s) => k.max_abs(s),
-        TensorRef::F16(s) => k.max_abs(s),
-        TensorRef::BF16(s) => k.max_abs(s),
+/// The largest magnitude among `values`, widened to f32: `f32::NAN` if one is
+/// NaN, 0 for none ([`Kernels::max_abs`]). At least 4 x `min_parallel` values
+/// are split in chunks over rayon tasks: magnitudes compare as their bits (a
+/// NaN's above every other), so the largest of the chunks' maxima is the same
+/// number for any split, and the thread count changes nothing.
+pub(crate) fn max_abs(k: &Kernels, values: &TensorRef<'_>, min_parallel: usize) -> f32 {
+    fn of<G: lazyadam_kernels::Element + Sync>(k: &Kernels, src: &[G], min_parallel: usize) -> f32 {
+        #[cfg(feature = "rayon")]
+        if src.len() >= min_parallel.saturating_mul(4) && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            const CHUNK: usize = 1 << 16;
+            // Non-negative (or NaN with a clear sign bit), so the bits order them.
+            let bits = src.par_chunks(CHUNK).map(|c| k.max_abs(c).to_bits()).max();
+            return f32::from_bits(bits.unwrap_or(0));
+        }
+        let _ = min_parallel;
+        k.max_abs(src)
     }
-}
-
-fn all_finite(k: &Kernels, values: &TensorRef<'_>) -> bool {
-    match values {
-        TensorRef::F32(s) => k.all_finite(s),
-        TensorRef::F16(s) => k.all_finite(s),
-        TensorRef::BF16(s) => k.all_finite(s),
-    }
-}
-
-/// Whether every `values[i] * scale` (in f32, as the step's transform
-/// computes it) is finite; `buf` holds the products of a chunk.
-fn all_finite_scaled(k: &Kernels, values: &TensorRef<'_>, scale: f32, buf: &mut Vec<f32>) -> bool {
-    if scale == 1.0 {
-        return all_finite(k, values);
-    }
-    const CHUNK: usize = 4096;
-    let t = GradTransform {
-        scale,
-        clip: None,
-        negate: false,
+    let m = match values {
+        TensorRef::F32(s) => of(k, s, min_parallel),
+        TensorRef::F16(s) => of(k, s, min_parallel),
+        TensorRef::BF16(s) => of(k, s, min_parallel),
     };
-    buf.resize(CHUNK, 0.0);
-    fn chunks<G: lazyadam_kernels::Element>(
-        k: &Kernels,
-        src: &[G],
-        t: &GradTransform,
-        buf: &mut [f32],
-    ) -> bool {
-        src.chunks(CHUNK).all(|c| {
-            let dst = &mut buf[..c.len()];
-            // Lengths match by construction.
-            k.load_row(dst, c, t).is_ok() && k.all_finite(dst)
-        })
-    }
-    match values {
-        TensorRef::F32(s) => chunks(k, s, &t, buf),
-        TensorRef::F16(s) => chunks(k, s, &t, buf),
-        TensorRef::BF16(s) => chunks(k, s, &t, buf),
-    }
+    // One NaN whatever the payload (which may depend on the split for 16-bit
+    // values, whose widening quiets it).
+    if m.is_nan() { f32::NAN } else { m }
 }
 
 /// Adds the exact squares of `transform(src)` into `acc`; a long slice in
@@ -654,7 +630,7 @@ impl LazyAdam {
             return Ok(());
         }
         let values = grad.values();
-        if all_finite(&self.kernels, &values) {
+        if self.largest_magnitude(&values).is_finite() {
             return Ok(());
         }
         if let Some((element, value)) = first_non_finite(&values) {
@@ -811,27 +787,30 @@ impl LazyAdam {
     }
 
     /// The non-finite policy's verdict on a gradient's values unscaled by
-    /// `inv_scale` (see [`Verdict`]). A sparse gradient of two or more ids
-    /// takes one pass for its largest magnitude `m` (its values are all
+    /// `inv_scale` (see [`Verdict`]), from one pass for their largest
+    /// magnitude `m` ([`LazyAdam::largest_magnitude`]). The values are all
     /// finite once unscaled exactly when `m * inv_scale` is, rounding being
-    /// monotonic), which also bounds its duplicate rows' sums
-    /// ([`sums_surely_finite`]); any other takes the plain check.
-    pub(crate) fn verdict(&mut self, grad: &Gradient<'_>, inv_scale: f32) -> Verdict {
-        let values = grad.values();
+    /// monotonic (and the step's clipping only shrinks them); for a sparse
+    /// gradient `m` also bounds its duplicate rows' sums
+    /// ([`sums_surely_finite`]).
+    pub(crate) fn verdict(&self, grad: &Gradient<'_>, inv_scale: f32) -> Verdict {
+        let m = self.largest_magnitude(&grad.values());
         match grad {
-            Gradient::Sparse { ids, .. } if ids.len() >= 2 => {
-                let m = max_abs(&self.kernels, &values);
-                if !(m * inv_scale).is_finite() {
-                    Verdict::NonFinite
-                } else if sums_surely_finite(m, ids.len(), inv_scale) {
-                    Verdict::Finite
-                } else {
-                    Verdict::CheckSums
-                }
+            _ if !(m * inv_scale).is_finite() => Verdict::NonFinite,
+            Gradient::Sparse { ids, .. }
+                if ids.len() >= 2 && !sums_surely_finite(m, ids.len(), inv_scale) =>
+            {
+                Verdict::CheckSums
             }
-            _ if self.finite_scaled(&values, inv_scale) => Verdict::Finite,
-            _ => Verdict::NonFinite,
+            _ => Verdict::Finite,
         }
+    }
+
+    /// The largest magnitude among `values` (`f32::NAN` if one is NaN), over
+    /// the thread pool for long ones, with the same result on any thread
+    /// count ([`max_abs`]).
+    pub(crate) fn largest_magnitude(&self, values: &TensorRef<'_>) -> f32 {
+        max_abs(&self.kernels, values, self.ext.parallel_min_elements.max(1))
     }
 
     /// The exact check of a sparse gradient's duplicate rows, for when
@@ -886,14 +865,6 @@ impl LazyAdam {
     /// Whether non-finite gradients skip the step ([`NonFinitePolicy::SkipStep`]).
     pub(crate) fn skips_non_finite(&self) -> bool {
         matches!(self.ext.non_finite, NonFinitePolicy::SkipStep { .. })
-    }
-
-    /// Whether every value times `inv_scale` is finite. The check sees the
-    /// unscaled values, which is what the step applies (clipping cannot make
-    /// a finite value non-finite): a finite gradient whose unscaled value
-    /// overflows counts as non-finite.
-    pub(crate) fn finite_scaled(&mut self, values: &TensorRef<'_>, inv_scale: f32) -> bool {
-        all_finite_scaled(&self.kernels, values, inv_scale, &mut self.scratch.unscaled)
     }
 
     /// A skipped step: the loss scale backs off; nothing else changes.

@@ -67,8 +67,7 @@ use crate::config::LazyAdamConfig;
 use crate::error::Error;
 use crate::extensions::Extensions;
 use crate::optimizer::{
-    LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm, max_abs,
-    sums_surely_finite,
+    LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm, sums_surely_finite,
 };
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
@@ -663,10 +662,14 @@ impl<C: Collective> ShardedLazyAdam<C> {
         for i in 0..nv {
             if let Some(g) = &dense[i] {
                 let values = TensorRef::F32(g);
-                let grad = Gradient::Dense(values);
-                self.inner.check_finite(i, &grad)?;
-                if skips && !non_finite {
-                    non_finite = !self.inner.finite_scaled(&values, inv_scale);
+                // (Under SkipStep, once one value is known to skip, no more.)
+                if checks && !(skips && non_finite) {
+                    let m = self.inner.largest_magnitude(&values);
+                    if !skips && !m.is_finite() {
+                        // Under Error: the error naming the first one.
+                        self.inner.check_finite(i, &Gradient::Dense(values))?;
+                    }
+                    non_finite |= skips && !(m * inv_scale).is_finite();
                 }
                 if need_sums {
                     sums[i] = self.inner.square_sum(&values, &base);
@@ -821,7 +824,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     if checks {
                         // The largest magnitude (non-negative, or NaN) and
                         // the id count bound every rank's duplicate sums.
-                        let m = max_abs(&self.inner.kernels, values);
+                        let m = self.inner.largest_magnitude(values);
                         if !skips && !m.is_finite() {
                             // Under Error: the error naming the first one.
                             self.inner.check_finite(i, g)?;

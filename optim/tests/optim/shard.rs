@@ -580,6 +580,57 @@ fn a_duplicate_sum_past_f32_max_under_error_fails_the_step_everywhere() {
     }
 }
 
+/// The summed dense gradient goes through the same checks: every rank sends the bias
+/// gradient `[1.5e38, 1, 1, -1]`, whose first element sums to 3e38 over two ranks (finite,
+/// applied) and to +inf over three or four. Under SkipStep every rank skips (scale halved,
+/// the bias untouched); under Error every rank refuses with `NonFinite` at element 0 of the
+/// bias, and nothing is written.
+#[test]
+fn a_dense_sum_past_f32_max_decides_alike_on_every_rank() {
+    let g = [1.5e38f32, 1.0, 1.0, -1.0];
+    for ranks in 1..=4 {
+        for error in [false, true] {
+            let ext = if error {
+                Extensions::default().with_non_finite(NonFinitePolicy::Error)
+            } else {
+                skip_with_scale_8()
+            };
+            let out = on_ranks(ranks, |comm| {
+                let (mut opt, _, bias) = setup(&cfg(), &ext, comm);
+                let before = bits(opt.params(bias).unwrap());
+                let r = opt.step(&[ShardGradient::new(bias, Gradient::dense(&g))]);
+                let moved = bits(opt.params(bias).unwrap()) != before;
+                (r, moved, opt.iterations(), opt.local().loss_scale())
+            });
+            for (rank, (r, moved, iterations, scale)) in out.into_iter().enumerate() {
+                let what = format!("{ranks} ranks, error {error}, rank {rank}");
+                match (ranks >= 3, error, r) {
+                    (false, _, Ok(StepOutcome::Applied)) => {
+                        assert!(moved && iterations == 1, "{what}")
+                    }
+                    (true, false, Ok(StepOutcome::Skipped)) => {
+                        assert!(!moved && iterations == 0, "{what}");
+                        assert_eq!(scale, Some(4.0), "{what}");
+                    }
+                    (
+                        true,
+                        true,
+                        Err(Error::NonFinite {
+                            variable,
+                            element: 0,
+                            ..
+                        }),
+                    ) => {
+                        assert_eq!(variable, "bias", "{what}");
+                        assert!(!moved && iterations == 0, "{what}");
+                    }
+                    (_, _, r) => panic!("{what}: {r:?}"),
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn partition_covers_every_row_once_and_owner_of_agrees() {
     for rows in [0usize, 1, 2, 3, 7, 37, 100, 1 << 20] {

@@ -527,3 +527,117 @@ fn non_finite_global_norm_makes_every_value_nan_like_the_reference() {
     .unwrap();
     assert!(pa.iter().chain(&pb).all(|x| x.is_nan()), "{pa:?} {pb:?}");
 }
+
+/// The non-finite checks of a large gradient split it over the thread pool; the verdict must
+/// not depend on where the bad value lies or on how many threads look. Gradients of about
+/// 262,000 values (past four 65,536-value chunks) with one poisoned value first, in the middle
+/// or last, under SkipStep with a tiny loss scale and under Error, on 1 to 3 threads with the
+/// parallel threshold at 1: a NaN, an infinity, or a finite value whose unscaled value
+/// overflows, is skipped (state untouched, scale halved) or refused naming its element; a
+/// value whose unscaled value stays finite is applied, to the same bits on every thread
+/// count. Dense f32 gradients (scale 2^-100) and sparse f16 ones (scale 2^-113) both.
+#[test]
+fn non_finite_checks_decide_alike_on_every_thread_count() {
+    const N: usize = 4 * 65_536 + 17;
+    const DIM: usize = 241;
+    const IDS: usize = N / DIM + 1;
+    let (dense_scale, sparse_scale) = (2.0f32.powi(-100), 2.0f32.powi(-113));
+    // Each layout's overflowing and finite value, unscaled.
+    assert!((1e9f32 / dense_scale).is_infinite() && (2e8f32 / dense_scale).is_finite());
+    assert!((65504f32 / sparse_scale).is_infinite() && (16384f32 / sparse_scale).is_finite());
+    let setup = |ext: Extensions| {
+        let ext = Extensions {
+            parallel_min_elements: 1,
+            ..ext
+        };
+        let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+        let d = opt
+            .add_variable("dense", &[N], DType::F32, DType::F32)
+            .unwrap();
+        let t = opt
+            .add_variable("table", &[IDS + 3, DIM], DType::F32, DType::F32)
+            .unwrap();
+        (opt, d, t)
+    };
+    let ids: Vec<u32> = (0..IDS as u32).rev().collect();
+    let base = |i: usize| ((i % 89) as f32 - 44.0) * 1e-3;
+    let mut applied: Vec<Vec<u32>> = Vec::new();
+    for threads in 1..=3 {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for pos in [0, N / 2 + 5, N - 1] {
+                for (bad_dense, bad_sparse, skips) in [
+                    (f32::NAN, f32::NAN, true),
+                    (f32::NEG_INFINITY, f32::NEG_INFINITY, true),
+                    (1e9, 65504.0, true),
+                    (-2e8, -16384.0, false),
+                ] {
+                    for sparse in [false, true] {
+                        let (n, bad, scale) = if sparse {
+                            (IDS * DIM, bad_sparse, sparse_scale)
+                        } else {
+                            (N, bad_dense, dense_scale)
+                        };
+                        let pos = pos.min(n - 1);
+                        let mut g: Vec<f32> = (0..n).map(base).collect();
+                        g[pos] = bad;
+                        let gh: Vec<f16> = g.iter().map(|&x| f16::from_f32(x)).collect();
+                        let grad = || {
+                            if sparse {
+                                Gradient::sparse(&ids, &gh)
+                            } else {
+                                Gradient::dense(&g)
+                            }
+                        };
+                        let what = format!("{threads} threads, {bad} at {pos}, sparse {sparse}");
+
+                        let (mut opt, d, t) = setup(skip_with_loss_scale(scale));
+                        let mut pd = vec![1.0f32; N];
+                        let mut pt = vec![1.0f32; (IDS + 3) * DIM];
+                        let slots = slot_bits(&opt);
+                        let (var, params) = if sparse { (t, &mut pt) } else { (d, &mut pd) };
+                        let out = opt
+                            .apply_gradients(&mut [Update::new(var, params, grad())])
+                            .unwrap();
+                        if skips {
+                            assert_eq!(out, StepOutcome::Skipped, "{what}");
+                            assert!(pd.iter().chain(&pt).all(|&x| x == 1.0), "{what}");
+                            assert_eq!(slot_bits(&opt), slots, "{what}");
+                            assert_eq!(opt.loss_scale(), Some(scale * 0.5), "{what}");
+                        } else {
+                            assert_eq!(out, StepOutcome::Applied, "{what}");
+                            let bits = pd.iter().chain(&pt).map(|x| x.to_bits()).collect();
+                            applied.push(bits);
+                        }
+
+                        if bad.is_finite() {
+                            continue;
+                        }
+                        let (mut opt, d, t) = setup(Extensions {
+                            non_finite: NonFinitePolicy::Error,
+                            ..Extensions::default()
+                        });
+                        let (var, params) = if sparse { (t, &mut pt) } else { (d, &mut pd) };
+                        let e = opt
+                            .apply_gradients(&mut [Update::new(var, params, grad())])
+                            .unwrap_err();
+                        assert!(
+                            matches!(e, Error::NonFinite { element, .. } if element == pos),
+                            "{what}: {e:?}"
+                        );
+                        assert!(pd.iter().chain(&pt).all(|&x| x == 1.0), "{what}");
+                        assert_eq!(opt.iterations(), 0, "{what}");
+                    }
+                }
+            }
+        });
+    }
+    // The applied steps: 3 positions x 2 layouts per thread count, the same bits on each.
+    assert_eq!(applied.len(), 18);
+    for (i, a) in applied.iter().enumerate().skip(6) {
+        assert!(*a == applied[i % 6], "step {i} differs from one thread's");
+    }
+}
