@@ -8,8 +8,10 @@
 //! that wrap, uniform or crowded into a few rows, skewed towards the first rows, rows just
 //! around the parallel build's bucket boundaries), of every id type, with out-of-range ids
 //! (negative, one past the end, the type's maximum) at any position. The other inputs
-//! (hyperparameters, storage types, clipping, the kernel path, the parallel threshold, NaN in a
-//! gradient) are drawn too, so the comparison covers the parallel sums and clip factors.
+//! (hyperparameters, storage types, clipping, the kernel path, the parallel threshold, the
+//! non-finite policy with or without a tiny loss scale, NaN, infinities and huge finite values
+//! in a gradient) are drawn too, so the comparison covers the parallel sums and clip factors and
+//! the non-finite checks (split over the pool, and the exact check of duplicate rows' sums).
 //! `sparse_step` checks the arithmetic itself against a model on small steps; this target
 //! checks that thread count never changes it on large ones.
 #![no_main]
@@ -18,7 +20,8 @@ use std::sync::OnceLock;
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    DType, Gradient, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy, RowIds, Update, VarId,
+    DType, DynamicLossScale, Gradient, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy,
+    RowIds, Update, VarId,
 };
 use libfuzzer_sys::fuzz_target;
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -179,7 +182,18 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         global_clipnorm: if clip == 3 { Some(1.0) } else { None },
         ..LazyAdamConfig::default()
     };
-    let ext = common::policy_and_kernel(u, 2, &[1usize, 1024, 32_768])?;
+    let mut ext = common::policy_and_kernel(u, 2, &[1usize, 1024, 32_768])?;
+    // Now and then SkipStep under a loss scale far below 1 (2^-100): large finite values then
+    // unscale past f32::MAX, or their duplicate rows' sums do, and the exact check of those
+    // sums runs, on one thread and on many alike.
+    if matches!(ext.non_finite, NonFinitePolicy::SkipStep { .. }) && u.arbitrary()? {
+        ext.non_finite = NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale {
+                scale: 2f32.powi(-100),
+                ..DynamicLossScale::default()
+            }),
+        };
+    }
     let policy = ext.non_finite.clone();
     let threads = u.int_in_range(2usize..=4)?;
     // Above a million ids the parallel build takes equal row ranges: a rare, slow input.
@@ -293,9 +307,16 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 .map(|_| (next(&mut s) >> 40) as f32 / (1u64 << 22) as f32 - 2.0)
                 .collect();
             if one_in(u, 8)? {
+                // One bad value, or the same element of up to 8 consecutive ids (which often
+                // share a row): NaN, infinities, or finite values whose unscaled values (or
+                // their sums) overflow under the loss scale above, or whose sums do anyway.
                 let pos = u.int_in_range(0..=values.len() - 1)?;
-                values[pos] = choose(u, &[f32::NAN, f32::INFINITY, -f32::INFINITY])?;
-                non_finite = true;
+                let bad = choose(u, &[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e8, -3e38])?;
+                let count = u.int_in_range(1usize..=8)?;
+                for x in values[pos..].iter_mut().step_by(row_len).take(count) {
+                    *x = bad;
+                }
+                non_finite |= !bad.is_finite();
             }
             updates_in.push((IdBuf::new(&ids, id_type), Store::from_f32(dtype, &values)));
         }
