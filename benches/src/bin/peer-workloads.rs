@@ -3,11 +3,13 @@
 //! against TensorFlow Addons' LazyAdam or torch's SparseAdam can be taken in one sitting.
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH]
+//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY]
 //! ```
 //!
 //! `--isa` forces a kernel path (`scalar`, `portable`, `avx2`, `avx512`), to compare paths on one
-//! machine; the default is the best path this CPU runs.
+//! machine; the default is the best path this CPU runs. `--non-finite` sets the non-finite
+//! policy: `propagate` (the default, which reads no values), `error`, or `skip` (`SkipStep` with
+//! the default dynamic loss scale; the gradients are finite, so only the checks' cost shows).
 //!
 //! Every line on stdout is one JSON object:
 //!
@@ -34,8 +36,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use lazyadam::{
-    DType, Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, StepOutcome, TensorMut,
-    TensorRef, Update, bf16, f16,
+    DType, DynamicLossScale, Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig,
+    NonFinitePolicy, StepOutcome, TensorMut, TensorRef, Update, bf16, f16,
 };
 use lazyadam_benches::{median_min_ms, parse_isa};
 use rayon::prelude::*;
@@ -221,7 +223,7 @@ fn time_steps<P, G>(
     cfg: &Config,
     ids: &[i64],
     reps: usize,
-    isa: Option<Isa>,
+    ext: &Extensions,
 ) -> BoxResult<(f64, f64)>
 where
     P: Element,
@@ -229,8 +231,7 @@ where
     for<'a> &'a mut [P]: Into<TensorMut<'a>>,
     for<'a> &'a [G]: Into<TensorRef<'a>>,
 {
-    let ext = Extensions::default().with_kernel(isa);
-    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext)?;
+    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext.clone())?;
     let (shape, grad_len) = match w.dim {
         Some(d) => (vec![w.rows, d], ids.len() * d),
         None => (vec![w.rows], w.rows),
@@ -256,7 +257,9 @@ where
         let t0 = Instant::now();
         let r = opt.apply_gradients(black_box(&mut updates));
         let dt = t0.elapsed();
-        r?;
+        if r? != StepOutcome::Applied {
+            return Err(format!("{}: a timed step was not applied", w.name).into());
+        }
         times.push(dt);
     }
     black_box(&param);
@@ -269,12 +272,12 @@ fn time_config(
     cfg: &Config,
     ids: &[i64],
     reps: usize,
-    isa: Option<Isa>,
+    ext: &Extensions,
 ) -> BoxResult<(f64, f64)> {
     match (cfg.param, cfg.grad) {
-        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, isa),
-        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, isa),
-        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, isa),
+        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, ext),
+        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, ext),
+        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, ext),
         (p, g) => Err(format!("no bench instantiation for params {p:?} / grads {g:?}").into()),
     }
 }
@@ -375,13 +378,16 @@ struct Args {
     configs: Vec<String>,
     /// A forced kernel path (`None`: the best one).
     isa: Option<Isa>,
+    /// The non-finite policy (`--non-finite`), and its name for the env line.
+    non_finite: (NonFinitePolicy, &'static str),
 }
 
-const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH]\n\
+const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY]\n\
     workloads: sparse_1m_d64 sparse_100k_d16 dense_16m\n\
     configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16\n    \
     lazyadam-bf16-f32moments lazyadam-bf16moments\n\
-    paths (--isa): scalar portable avx2 avx512 (default: the best this CPU runs)";
+    paths (--isa): scalar portable avx2 avx512 (default: the best this CPU runs)\n\
+    policies (--non-finite): propagate (default) error skip";
 
 fn parse_args() -> BoxResult<Args> {
     let mut args = Args {
@@ -389,6 +395,7 @@ fn parse_args() -> BoxResult<Args> {
         workloads: Vec::new(),
         configs: Vec::new(),
         isa: None,
+        non_finite: (NonFinitePolicy::Propagate, "propagate"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -401,6 +408,19 @@ fn parse_args() -> BoxResult<Args> {
             "--isa" => {
                 let name = it.next().ok_or("--isa needs a PATH")?;
                 args.isa = Some(parse_isa(&name).map_err(|e| format!("{e}\n{USAGE}"))?);
+            }
+            "--non-finite" => {
+                args.non_finite = match it.next().as_deref() {
+                    Some("propagate") => (NonFinitePolicy::Propagate, "propagate"),
+                    Some("error") => (NonFinitePolicy::Error, "error"),
+                    Some("skip") => (
+                        NonFinitePolicy::SkipStep {
+                            loss_scale: Some(DynamicLossScale::default()),
+                        },
+                        "skip",
+                    ),
+                    _ => return Err(format!("--non-finite needs a POLICY\n{USAGE}").into()),
+                };
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -435,7 +455,11 @@ fn main() -> BoxResult<()> {
         "isa": args.isa.unwrap_or_else(Isa::best).name(),
         "threads": threads,
         "quick": args.quick,
+        "non_finite": args.non_finite.1,
     }));
+    let ext = Extensions::default()
+        .with_kernel(args.isa)
+        .with_non_finite(args.non_finite.0.clone());
 
     // STREAM triad: 3 arrays of 2^24 f64 (384 MiB in all), far beyond any cache.
     let triad_n = 1usize << 24;
@@ -484,9 +508,9 @@ fn main() -> BoxResult<()> {
         let reps = if args.quick { w.quick_reps } else { w.reps };
         for cfg in &selected_configs {
             let (median, min) = if cfg.one_thread {
-                one_pool.install(|| time_config(w, cfg, ids, reps, args.isa))?
+                one_pool.install(|| time_config(w, cfg, ids, reps, &ext))?
             } else {
-                time_config(w, cfg, ids, reps, args.isa)?
+                time_config(w, cfg, ids, reps, &ext)?
             };
             print_json(serde_json::json!({
                 "workload": w.name, "impl": cfg.name,
