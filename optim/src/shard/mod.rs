@@ -20,7 +20,11 @@
 //!    (`((g0 + g1) + g2) + ...`); every rank holds the same sum, and applies
 //!    it to its replica of the dense variable. Cost: every rank receives
 //!    every rank's dense gradients (`(N - 1) x` their bytes); keep dense
-//!    variables small, which they are next to embedding tables.
+//!    variables small, which they are next to embedding tables. Under
+//!    `Error` or `SkipStep` the sum is checked as a single process checks a
+//!    gradient (one largest-magnitude pass): under `Error` a non-finite sum
+//!    fails the step with [`Error::NonFinite`] on every rank, each holding
+//!    the same sum, and nothing is written.
 //! 3. **Decide together**: the skip decision of
 //!    [`NonFinitePolicy::SkipStep`](crate::NonFinitePolicy::SkipStep) (any
 //!    non-finite value on any rank skips the step everywhere, and every rank
