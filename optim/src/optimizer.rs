@@ -154,19 +154,6 @@ fn first_non_finite(values: &TensorRef<'_>) -> Option<(usize, f32)> {
     })
 }
 
-/// The non-finite policy's verdict on a gradient's values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Every value, unscaled, is finite, and so is surely every sum of a
-    /// sparse gradient's duplicate rows.
-    Finite,
-    /// Every value, unscaled, is finite; the sums of duplicate rows need the
-    /// exact check ([`LazyAdam::non_finite_sum`]).
-    CheckSums,
-    /// A value, or its unscaled value, is NaN or infinite.
-    NonFinite,
-}
-
 /// Whether every sum of at most `n` values of magnitude at most `max_abs`,
 /// each unscaled by `inv_scale` and transformed as a step does (clipping only
 /// shrinks them), added in f32 in any order, is surely finite. A sufficient
@@ -177,6 +164,14 @@ pub(crate) enum Verdict {
 /// this f64 product. NaN never passes.
 pub(crate) fn sums_surely_finite(max_abs: f32, n: usize, inv_scale: f32) -> bool {
     4.0 * n as f64 * max_abs as f64 * inv_scale as f64 <= f32::MAX as f64
+}
+
+/// Whether a sparse gradient of `n` ids whose values' largest magnitude is
+/// `max_abs` needs the exact check of its duplicate rows' sums
+/// ([`LazyAdam::non_finite_sum`]): it may have duplicates (two ids or more),
+/// and [`sums_surely_finite`] cannot clear them.
+pub(crate) fn sums_need_check(max_abs: f32, n: usize, inv_scale: f32) -> bool {
+    n >= 2 && !sums_surely_finite(max_abs, n, inv_scale)
 }
 
 /// The largest magnitude among `values`, widened to f32: `f32::NAN` if one is
@@ -624,16 +619,14 @@ impl LazyAdam {
     }
 
     /// Under [`NonFinitePolicy::Error`], the error for the first non-finite
-    /// value of a gradient of variable `index`; `Ok` otherwise.
-    pub(crate) fn check_finite(&self, index: usize, grad: &Gradient<'_>) -> Result<(), Error> {
+    /// value of a gradient of variable `index`; `Ok` otherwise. One serial
+    /// scan: [`LazyAdam::check_values`] calls it only once its pass found a
+    /// non-finite value.
+    fn check_finite(&self, index: usize, grad: &Gradient<'_>) -> Result<(), Error> {
         if self.ext.non_finite != NonFinitePolicy::Error {
             return Ok(());
         }
-        let values = grad.values();
-        if self.largest_magnitude(&values).is_finite() {
-            return Ok(());
-        }
-        if let Some((element, value)) = first_non_finite(&values) {
+        if let Some((element, value)) = first_non_finite(&grad.values()) {
             let var = &self.vars[index];
             let row = match grad {
                 Gradient::Sparse { ids, .. } => {
@@ -704,16 +697,15 @@ impl LazyAdam {
         let mut non_finite = false;
         if self.checks_non_finite() {
             for u in updates.iter() {
-                let v = self.verdict(&u.grad, inv_scale);
-                if v == Verdict::NonFinite {
-                    if self.skips_non_finite() {
-                        non_finite = true;
-                        break;
-                    }
-                    // The error naming the first non-finite value.
-                    self.check_finite(u.var.index, &u.grad)?;
+                let (m, skip) = self.check_values(u.var.index, &u.grad, inv_scale)?;
+                if skip {
+                    non_finite = true;
+                    break;
                 }
-                check_sums.push(v == Verdict::CheckSums);
+                check_sums.push(match &u.grad {
+                    Gradient::Sparse { ids, .. } => sums_need_check(m, ids.len(), inv_scale),
+                    Gradient::Dense(_) => false,
+                });
             }
         }
         let rates = self.step_rates()?;
@@ -786,24 +778,26 @@ impl LazyAdam {
         self.ext.non_finite != NonFinitePolicy::Propagate
     }
 
-    /// The non-finite policy's verdict on a gradient's values unscaled by
-    /// `inv_scale` (see [`Verdict`]), from one pass for their largest
-    /// magnitude `m` ([`LazyAdam::largest_magnitude`]). The values are all
-    /// finite once unscaled exactly when `m * inv_scale` is, rounding being
-    /// monotonic (and the step's clipping only shrinks them); for a sparse
-    /// gradient `m` also bounds its duplicate rows' sums
-    /// ([`sums_surely_finite`]).
-    pub(crate) fn verdict(&self, grad: &Gradient<'_>, inv_scale: f32) -> Verdict {
+    /// The non-finite policy's look at a gradient of variable `index`, its
+    /// values unscaled by `inv_scale`: one pass for their largest magnitude
+    /// `m` ([`LazyAdam::largest_magnitude`]), returned with whether the step
+    /// must skip. The values are all finite once unscaled exactly when
+    /// `m * inv_scale` is, rounding being monotonic (and the step's clipping
+    /// only shrinks them). When one is not: under Error the error naming the
+    /// first non-finite value, under SkipStep a skip. For a sparse gradient
+    /// `m` also bounds its duplicate rows' sums ([`sums_need_check`]).
+    pub(crate) fn check_values(
+        &self,
+        index: usize,
+        grad: &Gradient<'_>,
+        inv_scale: f32,
+    ) -> Result<(f32, bool), Error> {
         let m = self.largest_magnitude(&grad.values());
-        match grad {
-            _ if !(m * inv_scale).is_finite() => Verdict::NonFinite,
-            Gradient::Sparse { ids, .. }
-                if ids.len() >= 2 && !sums_surely_finite(m, ids.len(), inv_scale) =>
-            {
-                Verdict::CheckSums
-            }
-            _ => Verdict::Finite,
+        let bad = !(m * inv_scale).is_finite();
+        if bad && !self.skips_non_finite() {
+            self.check_finite(index, grad)?;
         }
+        Ok((m, bad && self.skips_non_finite()))
     }
 
     /// The largest magnitude among `values` (`f32::NAN` if one is NaN), over

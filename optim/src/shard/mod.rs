@@ -71,7 +71,7 @@ use crate::config::LazyAdamConfig;
 use crate::error::Error;
 use crate::extensions::Extensions;
 use crate::optimizer::{
-    LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm, sums_surely_finite,
+    LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm, sums_need_check,
 };
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
@@ -596,7 +596,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
         // The step's rates are evaluated once, in `contribution`: a second
         // evaluation (of a user schedule) could fail after the agreement on
         // this rank alone, and the others would wait for it in the next round.
-        let local = self.contribution(grads, &mut by_var, need_sums, checks, skips);
+        let local = self.contribution(grads, &mut by_var, need_sums, checks);
         let (all, header, rates) = self.agree("step", local)?;
 
         // Read every rank's contribution: presence, sums, dense gradients.
@@ -668,12 +668,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 let values = TensorRef::F32(g);
                 // (Under SkipStep, once one value is known to skip, no more.)
                 if checks && !(skips && non_finite) {
-                    let m = self.inner.largest_magnitude(&values);
-                    if !skips && !m.is_finite() {
-                        // Under Error: the error naming the first one.
-                        self.inner.check_finite(i, &Gradient::Dense(values))?;
-                    }
-                    non_finite |= skips && !(m * inv_scale).is_finite();
+                    let grad = Gradient::Dense(values);
+                    non_finite |= self.inner.check_values(i, &grad, inv_scale)?.1;
                 }
                 if need_sums {
                     sums[i] = self.inner.square_sum(&values, &base);
@@ -721,8 +717,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 checks
                     && present[i]
                     && matches!(self.vars[i].kind, Kind::Table { .. })
-                    && id_count[i] >= 2
-                    && !sums_surely_finite(f32::from_bits(max_bits[i]), id_count[i], inv_scale)
+                    && sums_need_check(f32::from_bits(max_bits[i]), id_count[i], inv_scale)
             })
             .collect();
         if check_sums.iter().any(|&c| c) {
@@ -805,7 +800,6 @@ impl<C: Collective> ShardedLazyAdam<C> {
         by_var: &mut [Option<Gradient<'g>>],
         need_sums: bool,
         checks: bool,
-        skips: bool,
     ) -> Result<(Vec<u8>, StepRates), Error> {
         self.check(grads)?;
         let inv_scale = self.inner.inv_scale();
@@ -828,12 +822,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     if checks {
                         // The largest magnitude (non-negative, or NaN) and
                         // the id count bound every rank's duplicate sums.
-                        let m = self.inner.largest_magnitude(values);
-                        if !skips && !m.is_finite() {
-                            // Under Error: the error naming the first one.
-                            self.inner.check_finite(i, g)?;
-                        }
-                        non_finite |= skips && !(m * inv_scale).is_finite();
+                        let (m, skip) = self.inner.check_values(i, g, inv_scale)?;
+                        non_finite |= skip;
                         w.u64(m.to_bits() as u64);
                         w.u64(ids.len() as u64);
                     }
