@@ -204,7 +204,11 @@ pub enum NonFinitePolicy {
     /// pool for it, with the same verdict on any thread count. For a sparse
     /// gradient that magnitude bounds every sum, and only one with a value
     /// within a factor of about `4n` of `f32::MAX` (`n` its ids), which the
-    /// bound cannot clear, has its duplicate rows summed before the step.
+    /// bound cannot clear, has its ids grouped by row before the step; then
+    /// only the rows that the same bound with their own occurrence count
+    /// cannot clear are summed, over the pool when they hold at least
+    /// `parallel_min_elements` values, and the row named is the first in row
+    /// order on any thread count.
     ///
     /// It checks gradients and their sums, not what the update computes
     /// from them: a finite gradient above about 1.8e19 in magnitude is

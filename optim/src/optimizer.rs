@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Kernels, SquareSum, bf16, f16};
 
 use crate::config::{LazyAdamConfig, LearningRate};
-use crate::dedup::{Dedup, RowHash};
+use crate::dedup::{Dedup, Distinct, RowHash};
 use crate::error::{ConfigError, Error};
 use crate::extensions::{Extensions, NonFinitePolicy};
 use crate::lr::bias_corrected_lr;
@@ -55,9 +55,10 @@ pub(crate) struct Scratch {
     pub hashed: HashedScratch,
     pub transforms: Vec<GradTransform>,
     pub seen: Vec<bool>,
-    /// Per update of a step: whether its duplicate rows' sums need the
-    /// exact check ([`LazyAdam::non_finite_sum`]).
-    pub check_sums: Vec<bool>,
+    /// Per update of a step: its values' largest magnitude when its
+    /// duplicate rows' sums need the exact check
+    /// ([`LazyAdam::non_finite_sum`]).
+    pub check_sums: Vec<Option<f32>>,
 }
 
 /// LazyAdam: Adam that updates, for sparse gradients, only the rows present
@@ -172,6 +173,14 @@ pub(crate) fn sums_surely_finite(max_abs: f32, n: usize, inv_scale: f32) -> bool
 /// and [`sums_surely_finite`] cannot clear them.
 pub(crate) fn sums_need_check(max_abs: f32, n: usize, inv_scale: f32) -> bool {
     n >= 2 && !sums_surely_finite(max_abs, n, inv_scale)
+}
+
+/// Threads of the current rayon pool (1 without the `rayon` feature).
+pub(crate) fn pool_threads() -> usize {
+    #[cfg(feature = "rayon")]
+    return rayon::current_num_threads();
+    #[cfg(not(feature = "rayon"))]
+    1
 }
 
 /// The largest magnitude among `values`, widened to f32: `f32::NAN` if one is
@@ -328,6 +337,19 @@ macro_rules! with_ids {
             }
         }
     };
+}
+
+/// Groups a sparse gradient's ids by row with the radix sort
+/// ([`Dedup::build`]), over the pool when it has `threads > 1`
+/// ([`Dedup::build_parallel`], which groups them alike).
+fn sort_ids(dedup: &mut Dedup, ids: &RowIds<'_>, rows: usize, threads: usize) {
+    #[cfg(feature = "rayon")]
+    if threads > 1 {
+        with_ids!(ids, |n, id| dedup.build_parallel(n, rows, id, threads));
+        return;
+    }
+    let _ = threads;
+    with_ids!(ids, |n, id| dedup.build(n, rows, id));
 }
 
 impl LazyAdam {
@@ -703,8 +725,10 @@ impl LazyAdam {
                     break;
                 }
                 check_sums.push(match &u.grad {
-                    Gradient::Sparse { ids, .. } => sums_need_check(m, ids.len(), inv_scale),
-                    Gradient::Dense(_) => false,
+                    Gradient::Sparse { ids, .. } => {
+                        sums_need_check(m, ids.len(), inv_scale).then_some(m)
+                    }
+                    Gradient::Dense(_) => None,
                 });
             }
         }
@@ -740,13 +764,9 @@ impl LazyAdam {
         }
         // The sums of duplicate rows that the bound could not clear, exactly.
         let mut sums = Ok(());
-        for ((u, t), _) in updates
-            .iter()
-            .zip(&transforms)
-            .zip(&check_sums)
-            .filter(|(_, c)| **c)
-        {
-            sums = self.non_finite_sum(u.var.index, &u.grad, t);
+        for ((u, t), m) in updates.iter().zip(&transforms).zip(&check_sums) {
+            let Some(m) = *m else { continue };
+            sums = self.non_finite_sum(u.var.index, &u.grad, t, m, inv_scale);
             if sums.is_err() {
                 break;
             }
@@ -808,17 +828,24 @@ impl LazyAdam {
     }
 
     /// The exact check of a sparse gradient's duplicate rows, for when
-    /// [`sums_surely_finite`] could not clear them: each row of variable
-    /// `index` that occurs more than once is summed as the step sums it (the
-    /// values transformed by `t`, added in f32 in occurrence order, by the
-    /// same kernel, so to the same bits), and the first such row, in row
-    /// order, with a non-finite element is [`Error::NonFiniteSum`]. Writes no
-    /// parameter or slot. The ids must be validated.
+    /// [`sums_surely_finite`] could not clear them with the gradient's id count:
+    /// each row of variable `index` that occurs more than once, and that the
+    /// same bound cannot clear with the row's own count (the values' largest
+    /// magnitude `max_abs`, unscaled by `inv_scale`), is summed as the step sums
+    /// it (the values transformed by `t`, added in f32 in occurrence order, by
+    /// the same kernel, so to the same bits). The first such row, in row order,
+    /// with a non-finite element is [`Error::NonFiniteSum`]. The ids are sorted
+    /// as the step sorts them, and the rows summed over the thread pool when
+    /// they hold at least `parallel_min_elements` values; the row named is the
+    /// same for any thread count. Writes no parameter or slot. The ids must be
+    /// validated.
     pub(crate) fn non_finite_sum(
         &mut self,
         index: usize,
         grad: &Gradient<'_>,
         t: &GradTransform,
+        max_abs: f32,
+        inv_scale: f32,
     ) -> Result<(), Error> {
         let Gradient::Sparse { ids, values } = grad else {
             return Ok(());
@@ -829,28 +856,64 @@ impl LazyAdam {
             return Ok(());
         }
         let dedup = &mut self.scratch.dedup;
-        with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
+        sort_ids(dedup, ids, var.rows, pool_threads());
         let list = RowList::new(dedup);
-        let sc = &mut self.scratch.rows;
-        sc.acc.resize(rl, 0.0);
-        for d in list.distinct.iter().filter(|d| d.count > 1) {
-            sc.pos.clear();
-            sc.pos.extend(list.occurrences(d));
-            let acc = &mut sc.acc[..rl];
-            let k = &self.kernels;
-            match values {
-                TensorRef::F32(s) => k.sum_rows_at(acc, s, &sc.pos, t)?,
-                TensorRef::F16(s) => k.sum_rows_at(acc, s, &sc.pos, t)?,
-                TensorRef::BF16(s) => k.sum_rows_at(acc, s, &sc.pos, t)?,
+        let k = &self.kernels;
+        // One row's sum, and its error if it is not finite.
+        let sum_row = |acc: &mut Vec<f32>, pos: &mut Vec<usize>, d: &Distinct| -> Option<Error> {
+            pos.clear();
+            pos.extend(list.occurrences(d));
+            acc.resize(rl, 0.0);
+            let acc = &mut acc[..rl];
+            let summed = match values {
+                TensorRef::F32(s) => k.sum_rows_at(acc, s, pos, t),
+                TensorRef::F16(s) => k.sum_rows_at(acc, s, pos, t),
+                TensorRef::BF16(s) => k.sum_rows_at(acc, s, pos, t),
+            };
+            if let Err(e) = summed {
+                return Some(e.into());
             }
-            if let Some(element) = acc.iter().position(|x| !x.is_finite()) {
-                return Err(Error::NonFiniteSum {
-                    variable: var.info.name.clone(),
-                    row: (var.row_offset + d.row) as u64,
-                    element,
-                    value: acc[element],
-                    occurrences: d.count,
-                });
+            let element = acc.iter().position(|x| !x.is_finite())?;
+            Some(Error::NonFiniteSum {
+                variable: var.info.name.clone(),
+                row: (var.row_offset + d.row) as u64,
+                element,
+                value: acc[element],
+                occurrences: d.count,
+            })
+        };
+        let checked =
+            |d: &&Distinct| d.count > 1 && !sums_surely_finite(max_abs, d.count, inv_scale);
+        #[cfg(feature = "rayon")]
+        {
+            use rayon::prelude::*;
+            let min_parallel = self.ext.parallel_min_elements.max(1);
+            let values_summed = || {
+                let mut n = 0usize;
+                for d in list.distinct.iter().filter(checked) {
+                    n = n.saturating_add(d.count.saturating_mul(rl));
+                }
+                n
+            };
+            if rayon::current_num_threads() > 1 && values_summed() >= min_parallel {
+                // `find_map_first`: the first failing row in row order, on
+                // any split.
+                let first = list
+                    .distinct
+                    .par_iter()
+                    .filter(checked)
+                    .map_init(
+                        || (Vec::new(), Vec::new()),
+                        |(acc, pos), d| sum_row(acc, pos, d),
+                    )
+                    .find_map_first(|e| e);
+                return first.map_or(Ok(()), Err);
+            }
+        }
+        let sc = &mut self.scratch.rows;
+        for d in list.distinct.iter().filter(checked) {
+            if let Some(e) = sum_row(&mut sc.acc, &mut sc.pos, d) {
+                return Err(e);
             }
         }
         Ok(())
@@ -929,10 +992,7 @@ impl LazyAdam {
         let mut base = AdamCoeffs::new(lr_t, b1, b2, self.config.epsilon);
         base.weight_decay = weight_decay;
 
-        #[cfg(feature = "rayon")]
-        let threads = rayon::current_num_threads();
-        #[cfg(not(feature = "rayon"))]
-        let threads = 1usize;
+        let threads = pool_threads();
 
         for (u, &tf) in updates.iter_mut().zip(transforms.iter()) {
             let mut tf = tf;
@@ -963,14 +1023,7 @@ impl LazyAdam {
                     rows = Rows::Hashed(&*hash);
                     hash.rows.len() * var.row_len
                 } else {
-                    #[cfg(feature = "rayon")]
-                    if threads > 1 {
-                        with_ids!(ids, |n, id| dedup.build_parallel(n, var.rows, id, threads));
-                    } else {
-                        with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
-                    }
-                    #[cfg(not(feature = "rayon"))]
-                    with_ids!(ids, |n, id| dedup.build(n, var.rows, id));
+                    sort_ids(dedup, ids, var.rows, threads);
                     rows = Rows::Sorted(&*dedup);
                     dedup.distinct.len() * var.row_len
                 }

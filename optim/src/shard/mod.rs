@@ -43,7 +43,8 @@
 //!    of a table cannot rule out a duplicate row's sum overflowing (see
 //!    [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error)), every rank
 //!    knows it from the agreed figures; each owner sums its duplicated rows
-//!    as its step will, and the verdicts are shared: any non-finite sum skips
+//!    that the bound cannot clear with their own count as its step will, and
+//!    the verdicts are shared: any non-finite sum skips
 //!    the step everywhere (`SkipStep`), or fails it with
 //!    [`Error::NonFiniteSum`] on the owner and [`Error::PeerRejected`]
 //!    elsewhere (`Error`). One process decides the same from the same sums.
@@ -730,7 +731,10 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     (None, Some(g)) if single => g,
                     _ => continue,
                 };
-                verdict = self.inner.non_finite_sum(i, &grad, &transforms[i]);
+                let m = f32::from_bits(max_bits[i]);
+                verdict = self
+                    .inner
+                    .non_finite_sum(i, &grad, &transforms[i], m, inv_scale);
                 if verdict.is_err() {
                     break;
                 }

@@ -396,6 +396,109 @@ fn duplicate_sums_are_checked_after_clipping_on_every_path() {
     }
 }
 
+/// The exact check of duplicate sums names the first overflowing row in row order, whatever
+/// the thread count and whichever rows the bound clears by their own count: rows of ~100
+/// occurrences and one hot row of ~5,100, in an occurrence order unlike the row order.
+/// - Two occurrences of 3e38 overflow in rows 901, 41, 501 and 1,010 (which occurs twice
+///   only): row 41 is named; without it and row 501, row 901; alone, row 1,010.
+/// - 1e35 in every occurrence: only the hot row's sum (5.1e38) overflows; the ~100-occurrence
+///   rows' sums (1e37) are finite, and the bound clears them by their own count.
+///
+/// Under SkipStep each case skips the step; under Error it is refused, nothing written.
+#[test]
+fn duplicate_sum_check_names_the_first_row_on_every_thread_count() {
+    const ROWS: usize = 1024;
+    const DIM: usize = 4;
+    let mut ids: Vec<u32> = (0..100_000u32)
+        .map(|i| if i % 20 == 0 { 7 } else { i * 7919 % 1000 })
+        .collect();
+    ids.extend([1010, 1010]);
+    let occurrences = |r: u32| ids.iter().filter(|&&x| x == r).count();
+    let element = |r: u32| (r % 4) as usize;
+    let poisoned = |rows: &[u32]| {
+        let mut g = vec![1e-3f32; ids.len() * DIM];
+        for (p, &r) in ids.iter().enumerate() {
+            if rows.contains(&r) {
+                g[p * DIM + element(r)] = 3e38;
+            }
+        }
+        g
+    };
+    let mut hot = vec![1e-3f32; ids.len() * DIM];
+    for p in 0..ids.len() {
+        hot[p * DIM] = 1e35;
+    }
+    for r in [41, 501, 901] {
+        assert_eq!(occurrences(r), 100);
+    }
+    assert_eq!((occurrences(7), occurrences(1010)), (5100, 2));
+    let cases = [
+        (poisoned(&[901, 41, 501, 1010]), 41u32, element(41)),
+        (poisoned(&[901, 1010]), 901, element(901)),
+        (poisoned(&[1010]), 1010, element(1010)),
+        (hot, 7, 0),
+    ];
+    for threads in 1..=3 {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (g, row, el) in &cases {
+                for skips in [false, true] {
+                    let ext = Extensions {
+                        parallel_min_elements: 1,
+                        ..if skips {
+                            skip_with_loss_scale(1.0)
+                        } else {
+                            Extensions {
+                                non_finite: NonFinitePolicy::Error,
+                                ..Extensions::default()
+                            }
+                        }
+                    };
+                    let mut opt =
+                        LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+                    let t = opt
+                        .add_variable("table", &[ROWS, DIM], DType::F32, DType::F32)
+                        .unwrap();
+                    let mut pt = vec![1.0f32; ROWS * DIM];
+                    let slots = slot_bits(&opt);
+                    let what = format!("{threads} threads, row {row}, skips {skips}");
+                    let r = opt.apply_gradients(&mut [Update::new(
+                        t,
+                        &mut pt,
+                        Gradient::sparse(&ids, g),
+                    )]);
+                    if skips {
+                        assert_eq!(r.unwrap(), StepOutcome::Skipped, "{what}");
+                        assert_eq!(opt.loss_scale(), Some(0.5), "{what}");
+                    } else {
+                        match r.unwrap_err() {
+                            Error::NonFiniteSum {
+                                variable,
+                                row: r,
+                                element: e,
+                                value,
+                                occurrences: o,
+                            } => {
+                                assert_eq!(variable, "table", "{what}");
+                                assert_eq!((r, e), (*row as u64, *el), "{what}");
+                                assert_eq!(o, occurrences(*row), "{what}");
+                                assert_eq!(value, f32::INFINITY, "{what}");
+                            }
+                            other => panic!("{what}: {other:?}"),
+                        }
+                    }
+                    assert_eq!(pt, vec![1.0f32; ROWS * DIM], "{what}");
+                    assert_eq!(slot_bits(&opt), slots, "{what}");
+                    assert_eq!(opt.iterations(), 0, "{what}");
+                }
+            }
+        });
+    }
+}
+
 #[test]
 fn non_finite_propagates_by_default() {
     let (mut opt, a, _) = two_vars(Extensions::default());
