@@ -8,7 +8,10 @@
 //! parameter table for transparent huge pages), `LAZYADAM_PHASE_TIMES=1`
 //! (print where the time goes), `NON_FINITE=error` or `NON_FINITE=skip` (the
 //! non-finite policy `Error`, or `SkipStep` with the default dynamic loss
-//! scale; the gradients are finite, so only the checks' cost shows).
+//! scale; the gradients are finite, so only the checks' cost shows),
+//! `GRAD_SCALE` (multiplies the gradient values, at most 0.048 in magnitude;
+//! `GRAD_SCALE=1e36` puts them where the checking policies must sum duplicate
+//! rows exactly before the step, and the `transforms` phase shows that cost).
 
 use std::time::Instant;
 
@@ -58,8 +61,12 @@ fn main() -> Result<(), lazyadam::Error> {
     let mut distinct = batches[0].clone();
     distinct.sort_unstable();
     distinct.dedup();
+    let scale: f32 = std::env::var("GRAD_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
     let grads: Vec<f32> = (0..n_ids * dim)
-        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3 * scale)
         .collect();
 
     let (policy, non_finite) = match std::env::var("NON_FINITE").as_deref() {
