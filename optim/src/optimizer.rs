@@ -895,7 +895,7 @@ impl LazyAdam {
                 }
                 n
             };
-            if rayon::current_num_threads() > 1 && values_summed() >= min_parallel {
+            if pool_threads() > 1 && values_summed() >= min_parallel {
                 // `find_map_first`: the first failing row in row order, on
                 // any split.
                 let first = list
