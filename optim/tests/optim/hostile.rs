@@ -90,11 +90,7 @@ fn zero_width_variables_are_accepted_and_written_nowhere() {
         let (mut pb, mut pc) = (Vec::<f32>::new(), Vec::<f32>::new());
         let ga = [0.5f32, -0.5, 0.25];
         for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            crate::on_threads(threads, || {
                 let before = opt.iterations();
                 // The reproducer: dense `a`, then sparse ids [1] of
                 // `b` with no values, plus an empty sparse step of `c`.

@@ -15,3 +15,12 @@ mod schedules;
 mod shard;
 mod state;
 mod validation;
+
+/// Runs `f` on a new rayon pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool")
+        .install(f)
+}

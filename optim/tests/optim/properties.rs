@@ -224,8 +224,7 @@ proptest! {
         let values: Vec<f32> = (0..ids.len() * rl).map(|i| ((i * 13) as f32 * 0.01).sin()).collect();
         let dense: Vec<f32> = (0..rows * rl).map(|i| ((i * 7) as f32 * 0.02).cos()).collect();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
+            crate::on_threads(threads, || {
                 let config = LazyAdamConfig { clipnorm, ..LazyAdamConfig::default() };
                 let ext = Extensions { parallel_min_elements: 1, ..Extensions::default() };
                 let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
@@ -369,11 +368,7 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
         for<'a> &'a mut [P]: Into<TensorMut<'a>>,
         for<'a> &'a [P]: Into<TensorRef<'a>>,
     {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        crate::on_threads(threads, || {
             let ext = Extensions::default().with_stochastic_rounding(sr);
             let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
             let t = opt.add_variable("w", &[n], P::DTYPE, moment).unwrap();
@@ -447,11 +442,7 @@ fn large_tables_give_identical_bits_for_any_thread_count() {
             .map(|i| ((i * 17) as f32 * 0.003).sin())
             .collect();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            crate::on_threads(threads, || {
                 let ext = Extensions {
                     parallel_min_elements: 1,
                     ..Extensions::default()
@@ -631,8 +622,7 @@ mod row_paths {
             distinct.sort_unstable();
             distinct.dedup();
             let run = |threads: usize, pm: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| {
+                crate::on_threads(threads, || {
                     let (config, ext) = setup(variant, pm);
                     let mut opt = LazyAdam::with_extensions(config, ext).unwrap();
                     let a = opt.add_variable("a", &[rows, rl], DType::F32, DType::F32).unwrap();
@@ -681,11 +671,7 @@ fn huge_one_thread_steps_agree_with_the_other_paths() {
         .map(|i| ((i * 29) as f32 * 0.0013).sin())
         .collect();
     let run = |threads: usize, pm: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        crate::on_threads(threads, || {
             let ext = Extensions {
                 parallel_min_elements: pm,
                 ..Extensions::default()

@@ -1174,11 +1174,7 @@ fn long_gradients_clip_alike_on_any_thread_count() {
         .map(|i| unit(mix(i as u64)) * (2.0f32).powi((i % 41) as i32 - 20))
         .collect();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        crate::on_threads(threads, || {
             let mut opt = LazyAdam::new(cfg().with_global_clipnorm(1.0)).unwrap();
             let w = opt.add_variable("w", &[n], DType::F32, DType::F32).unwrap();
             let mut p = vec![0.0f32; n];

@@ -439,11 +439,7 @@ fn duplicate_sum_check_names_the_first_row_on_every_thread_count() {
         (hot, 7, 0),
     ];
     for threads in 1..=3 {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        crate::on_threads(threads, || {
             for (g, row, el) in &cases {
                 for skips in [false, true] {
                     let ext = Extensions {
@@ -666,11 +662,7 @@ fn non_finite_checks_decide_alike_on_every_thread_count() {
     let base = |i: usize| ((i % 89) as f32 - 44.0) * 1e-3;
     let mut applied: Vec<Vec<u32>> = Vec::new();
     for threads in 1..=3 {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        crate::on_threads(threads, || {
             for pos in [0, N / 2 + 5, N - 1] {
                 for (bad_dense, bad_sparse, skips) in [
                     (f32::NAN, f32::NAN, true),
