@@ -183,6 +183,18 @@ pub(crate) fn pool_threads() -> usize {
     1
 }
 
+/// Values per rayon task of a pass over a gradient's values ([`max_abs`],
+/// the sums of squares).
+#[cfg(feature = "rayon")]
+const VALUE_CHUNK: usize = 1 << 16;
+
+/// Whether a pass over `len` gradient values splits them over the pool: at
+/// least 4 x `min_parallel` of them, and more than one thread.
+#[cfg(feature = "rayon")]
+fn splits_values(len: usize, min_parallel: usize) -> bool {
+    len >= min_parallel.saturating_mul(4) && pool_threads() > 1
+}
+
 /// The largest magnitude among `values`, widened to f32: `f32::NAN` if one is
 /// NaN, 0 for none ([`Kernels::max_abs`]). At least 4 x `min_parallel` values
 /// are split in chunks over rayon tasks: magnitudes compare as their bits (a
@@ -191,11 +203,13 @@ pub(crate) fn pool_threads() -> usize {
 pub(crate) fn max_abs(k: &Kernels, values: &TensorRef<'_>, min_parallel: usize) -> f32 {
     fn of<G: lazyadam_kernels::Element + Sync>(k: &Kernels, src: &[G], min_parallel: usize) -> f32 {
         #[cfg(feature = "rayon")]
-        if src.len() >= min_parallel.saturating_mul(4) && rayon::current_num_threads() > 1 {
+        if splits_values(src.len(), min_parallel) {
             use rayon::prelude::*;
-            const CHUNK: usize = 1 << 16;
             // Non-negative (or NaN with a clear sign bit), so the bits order them.
-            let bits = src.par_chunks(CHUNK).map(|c| k.max_abs(c).to_bits()).max();
+            let bits = src
+                .par_chunks(VALUE_CHUNK)
+                .map(|c| k.max_abs(c).to_bits())
+                .max();
             return f32::from_bits(bits.unwrap_or(0));
         }
         let _ = min_parallel;
@@ -222,11 +236,10 @@ fn squares_of<G: lazyadam_kernels::Element + Sync>(
     min_parallel: usize,
 ) {
     #[cfg(feature = "rayon")]
-    if src.len() >= min_parallel.saturating_mul(4) && rayon::current_num_threads() > 1 {
+    if splits_values(src.len(), min_parallel) {
         use rayon::prelude::*;
-        const CHUNK: usize = 1 << 16;
         let total = src
-            .par_chunks(CHUNK)
+            .par_chunks(VALUE_CHUNK)
             .map(|c| k.sum_squares_exact(c, t))
             .reduce(SquareSum::default, |mut a, b| {
                 a.merge(&b);
@@ -882,8 +895,7 @@ impl LazyAdam {
                 occurrences: d.count,
             })
         };
-        let checked =
-            |d: &&Distinct| d.count > 1 && !sums_surely_finite(max_abs, d.count, inv_scale);
+        let checked = |d: &&Distinct| sums_need_check(max_abs, d.count, inv_scale);
         #[cfg(feature = "rayon")]
         {
             use rayon::prelude::*;
