@@ -776,18 +776,25 @@ impl LazyAdam {
             clip_by_global_norm(&mut transforms, &total, c);
         }
         // The sums of duplicate rows that the bound could not clear, exactly.
+        // The last update whose ids that check grouped keeps its grouping for
+        // the step.
         let mut sums = Ok(());
-        for ((u, t), m) in updates.iter().zip(&transforms).zip(&check_sums) {
+        let mut grouped = None;
+        for (i, ((u, t), m)) in updates.iter().zip(&transforms).zip(&check_sums).enumerate() {
             let Some(m) = *m else { continue };
-            sums = self.non_finite_sum(u.var.index, &u.grad, t, m, inv_scale);
-            if sums.is_err() {
-                break;
+            match self.non_finite_sum(u.var.index, &u.grad, t, m, inv_scale) {
+                Ok(true) => grouped = Some(i),
+                Ok(false) => {}
+                Err(e) => {
+                    sums = Err(e);
+                    break;
+                }
             }
         }
         self.scratch.check_sums = check_sums;
         timer.lap(Phase::Transforms);
         let r = match sums {
-            Ok(()) => self.write_step(updates, &transforms, rates, &mut timer),
+            Ok(()) => self.write_step(updates, &transforms, rates, grouped, &mut timer),
             Err(Error::NonFiniteSum { .. }) if self.skips_non_finite() => {
                 self.skip_step();
                 Ok(StepOutcome::Skipped)
@@ -852,6 +859,10 @@ impl LazyAdam {
     /// they hold at least `parallel_min_elements` values; the row named is the
     /// same for any thread count. Writes no parameter or slot. The ids must be
     /// validated.
+    ///
+    /// Returns whether it left the ids grouped in the scratch [`Dedup`], as
+    /// [`LazyAdam::write_step`] would group them on this pool (it does unless
+    /// there is nothing to sum: no row elements, or fewer than two ids).
     pub(crate) fn non_finite_sum(
         &mut self,
         index: usize,
@@ -859,14 +870,14 @@ impl LazyAdam {
         t: &GradTransform,
         max_abs: f32,
         inv_scale: f32,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Gradient::Sparse { ids, values } = grad else {
-            return Ok(());
+            return Ok(false);
         };
         let var = &self.vars[index];
         let rl = var.row_len;
         if rl == 0 || ids.len() < 2 {
-            return Ok(());
+            return Ok(false);
         }
         let dedup = &mut self.scratch.dedup;
         sort_ids(dedup, ids, var.rows, pool_threads());
@@ -919,7 +930,7 @@ impl LazyAdam {
                         |(acc, pos), d| sum_row(acc, pos, d),
                     )
                     .find_map_first(|e| e);
-                return first.map_or(Ok(()), Err);
+                return first.map_or(Ok(true), Err);
             }
         }
         let sc = &mut self.scratch.rows;
@@ -928,7 +939,7 @@ impl LazyAdam {
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Whether non-finite gradients skip the step ([`NonFinitePolicy::SkipStep`]).
@@ -985,11 +996,17 @@ impl LazyAdam {
     /// Writes a validated step: `transforms[i]` is the clipped transform of
     /// `updates[i]` (maximize is applied here), `rates` the step's checked
     /// rates. Increments the step counter and grows the loss scale.
+    ///
+    /// `grouped`: the update, if any, whose ids the scratch [`Dedup`] holds
+    /// grouped ([`LazyAdam::non_finite_sum`] on this pool, with nothing
+    /// grouped since); that update takes the grouping instead of grouping its
+    /// ids again (the sort and the hash table give the same bits).
     pub(crate) fn write_step(
         &mut self,
         updates: &mut [Update<'_>],
         transforms: &[GradTransform],
         rates: StepRates,
+        mut grouped: Option<usize>,
         timer: &mut Timer,
     ) -> Result<StepOutcome, Error> {
         let k = self.kernels;
@@ -1006,8 +1023,10 @@ impl LazyAdam {
 
         let threads = pool_threads();
 
-        for (u, &tf) in updates.iter_mut().zip(transforms.iter()) {
+        for (ui, (u, &tf)) in updates.iter_mut().zip(transforms.iter()).enumerate() {
             let mut tf = tf;
+            // Whether this update takes the grouping of its ids already made.
+            let reuse = grouped == Some(ui);
             tf.negate = self.ext.maximize;
             let vi = u.var.index;
             let var = &mut self.vars[vi];
@@ -1027,7 +1046,8 @@ impl LazyAdam {
                 // gives up on ids that probe too long (crafted to collide),
                 // and the sort takes them: it costs the same for any ids.
                 let n_elems = ids.len().saturating_mul(var.row_len);
-                let hashed = ids.len() <= RowHash::MAX_IDS
+                let hashed = !reuse
+                    && ids.len() <= RowHash::MAX_IDS
                     && (n_elems < min_parallel.saturating_mul(HASHED_PARALLEL_FACTOR)
                         || (threads == 1 && n_elems <= HASHED_MAX_ELEMENTS))
                     && with_ids!(ids, |n, id| hash.build(n, id));
@@ -1035,13 +1055,17 @@ impl LazyAdam {
                     rows = Rows::Hashed(&*hash);
                     hash.rows.len() * var.row_len
                 } else {
-                    sort_ids(dedup, ids, var.rows, threads);
+                    if !reuse {
+                        sort_ids(dedup, ids, var.rows, threads);
+                        grouped = None;
+                    }
                     rows = Rows::Sorted(&*dedup);
                     dedup.distinct.len() * var.row_len
                 }
             } else {
                 if row_path {
                     dedup.build_identity(var.rows);
+                    grouped = None;
                     rows = Rows::Sorted(&*dedup);
                 }
                 var.numel

@@ -732,9 +732,12 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     _ => continue,
                 };
                 let m = f32::from_bits(max_bits[i]);
+                // The step groups its ids again (`write_step` gets no
+                // grouping from here).
                 verdict = self
                     .inner
-                    .non_finite_sum(i, &grad, &transforms[i], m, inv_scale);
+                    .non_finite_sum(i, &grad, &transforms[i], m, inv_scale)
+                    .map(|_| ());
                 if verdict.is_err() {
                     break;
                 }
@@ -788,7 +791,9 @@ impl<C: Collective> ShardedLazyAdam<C> {
         // checked again so that a broken invariant is an error, not a panic.
         self.inner.validate(&updates)?;
         let mut timer = Timer::start();
-        let r = self.inner.write_step(&mut updates, &ts, rates, &mut timer);
+        let r = self
+            .inner
+            .write_step(&mut updates, &ts, rates, None, &mut timer);
         timer.finish();
         r
     }

@@ -495,6 +495,121 @@ fn duplicate_sum_check_names_the_first_row_on_every_thread_count() {
     }
 }
 
+/// A step whose duplicate sums are checked (Error and SkipStep, values large enough that the
+/// bound cannot clear the whole gradient) writes the same bits as the unchecked step
+/// (Propagate): the check groups the ids as the step does, and the step may use that grouping
+/// only for the update it belongs to. Several sparse updates of different tables (70,000 ids
+/// each, over the hashed path's share on many threads; and six ids, hashed), a dense update
+/// between them, in several orders, two steps each, on 1 to 3 threads, with the parallel
+/// threshold at its default and at 1.
+#[test]
+fn checked_steps_write_what_unchecked_steps_write() {
+    const N: usize = 70_000;
+    let small = |p: usize| ((p * 31 % 97) as f32 - 48.0) * 1e-3;
+    let ids_a: Vec<u32> = (0..N as u32).map(|i| i * 7919 % 300).collect();
+    let ids_b: Vec<u64> = (0..N as u64)
+        .map(|i| (i * 104_729 + i / 7) % 5000)
+        .collect();
+    let ids_d = [5u32, 17, 5, 39, 17, 0];
+    let mut g_a: Vec<f32> = (0..N * 4).map(small).collect();
+    g_a[4 * 1234 + 1] = 1e34;
+    let mut g_b: Vec<f32> = (0..N * 3).map(|p| small(p + 7)).collect();
+    g_b[3 * 777] = -1e34;
+    let mut g_d: Vec<f32> = (0..6 * 2).map(|p| small(p + 3)).collect();
+    g_d[2 * 2] = 3e38; // row 5, summed exactly (two occurrences): finite
+    let g_c: Vec<f32> = (0..10).map(|p| small(p + 11)).collect();
+    // The bound cannot clear any of the sparse gradients: each is checked.
+    assert!(4.0 * N as f32 * 1e34 > f32::MAX && 4.0 * 6.0 * 3e38 > f32::MAX);
+    let orders: [&[usize]; 4] = [&[0, 1, 2, 3], &[3, 2, 0], &[2, 0], &[1, 0, 3, 2]];
+    let policies = [
+        NonFinitePolicy::Propagate,
+        NonFinitePolicy::Error,
+        NonFinitePolicy::SkipStep { loss_scale: None },
+    ];
+    for threads in 1..=3 {
+        crate::on_threads(threads, || {
+            for min_parallel in [Extensions::default().parallel_min_elements, 1] {
+                for order in orders {
+                    let mut written = Vec::new();
+                    for policy in &policies {
+                        let ext = Extensions {
+                            non_finite: policy.clone(),
+                            parallel_min_elements: min_parallel,
+                            ..Extensions::default()
+                        };
+                        let mut opt =
+                            LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+                        let a = opt
+                            .add_variable("a", &[300, 4], DType::F32, DType::F32)
+                            .unwrap();
+                        let c = opt
+                            .add_variable("c", &[10], DType::F32, DType::F32)
+                            .unwrap();
+                        let b = opt
+                            .add_variable("b", &[5000, 3], DType::F16, DType::F32)
+                            .unwrap();
+                        let d = opt
+                            .add_variable("d", &[40, 2], DType::F32, DType::BF16)
+                            .unwrap();
+                        let mut pa = vec![0.5f32; 300 * 4];
+                        let mut pc = vec![0.5f32; 10];
+                        let mut pb = vec![f16::from_f32(0.5); 5000 * 3];
+                        let mut pd = vec![0.5f32; 40 * 2];
+                        let mut states = Vec::new();
+                        for _ in 0..2 {
+                            let mut all = [
+                                Some(Update::new(a, &mut pa, Gradient::sparse(&ids_a, &g_a))),
+                                Some(Update::new(c, &mut pc, Gradient::dense(&g_c))),
+                                Some(Update::new(b, &mut pb, Gradient::sparse(&ids_b, &g_b))),
+                                Some(Update::new(d, &mut pd, Gradient::sparse(&ids_d, &g_d))),
+                            ];
+                            let mut updates: Vec<Update<'_>> =
+                                order.iter().map(|&i| all[i].take().unwrap()).collect();
+                            let what = format!("{threads} threads, {order:?}, {policy:?}");
+                            let out = opt.apply_gradients(&mut updates).expect(&what);
+                            assert_eq!(out, StepOutcome::Applied, "{what}");
+                            drop(updates);
+                            states.push(slot_bits(&opt));
+                        }
+                        let what = format!("{threads} threads, {order:?}, {policy:?}");
+                        let half = f16::from_f32(0.5);
+                        assert!(
+                            pa.iter().chain(&pc).chain(&pd).all(|x| x.is_finite()),
+                            "{what}"
+                        );
+                        // Each variable moved exactly when it had an update.
+                        for (k, moved) in [
+                            pa.iter().any(|&x| x != 0.5),
+                            pc.iter().any(|&x| x != 0.5),
+                            pb.iter().any(|&x| x != half),
+                            pd.iter().any(|&x| x != 0.5),
+                        ]
+                        .into_iter()
+                        .enumerate()
+                        {
+                            assert_eq!(moved, order.contains(&k), "{what}: variable {k}");
+                        }
+                        let params: Vec<u32> = pa
+                            .iter()
+                            .chain(&pc)
+                            .chain(&pd)
+                            .map(|x| x.to_bits())
+                            .chain(pb.iter().map(|x| u32::from(x.to_bits())))
+                            .collect();
+                        written.push((params, states));
+                    }
+                    for w in &written[1..] {
+                        assert!(
+                            *w == written[0],
+                            "{threads} threads, min_parallel {min_parallel}, {order:?}"
+                        );
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[test]
 fn non_finite_propagates_by_default() {
     let (mut opt, a, _) = two_vars(Extensions::default());
