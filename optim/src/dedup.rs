@@ -112,6 +112,44 @@ const BUCKET_MAX_DIGIT_BITS: u32 = 12;
 /// Largest radix digit, in bits (2048 buckets: the histograms stay in L1).
 const MAX_DIGIT_BITS: u32 = 11;
 
+/// Chunks of the ids in [`Dedup::build_parallel`]: four per thread.
+#[cfg(feature = "rayon")]
+fn chunk_count(n: usize, threads: usize) -> usize {
+    threads.saturating_mul(4).min(n)
+}
+
+/// Buckets of [`Dedup::build_parallel`] (before equal bounds merge):
+/// [`MAX_BUCKETS`] means equal row ranges, fewer sampled ones.
+#[cfg(feature = "rayon")]
+fn bucket_count(n: usize, threads: usize) -> usize {
+    (n / BUCKET_KEYS)
+        .max(chunk_count(n, threads))
+        .min(MAX_BUCKETS)
+}
+
+/// Whether a step of `n` ids on a pool of `threads` threads groups them
+/// with [`Dedup::build_parallel`] rather than the one-thread
+/// [`Dedup::build`] (both give the same result).
+///
+/// With sampled bucket bounds the parallel build does about twice the
+/// one-thread sort's work (a scatter into buckets, then a sort of each), so
+/// two threads gain nothing from it: they take it only with equal row
+/// ranges (from `MAX_BUCKETS * BUCKET_KEYS` = 1,048,576 ids), where each
+/// bucket sorts in one pass. Measured with `step_timing` on 1,000,000 x 64,
+/// Zipf-like ids, 2 threads, whole steps, the one-thread sort against the
+/// parallel build: 0.61x-0.95x the time at 8,192 to 49,152 ids (4 rounds of
+/// 200 steps), 0.92x-0.98x at 262,144 and 524,288 ids; at 1,048,576 ids over
+/// 10,000,000 x 64 the parallel build is the faster (55-56 ms against 61-63
+/// ms). Larger pools take it from [`PARALLEL_MIN_IDS`] ids.
+#[cfg(feature = "rayon")]
+pub(crate) fn groups_in_parallel(n: usize, threads: usize) -> bool {
+    match threads {
+        0 | 1 => false,
+        2 => n >= PARALLEL_MIN_IDS && bucket_count(n, threads) == MAX_BUCKETS,
+        _ => n >= PARALLEL_MIN_IDS,
+    }
+}
+
 /// Number of bits needed to write `x` (0 for 0).
 fn bits(x: u64) -> u32 {
     u64::BITS - x.leading_zeros()
@@ -192,7 +230,7 @@ impl Dedup {
         let pos_mask = (1u64 << pos_bits) - 1;
         self.pos_mask = pos_mask;
         let row_shift = pos_bits;
-        let chunks = threads.saturating_mul(4).min(n);
+        let chunks = chunk_count(n, threads);
         let chunk_len = n.div_ceil(chunks);
         let par = &mut self.par;
         // 0. Bucket boundaries. A step with fewer than `MAX_BUCKETS *
@@ -207,7 +245,7 @@ impl Dedup {
         // ranges, each sorted on the same few bits. (Measured on 1,048,576
         // Zipf-like ids over 10,000,000 rows, 2 threads: sampled boundaries
         // took 8.5-9.7 ms against 7.2-7.4 ms with equal ranges.)
-        let n_buckets = (n / BUCKET_KEYS).max(chunks).min(MAX_BUCKETS);
+        let n_buckets = bucket_count(n, threads);
         let bounds = &mut par.bounds;
         bounds.clear();
         let mut uniform_bits = None;
@@ -1030,6 +1068,35 @@ mod tests {
             most <= 2 * n + 256 * ranges,
             "the chunks kept {most} keys of scratch for {n} ids"
         );
+    }
+
+    /// Two threads group in parallel only where the parallel build takes
+    /// equal row ranges (the first size where it is the faster on two
+    /// threads); larger pools from `PARALLEL_MIN_IDS` ids; one thread never.
+    #[cfg(feature = "rayon")]
+    #[test]
+    fn two_threads_group_in_parallel_only_with_equal_ranges() {
+        let equal = MAX_BUCKETS * BUCKET_KEYS;
+        assert!(!groups_in_parallel(1 << 30, 1));
+        assert!(!groups_in_parallel(1 << 30, 0));
+        assert!(!groups_in_parallel(16_384, 2));
+        assert!(!groups_in_parallel(equal - 1, 2));
+        assert!(groups_in_parallel(equal, 2));
+        assert!(groups_in_parallel(PARALLEL_MIN_IDS, 3));
+        assert!(!groups_in_parallel(PARALLEL_MIN_IDS - 1, 64));
+        // At the two-thread threshold the build does take equal ranges.
+        let rows = 1usize << 22;
+        let ids: Vec<usize> = (0..equal).map(|i| i * 2_654_435_761 % rows).collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut d = Dedup::default();
+        pool.install(|| d.build_parallel(equal, rows, |i| ids[i], 2));
+        let width = rows / MAX_BUCKETS;
+        let want: Vec<u64> = (1..MAX_BUCKETS).map(|b| (b * width) as u64).collect();
+        assert_eq!(d.par.bounds, want);
+        assert_eq!(d.distinct.iter().map(|x| x.count).sum::<usize>(), equal);
     }
 
     /// `(row, positions)` of a [`RowHash`], in order of first occurrence.

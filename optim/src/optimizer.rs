@@ -353,11 +353,12 @@ macro_rules! with_ids {
 }
 
 /// Groups a sparse gradient's ids by row with the radix sort
-/// ([`Dedup::build`]), over the pool when it has `threads > 1`
-/// ([`Dedup::build_parallel`], which groups them alike).
+/// ([`Dedup::build`]), over the pool when that pays on `threads` threads
+/// ([`Dedup::build_parallel`], which groups them alike; see
+/// [`groups_in_parallel`](crate::dedup::groups_in_parallel)).
 fn sort_ids(dedup: &mut Dedup, ids: &RowIds<'_>, rows: usize, threads: usize) {
     #[cfg(feature = "rayon")]
-    if threads > 1 {
+    if crate::dedup::groups_in_parallel(ids.len(), threads) {
         with_ids!(ids, |n, id| dedup.build_parallel(n, rows, id, threads));
         return;
     }

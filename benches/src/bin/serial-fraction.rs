@@ -16,8 +16,9 @@
 //! phases (`validate`, `transforms`, `dedup`, `update`; see `LAZYADAM_PHASE_TIMES`) are read
 //! from `lazyadam::phase_times`. `validate` (the id range check, the step's rates) and
 //! `transforms` (clipping norms; nothing without clipping) always run on one thread; with
-//! more than one thread, `dedup` (the radix sort, above `PARALLEL_MIN_IDS` ids) and `update`
-//! (the row updates, above `parallel_min_elements`) are split over rayon tasks. The serial
+//! more than one thread, `dedup` (the radix sort: from `PARALLEL_MIN_IDS` ids on pools of three
+//! threads or more, from 1,048,576 ids on two threads, see `dedup::groups_in_parallel`) and
+//! `update` (the row updates, above `parallel_min_elements`) are split over rayon tasks. The serial
 //! fraction is `(validate + transforms) / step` on one thread, and the projection at N threads
 //! is `1 / (s + (1 - s) / N)`, which assumes the parallel phases scale perfectly (they are
 //! memory-bound, so they will not; the projection is an upper bound on what the serial part
