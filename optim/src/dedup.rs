@@ -797,6 +797,15 @@ impl RowHash {
 mod tests {
     use super::*;
 
+    /// A rayon pool of `threads` threads, for the parallel build.
+    #[cfg(feature = "rayon")]
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
     /// The reference: distinct rows in increasing order, each with its
     /// occurrence positions in order.
     fn reference(ids: &[usize]) -> Vec<(usize, Vec<usize>)> {
@@ -929,10 +938,7 @@ mod tests {
         let mut seq = Dedup::default();
         let mut reused = Dedup::default();
         for threads in [2usize, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = pool(threads);
             for rows in [
                 2usize,
                 3,
@@ -974,10 +980,7 @@ mod tests {
         // Steps of `MAX_BUCKETS * BUCKET_KEYS` ids and more take equal row
         // ranges instead of sampled ones.
         let n_large = MAX_BUCKETS * BUCKET_KEYS + 5;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         for rows in [257usize, 10_000_000, 1 << 40] {
             for (name, f) in patterns
                 .iter()
@@ -1004,10 +1007,7 @@ mod tests {
     #[test]
     fn parallel_build_memory_stays_bounded_when_ids_move() {
         let (rows, n) = (1usize << 20, PARALLEL_MIN_IDS * 4);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         let mut d = Dedup::default();
         let width = rows / MAX_BUCKETS;
         let retained = |d: &Dedup| -> usize {
@@ -1046,10 +1046,7 @@ mod tests {
         let (rows, n) = (1usize << 20, 32 * BUCKET_KEYS);
         let (ranges, chunk) = (8, n / 8);
         let width = rows / ranges;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         let mut d = Dedup::default();
         let chunk_keys =
             |d: &Dedup| -> usize { d.par.chunk_keys.iter().flatten().map(Vec::capacity).sum() };
@@ -1087,10 +1084,7 @@ mod tests {
         // At the two-thread threshold the build does take equal ranges.
         let rows = 1usize << 22;
         let ids: Vec<usize> = (0..equal).map(|i| i * 2_654_435_761 % rows).collect();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         let mut d = Dedup::default();
         pool.install(|| d.build_parallel(equal, rows, |i| ids[i], 2));
         let width = rows / MAX_BUCKETS;

@@ -526,78 +526,86 @@ fn checked_steps_write_what_unchecked_steps_write() {
         NonFinitePolicy::Error,
         NonFinitePolicy::SkipStep { loss_scale: None },
     ];
+    // Two steps of `order`'s updates under `policy`: the parameters' bits and the slots'
+    // bits after each step.
+    let run = |policy: &NonFinitePolicy, min_parallel: usize, order: &[usize], what: &str| {
+        let ext = Extensions {
+            non_finite: policy.clone(),
+            parallel_min_elements: min_parallel,
+            ..Extensions::default()
+        };
+        let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+        let a = opt
+            .add_variable("a", &[300, 4], DType::F32, DType::F32)
+            .unwrap();
+        let c = opt
+            .add_variable("c", &[10], DType::F32, DType::F32)
+            .unwrap();
+        let b = opt
+            .add_variable("b", &[5000, 3], DType::F16, DType::F32)
+            .unwrap();
+        let d = opt
+            .add_variable("d", &[40, 2], DType::F32, DType::BF16)
+            .unwrap();
+        let mut pa = vec![0.5f32; 300 * 4];
+        let mut pc = vec![0.5f32; 10];
+        let mut pb = vec![f16::from_f32(0.5); 5000 * 3];
+        let mut pd = vec![0.5f32; 40 * 2];
+        let mut states = Vec::new();
+        for _ in 0..2 {
+            let mut all = [
+                Some(Update::new(a, &mut pa, Gradient::sparse(&ids_a, &g_a))),
+                Some(Update::new(c, &mut pc, Gradient::dense(&g_c))),
+                Some(Update::new(b, &mut pb, Gradient::sparse(&ids_b, &g_b))),
+                Some(Update::new(d, &mut pd, Gradient::sparse(&ids_d, &g_d))),
+            ];
+            let mut updates: Vec<Update<'_>> =
+                order.iter().map(|&i| all[i].take().unwrap()).collect();
+            let out = opt.apply_gradients(&mut updates).expect(what);
+            assert_eq!(out, StepOutcome::Applied, "{what}");
+            drop(updates);
+            states.push(slot_bits(&opt));
+        }
+        let half = f16::from_f32(0.5);
+        assert!(
+            pa.iter().chain(&pc).chain(&pd).all(|x| x.is_finite()),
+            "{what}"
+        );
+        // Each variable moved exactly when it had an update.
+        for (k, moved) in [
+            pa.iter().any(|&x| x != 0.5),
+            pc.iter().any(|&x| x != 0.5),
+            pb.iter().any(|&x| x != half),
+            pd.iter().any(|&x| x != 0.5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert_eq!(moved, order.contains(&k), "{what}: variable {k}");
+        }
+        let params: Vec<u32> = pa
+            .iter()
+            .chain(&pc)
+            .chain(&pd)
+            .map(|x| x.to_bits())
+            .chain(pb.iter().map(|x| u32::from(x.to_bits())))
+            .collect();
+        (params, states)
+    };
     for threads in 1..=3 {
         crate::on_threads(threads, || {
             for min_parallel in [Extensions::default().parallel_min_elements, 1] {
                 for order in orders {
-                    let mut written = Vec::new();
-                    for policy in &policies {
-                        let ext = Extensions {
-                            non_finite: policy.clone(),
-                            parallel_min_elements: min_parallel,
-                            ..Extensions::default()
-                        };
-                        let mut opt =
-                            LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
-                        let a = opt
-                            .add_variable("a", &[300, 4], DType::F32, DType::F32)
-                            .unwrap();
-                        let c = opt
-                            .add_variable("c", &[10], DType::F32, DType::F32)
-                            .unwrap();
-                        let b = opt
-                            .add_variable("b", &[5000, 3], DType::F16, DType::F32)
-                            .unwrap();
-                        let d = opt
-                            .add_variable("d", &[40, 2], DType::F32, DType::BF16)
-                            .unwrap();
-                        let mut pa = vec![0.5f32; 300 * 4];
-                        let mut pc = vec![0.5f32; 10];
-                        let mut pb = vec![f16::from_f32(0.5); 5000 * 3];
-                        let mut pd = vec![0.5f32; 40 * 2];
-                        let mut states = Vec::new();
-                        for _ in 0..2 {
-                            let mut all = [
-                                Some(Update::new(a, &mut pa, Gradient::sparse(&ids_a, &g_a))),
-                                Some(Update::new(c, &mut pc, Gradient::dense(&g_c))),
-                                Some(Update::new(b, &mut pb, Gradient::sparse(&ids_b, &g_b))),
-                                Some(Update::new(d, &mut pd, Gradient::sparse(&ids_d, &g_d))),
-                            ];
-                            let mut updates: Vec<Update<'_>> =
-                                order.iter().map(|&i| all[i].take().unwrap()).collect();
-                            let what = format!("{threads} threads, {order:?}, {policy:?}");
-                            let out = opt.apply_gradients(&mut updates).expect(&what);
-                            assert_eq!(out, StepOutcome::Applied, "{what}");
-                            drop(updates);
-                            states.push(slot_bits(&opt));
-                        }
-                        let what = format!("{threads} threads, {order:?}, {policy:?}");
-                        let half = f16::from_f32(0.5);
-                        assert!(
-                            pa.iter().chain(&pc).chain(&pd).all(|x| x.is_finite()),
-                            "{what}"
-                        );
-                        // Each variable moved exactly when it had an update.
-                        for (k, moved) in [
-                            pa.iter().any(|&x| x != 0.5),
-                            pc.iter().any(|&x| x != 0.5),
-                            pb.iter().any(|&x| x != half),
-                            pd.iter().any(|&x| x != 0.5),
-                        ]
-                        .into_iter()
-                        .enumerate()
-                        {
-                            assert_eq!(moved, order.contains(&k), "{what}: variable {k}");
-                        }
-                        let params: Vec<u32> = pa
-                            .iter()
-                            .chain(&pc)
-                            .chain(&pd)
-                            .map(|x| x.to_bits())
-                            .chain(pb.iter().map(|x| u32::from(x.to_bits())))
-                            .collect();
-                        written.push((params, states));
-                    }
+                    let written: Vec<_> = policies
+                        .iter()
+                        .map(|policy| {
+                            let what = format!(
+                                "{threads} threads, min_parallel {min_parallel}, {order:?}, \
+                                 {policy:?}"
+                            );
+                            run(policy, min_parallel, order, &what)
+                        })
+                        .collect();
                     for w in &written[1..] {
                         assert!(
                             *w == written[0],
