@@ -18,7 +18,9 @@
 //! per element as STREAM counts them) for the out-of-cache bandwidth comparison: an Adam
 //! element moves 28 bytes with all-f32 storage (4 loads, 3 stores of 4 bytes).
 //!
-//! `adam-spacing` runs the dispatched path on out-of-cache all-f32 and all-f16 rows whose four
+//! `adam-spacing` runs the best path with each loop of long rows (`split/gap` and
+//! `one-pass/gap`, forced with `Kernels::with_long_row_loop`) on out-of-cache all-f32 and
+//! all-f16 rows whose four
 //! streams (parameters, m, v, gradient) lie in one allocation, each `gap` bytes after the end
 //! of the previous one. Separate `Vec`s of one size leave the allocator to choose that spacing
 //! (glibc: one page more than the size, `gap` 4096). On this project's AMD test machine the
@@ -37,7 +39,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use lazyadam_kernels::{AdamCoeffs, DType, Element, GradTransform, Isa, Kernels, bf16, f16};
+use lazyadam_kernels::{
+    AdamCoeffs, DType, Element, GradTransform, Isa, Kernels, LongRowLoop, bf16, f16,
+};
 
 const IN_CACHE: [usize; 5] = [16, 64, 256, 1024, 4096];
 const OUT_OF_CACHE: usize = 16_777_216;
@@ -212,31 +216,8 @@ fn spaced_rows<T: Element>(n: usize, gap: usize) -> Vec<T> {
     all
 }
 
-/// Row pieces short enough (below the kernels' 65,536-element threshold) that `adam_row`
-/// updates them with its one-pass loop instead of the two-pass split loop of long rows.
-const ONE_PASS_PIECE: usize = 1 << 15;
-
-/// `adam_row` over `ONE_PASS_PIECE`-element pieces: the same result, from the one-pass loop.
-fn adam_row_one_pass<T: Element>(
-    k: &Kernels,
-    c: &AdamCoeffs,
-    p: &mut [T],
-    m: &mut [T],
-    v: &mut [T],
-    g: &[T],
-) {
-    let pieces = p
-        .chunks_mut(ONE_PASS_PIECE)
-        .zip(m.chunks_mut(ONE_PASS_PIECE))
-        .zip(v.chunks_mut(ONE_PASS_PIECE))
-        .zip(g.chunks(ONE_PASS_PIECE));
-    for (((p, m), v), g) in pieces {
-        k.adam_row(c, p, m, v, g).expect("equal lengths");
-    }
-}
-
-/// Out-of-cache rows at several stream spacings, each timed with the dispatched loop
-/// (`split`, the two-pass loop of long rows) and with the one-pass loop (`one-pass`).
+/// Out-of-cache rows at several stream spacings, each timed with both loops of long rows
+/// (`split` and `one-pass`, `LongRowLoop`).
 fn bench_spacing<T: Element>(c: &mut Criterion, name: &str) {
     let coeffs = coeffs();
     let n = *sizes().last().expect("non-empty");
@@ -251,15 +232,18 @@ fn bench_spacing<T: Element>(c: &mut Criterion, name: &str) {
         let (m, rest) = rest.split_at_mut(step);
         let (v, g) = rest.split_at_mut(step);
         let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
-        group.bench_with_input(BenchmarkId::new("split/gap", gap), &gap, |b, _| {
-            b.iter(|| {
-                k.adam_row(&coeffs, p, m, v, black_box(g))
-                    .expect("equal lengths")
-            })
-        });
-        group.bench_with_input(BenchmarkId::new("one-pass/gap", gap), &gap, |b, _| {
-            b.iter(|| adam_row_one_pass(&k, &coeffs, p, m, v, black_box(g)))
-        });
+        for (label, l) in [
+            ("split/gap", LongRowLoop::Split),
+            ("one-pass/gap", LongRowLoop::OnePass),
+        ] {
+            let k = k.with_long_row_loop(l);
+            group.bench_with_input(BenchmarkId::new(label, gap), &gap, |b, _| {
+                b.iter(|| {
+                    k.adam_row(&coeffs, p, m, v, black_box(g))
+                        .expect("equal lengths")
+                })
+            });
+        }
     }
     group.finish();
 }

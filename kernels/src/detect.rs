@@ -49,6 +49,35 @@ fn detect_best() -> Isa {
 }
 
 /// 0: unknown, 1: no, 2: yes.
+static INTEL: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the CPU says it is Intel's (CPUID leaf 0 vendor "GenuineIntel"); cached.
+#[inline]
+pub(crate) fn is_intel() -> bool {
+    cached(&INTEL, detect_intel)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_intel() -> bool {
+    // CPUID leaf 0 exists on every x86-64 CPU; the vendor is EBX, EDX, ECX in that order.
+    // `__cpuid` became a safe function after this crate's minimum Rust (1.89), where it is
+    // still `unsafe`; hence the allowed lint.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID is available on every x86-64 CPU, and leaf 0 on every CPU with CPUID.
+    let r = unsafe { core::arch::x86_64::__cpuid(0) };
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    &vendor == b"GenuineIntel"
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_intel() -> bool {
+    false
+}
+
+/// 0: unknown, 1: no, 2: yes.
 static AVX2: AtomicU8 = AtomicU8::new(0);
 /// 0: unknown, 1: no, 2: yes.
 static AVX512: AtomicU8 = AtomicU8::new(0);

@@ -437,8 +437,10 @@ fn pad<E: Element>(src: &[E]) -> [E; MAX_LANES] {
 /// Adam over a row. `vhat` is used iff `AMS`; every slice has `param.len()` elements (checked
 /// by the caller; `vhat` may be empty when `!AMS`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: bool>(
     s: S,
+    split: bool,
     c: &AdamCoeffs,
     param: &mut [P],
     m: &mut [M],
@@ -448,9 +450,9 @@ pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: b
 ) {
     let k = Coeffs::new::<S, P>(s, c);
     if k.is_plain() {
-        adam_body::<S, P, G, M, AMS, true>(s, &k, param, m, v, vhat, grad, 0)
+        adam_body::<S, P, G, M, AMS, true>(s, split, &k, param, m, v, vhat, grad, 0)
     } else {
-        adam_body::<S, P, G, M, AMS, false>(s, &k, param, m, v, vhat, grad, 0)
+        adam_body::<S, P, G, M, AMS, false>(s, split, &k, param, m, v, vhat, grad, 0)
     }
 }
 
@@ -463,6 +465,7 @@ pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: b
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adam_rows<S: Simd, P: Element, G: Element, M: Element>(
     s: S,
+    split: bool,
     c: &AdamCoeffs,
     param: &mut [P],
     m: &mut [M],
@@ -473,9 +476,9 @@ pub(crate) fn adam_rows<S: Simd, P: Element, G: Element, M: Element>(
 ) {
     let k = Coeffs::new::<S, P>(s, c);
     if k.is_plain() {
-        rows_body::<S, P, G, M, true>(s, &k, param, m, v, row_len, rows, grads)
+        rows_body::<S, P, G, M, true>(s, split, &k, param, m, v, row_len, rows, grads)
     } else {
-        rows_body::<S, P, G, M, false>(s, &k, param, m, v, row_len, rows, grads)
+        rows_body::<S, P, G, M, false>(s, split, &k, param, m, v, row_len, rows, grads)
     }
 }
 
@@ -497,6 +500,7 @@ const ROWS_AHEAD: usize = 4;
 #[allow(clippy::too_many_arguments)]
 fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool>(
     s: S,
+    split: bool,
     k: &Coeffs<S::F>,
     param: &mut [P],
     m: &mut [M],
@@ -518,6 +522,7 @@ fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool>(
         // The rounding index of the row's first element is its place in the table.
         adam_body::<S, P, G, M, false, PLAIN>(
             s,
+            split,
             k,
             &mut param[range.clone()],
             &mut m[range.clone()],
@@ -617,11 +622,13 @@ fn adam_unroll<P: Element, M: Element>() -> (bool, usize) {
     (alt, if alt { ALT_UNROLL } else { 2 })
 }
 
-/// The row loop of [`adam_row`]; `base` is the stochastic-rounding index of `param[0]`.
+/// The row loop of [`adam_row`]; `base` is the stochastic-rounding index of `param[0]`;
+/// `split`: rows of [`SPLIT_MIN`] elements or more take [`adam_split`] (`LongRowLoop::Split`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
     s: S,
+    split: bool,
     k: &Coeffs<S::F>,
     param: &mut [P],
     m: &mut [M],
@@ -630,7 +637,7 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
     grad: &[G],
     base: usize,
 ) {
-    if param.len() >= SPLIT_MIN {
+    if split && param.len() >= SPLIT_MIN {
         adam_split::<S, P, G, M, AMS, PLAIN>(s, k, param, m, v, vhat, grad, base)
     } else {
         adam_direct::<S, P, G, M, AMS, PLAIN>(s, k, param, m, v, vhat, grad, base)
@@ -652,6 +659,11 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
 /// depended much on the spacing (6.4-7.4 ms against 6.3-11.9 ms). A two-pass variant (`m`
 /// with `v`) gained less for f16 (14-20%), and software prefetching on top of either measured
 /// slower, so there is none.
+///
+/// On an Intel Xeon (AVX-512, 2026-12-05) it is the other way round: dense `dense_16m` steps
+/// (leaves of 2^16 elements, 2 threads) took 0.74x-0.90x (f32) and 0.84x-1.04x (all f16) the
+/// split loop's time with the one-pass loop. So the loop is chosen per CPU
+/// (`LongRowLoop::for_this_cpu`); both give the same bits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(

@@ -1,6 +1,6 @@
 //! Options beyond the reference.
 
-use lazyadam_kernels::Isa;
+use lazyadam_kernels::{Isa, LongRowLoop};
 use serde_json::{Map, Value, json};
 
 use crate::error::ConfigError;
@@ -34,6 +34,11 @@ pub struct Extensions {
     pub stochastic_rounding: Option<u64>,
     /// Force a kernel path (tests and benches). `None` picks the best one.
     pub kernel: Option<Isa>,
+    /// Force the kernels' loop for rows of 65,536 elements or more, such as
+    /// a dense variable's leaves (benches). `None` takes the one measured
+    /// faster on this CPU ([`LongRowLoop::for_this_cpu`]). Same bits either
+    /// way.
+    pub long_row_loop: Option<LongRowLoop>,
     /// Below this many updated elements in a step, the step stays on the
     /// calling thread (default 32 768). Passes over a gradient's values (its
     /// sum of squares for clipping, the non-finite policy's check) use the
@@ -86,6 +91,7 @@ impl Default for Extensions {
             non_finite: NonFinitePolicy::Propagate,
             stochastic_rounding: None,
             kernel: None,
+            long_row_loop: None,
             parallel_min_elements: DEFAULT_PARALLEL_MIN_ELEMENTS,
             bias_correction: BiasCorrection::Reference,
         }
@@ -164,6 +170,22 @@ impl Extensions {
     #[must_use]
     pub fn with_kernel(mut self, kernel: Option<Isa>) -> Self {
         self.kernel = kernel;
+        self
+    }
+
+    /// Forces the kernels' loop for long rows (`None`: the one for this CPU;
+    /// same bits either way).
+    ///
+    /// ```
+    /// use lazyadam::{Extensions, LazyAdam, LazyAdamConfig, kernels::LongRowLoop};
+    /// let ext = Extensions::default().with_long_row_loop(Some(LongRowLoop::Split));
+    /// let opt = LazyAdam::with_extensions(LazyAdamConfig::new(1e-3), ext)?;
+    /// assert_eq!(opt.extensions().long_row_loop, Some(LongRowLoop::Split));
+    /// # Ok::<(), lazyadam::Error>(())
+    /// ```
+    #[must_use]
+    pub fn with_long_row_loop(mut self, long_row_loop: Option<LongRowLoop>) -> Self {
+        self.long_row_loop = long_row_loop;
         self
     }
 
@@ -300,7 +322,7 @@ impl Extensions {
                 }))
             }),
         };
-        json!({
+        let mut v = json!({
             "sparse_amsgrad": self.sparse_amsgrad,
             "weight_decay": self.weight_decay,
             "maximize": self.maximize,
@@ -311,7 +333,13 @@ impl Extensions {
             "kernel": self.kernel.map(|k| k.name()),
             "parallel_min_elements": self.parallel_min_elements,
             "bias_correction": self.bias_correction.name(),
-        })
+        });
+        // Written only when forced, so that checkpoints of the default options stay
+        // readable by releases that predate the option.
+        if let (Some(l), Some(obj)) = (self.long_row_loop, v.as_object_mut()) {
+            obj.insert("long_row_loop".into(), json!(l.name()));
+        }
+        v
     }
 
     pub(crate) fn from_value(v: &Value) -> Result<Self, ConfigError> {
@@ -353,6 +381,16 @@ impl Extensions {
                         _ => return Err(bad(k, "a kernel name or null")),
                     }
                 }
+                "long_row_loop" => {
+                    e.long_row_loop = match val {
+                        Value::Null => None,
+                        Value::String(s) => Some(
+                            LongRowLoop::from_name(s)
+                                .ok_or_else(|| bad(k, "\"one_pass\" or \"split\""))?,
+                        ),
+                        _ => return Err(bad(k, "\"one_pass\", \"split\" or null")),
+                    }
+                }
                 "parallel_min_elements" => {
                     e.parallel_min_elements = usize::try_from(get_u64(k, val)?)
                         .map_err(|_| bad(k, "a smaller integer"))?
@@ -388,7 +426,7 @@ impl Extensions {
                         other,
                         "sparse_amsgrad, weight_decay, maximize, per_row_bias_correction, \
                          catch_up_decay, non_finite, stochastic_rounding, kernel, \
-                         parallel_min_elements, bias_correction",
+                         long_row_loop, parallel_min_elements, bias_correction",
                     ));
                 }
             }
@@ -463,5 +501,43 @@ impl DynamicLossScale {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `long_row_loop` in serialized extensions: a name or null; anything else is a typed
+    /// error naming the key.
+    #[test]
+    fn long_row_loop_values_are_checked() {
+        let read = |v: Value| Extensions::from_value(&json!({ "long_row_loop": v }));
+        assert_eq!(read(json!(null)).unwrap().long_row_loop, None);
+        assert_eq!(
+            read(json!("split")).unwrap().long_row_loop,
+            Some(LongRowLoop::Split)
+        );
+        assert_eq!(
+            read(json!("one_pass")).unwrap().long_row_loop,
+            Some(LongRowLoop::OnePass)
+        );
+        for bad in [json!("two_pass"), json!(3), json!(["split"])] {
+            match read(bad.clone()) {
+                Err(ConfigError::InvalidValue { key, .. }) => {
+                    assert_eq!(key, "long_row_loop", "{bad}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // Not forced: not written.
+        assert!(
+            Extensions::default()
+                .to_value()
+                .get("long_row_loop")
+                .is_none()
+        );
+        let forced = Extensions::default().with_long_row_loop(Some(LongRowLoop::OnePass));
+        assert_eq!(Extensions::from_value(&forced.to_value()).unwrap(), forced);
     }
 }

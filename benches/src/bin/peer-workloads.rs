@@ -3,13 +3,15 @@
 //! against TensorFlow Addons' LazyAdam or torch's SparseAdam can be taken in one sitting.
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY]
+//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]
 //! ```
 //!
 //! `--isa` forces a kernel path (`scalar`, `portable`, `avx2`, `avx512`), to compare paths on one
 //! machine; the default is the best path this CPU runs. `--non-finite` sets the non-finite
 //! policy: `propagate` (the default, which reads no values), `error`, or `skip` (`SkipStep` with
 //! the default dynamic loss scale; the gradients are finite, so only the checks' cost shows).
+//! `--long-rows` forces the kernels' loop for rows of 2^16 elements or more (`one_pass` or
+//! `split`; `LongRowLoop`), which the dense leaves take; the default is the one for this CPU.
 //!
 //! Every line on stdout is one JSON object:
 //!
@@ -35,6 +37,7 @@ use std::error::Error as StdError;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use lazyadam::kernels::LongRowLoop;
 use lazyadam::{
     DType, DynamicLossScale, Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig,
     NonFinitePolicy, StepOutcome, TensorMut, TensorRef, Update, bf16, f16,
@@ -380,14 +383,17 @@ struct Args {
     isa: Option<Isa>,
     /// The non-finite policy (`--non-finite`), and its name for the env line.
     non_finite: (NonFinitePolicy, &'static str),
+    /// A forced loop for long rows (`None`: the one for this CPU).
+    long_rows: Option<LongRowLoop>,
 }
 
-const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY]\n\
+const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]\n\
     workloads: sparse_1m_d64 sparse_100k_d16 dense_16m\n\
     configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16\n    \
     lazyadam-bf16-f32moments lazyadam-bf16moments\n\
     paths (--isa): scalar portable avx2 avx512 (default: the best this CPU runs)\n\
-    policies (--non-finite): propagate (default) error skip";
+    policies (--non-finite): propagate (default) error skip\n\
+    loops (--long-rows): one_pass split (default: the one for this CPU)";
 
 fn parse_args() -> BoxResult<Args> {
     let mut args = Args {
@@ -396,6 +402,7 @@ fn parse_args() -> BoxResult<Args> {
         configs: Vec::new(),
         isa: None,
         non_finite: (NonFinitePolicy::Propagate, "propagate"),
+        long_rows: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -421,6 +428,13 @@ fn parse_args() -> BoxResult<Args> {
                     ),
                     _ => return Err(format!("--non-finite needs a POLICY\n{USAGE}").into()),
                 };
+            }
+            "--long-rows" => {
+                let name = it.next().unwrap_or_default();
+                args.long_rows = Some(
+                    LongRowLoop::from_name(&name)
+                        .ok_or_else(|| format!("--long-rows needs a LOOP\n{USAGE}"))?,
+                );
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -456,9 +470,11 @@ fn main() -> BoxResult<()> {
         "threads": threads,
         "quick": args.quick,
         "non_finite": args.non_finite.1,
+        "long_rows": args.long_rows.unwrap_or_else(LongRowLoop::for_this_cpu).name(),
     }));
     let ext = Extensions::default()
         .with_kernel(args.isa)
+        .with_long_row_loop(args.long_rows)
         .with_non_finite(args.non_finite.0.clone());
 
     // STREAM triad: 3 arrays of 2^24 f64 (384 MiB in all), far beyond any cache.

@@ -35,6 +35,7 @@ macro_rules! entry_points {
             /// The CPU must support this path's features; slice lengths as for `simd::adam_row`.
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn adam_row<P: Element, G: Element, M: Element, const AMS: bool>(
+                split: bool,
                 c: &AdamCoeffs,
                 param: &mut [P],
                 m: &mut [M],
@@ -44,7 +45,7 @@ macro_rules! entry_points {
             ) {
                 // SAFETY: the caller guarantees the features.
                 let s = unsafe { token() };
-                simd::adam_row::<_, P, G, M, AMS>(s, c, param, m, v, vhat, grad)
+                simd::adam_row::<_, P, G, M, AMS>(s, split, c, param, m, v, vhat, grad)
             }
 
             /// # Safety
@@ -54,6 +55,7 @@ macro_rules! entry_points {
             #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
             pub(crate) unsafe fn adam_rows<P: Element, G: Element, M: Element>(
+                split: bool,
                 c: &AdamCoeffs,
                 param: &mut [P],
                 m: &mut [M],
@@ -64,7 +66,7 @@ macro_rules! entry_points {
             ) {
                 // SAFETY: the caller guarantees the features.
                 let s = unsafe { token() };
-                simd::adam_rows::<_, P, G, M>(s, c, param, m, v, row_len, rows, grads)
+                simd::adam_rows::<_, P, G, M>(s, split, c, param, m, v, row_len, rows, grads)
             }
 
             /// # Safety
@@ -197,8 +199,10 @@ macro_rules! dispatch {
 }
 
 #[inline]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn adam_row<P: Element, G: Element, M: Element, const AMS: bool>(
     isa: Isa,
+    split: bool,
     c: &AdamCoeffs,
     param: &mut [P],
     m: &mut [M],
@@ -209,9 +213,9 @@ pub(crate) fn adam_row<P: Element, G: Element, M: Element, const AMS: bool>(
     dispatch!(
         isa,
         scalar::adam_row::<P, G, M, AMS>(c, param, m, v, vhat, grad, 0),
-        simd::adam_row::<_, P, G, M, AMS>(portable::Portable, c, param, m, v, vhat, grad),
-        avx2::adam_row::<P, G, M, AMS>(c, param, m, v, vhat, grad),
-        avx512::adam_row::<P, G, M, AMS>(c, param, m, v, vhat, grad)
+        simd::adam_row::<_, P, G, M, AMS>(portable::Portable, split, c, param, m, v, vhat, grad),
+        avx2::adam_row::<P, G, M, AMS>(split, c, param, m, v, vhat, grad),
+        avx512::adam_row::<P, G, M, AMS>(split, c, param, m, v, vhat, grad)
     )
 }
 
@@ -219,6 +223,7 @@ pub(crate) fn adam_row<P: Element, G: Element, M: Element, const AMS: bool>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adam_rows<P: Element, G: Element, M: Element>(
     isa: Isa,
+    split: bool,
     c: &AdamCoeffs,
     param: &mut [P],
     m: &mut [M],
@@ -230,9 +235,19 @@ pub(crate) fn adam_rows<P: Element, G: Element, M: Element>(
     dispatch!(
         isa,
         scalar::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
-        simd::adam_rows::<_, P, G, M>(portable::Portable, c, param, m, v, row_len, rows, grads),
-        avx2::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads),
-        avx512::adam_rows::<P, G, M>(c, param, m, v, row_len, rows, grads)
+        simd::adam_rows::<_, P, G, M>(
+            portable::Portable,
+            split,
+            c,
+            param,
+            m,
+            v,
+            row_len,
+            rows,
+            grads
+        ),
+        avx2::adam_rows::<P, G, M>(split, c, param, m, v, row_len, rows, grads),
+        avx512::adam_rows::<P, G, M>(split, c, param, m, v, row_len, rows, grads)
     )
 }
 

@@ -2,7 +2,9 @@
 //! the tested storage combinations, on random rows of length 0..300 with special values.
 
 use crate::common::*;
-use lazyadam_kernels::{AdamCoeffs, Element, GradTransform, Isa, Kernels, Rounding, bf16, f16};
+use lazyadam_kernels::{
+    AdamCoeffs, Element, GradTransform, Isa, Kernels, LongRowLoop, Rounding, bf16, f16,
+};
 use proptest::prelude::*;
 
 /// The paths compared with the reference (every supported one, the reference included as a
@@ -42,8 +44,12 @@ fn check_adam<P: Element, G: Element, M: Element>(
     scalar()
         .adam_row_amsgrad(c, &mut ap, &mut am, &mut av, &mut avh, &g0)
         .unwrap();
-    for k in paths() {
-        let name = k.isa().name();
+    // Every path, with each loop for long rows (the choice only matters from 2^16 elements).
+    let handles = paths()
+        .into_iter()
+        .flat_map(|k| [LongRowLoop::OnePass, LongRowLoop::Split].map(|l| k.with_long_row_loop(l)));
+    for k in handles {
+        let name = format!("{} {}", k.isa().name(), k.long_row_loop().name());
         let (mut xp, mut xm, mut xv) = (p0.clone(), m0.clone(), v0.clone());
         k.adam_row(c, &mut xp, &mut xm, &mut xv, &g0).unwrap();
         assert_rows(&format!("{name} param"), &xp, &rp)?;
@@ -284,8 +290,8 @@ fn dense_16_bit_narrowing() {
     }
 }
 
-/// Rows long enough for the two-pass loop of long rows (and the one-pass rest after its last
-/// whole chunk) on every path.
+/// Rows long enough for the split loop of long rows (and the one-pass rest after its last
+/// whole chunk) on every path, and for the one-pass loop that some CPUs take instead.
 #[test]
 fn long_rows_match_reference() {
     let n = (1 << 16) + 37;
@@ -304,4 +310,21 @@ fn long_rows_match_reference() {
     c.weight_decay = 0.01;
     c.rounding = Rounding::Stochastic { seed: 4, offset: 9 };
     check_adam::<bf16, f16, f32>(&c, &p, &m, &v, &vh, &g).unwrap();
+}
+
+/// Handles start with the loop chosen for this CPU; forcing one changes only that; the names
+/// round-trip.
+#[test]
+fn long_row_loop_defaults_and_overrides() {
+    for isa in Isa::supported() {
+        let k = Kernels::new(isa).unwrap();
+        assert_eq!(k.long_row_loop(), LongRowLoop::for_this_cpu());
+        for l in [LongRowLoop::OnePass, LongRowLoop::Split] {
+            let forced = k.with_long_row_loop(l);
+            assert_eq!((forced.isa(), forced.long_row_loop()), (isa, l));
+            assert_eq!(LongRowLoop::from_name(l.name()), Some(l));
+        }
+    }
+    assert_eq!(Kernels::best().long_row_loop(), LongRowLoop::for_this_cpu());
+    assert_eq!(LongRowLoop::from_name("two_pass"), None);
 }

@@ -2,7 +2,7 @@
 
 use lazyadam::{
     BiasCorrection, ConfigError, CustomSchedule, Extensions, Isa, LazyAdam, LazyAdamConfig,
-    LearningRate, LearningRateSchedule, NonFinitePolicy, Schedule,
+    LearningRate, LearningRateSchedule, NonFinitePolicy, Schedule, kernels::LongRowLoop,
 };
 
 fn err(json: &str) -> ConfigError {
@@ -216,6 +216,7 @@ fn builders_set_exactly_their_field() {
         .with_non_finite(NonFinitePolicy::Error)
         .with_stochastic_rounding(Some(7))
         .with_kernel(Some(Isa::Scalar))
+        .with_long_row_loop(Some(LongRowLoop::Split))
         .with_parallel_min_elements(5)
         .with_bias_correction(BiasCorrection::F64);
     assert_eq!(
@@ -229,6 +230,7 @@ fn builders_set_exactly_their_field() {
             non_finite: NonFinitePolicy::Error,
             stochastic_rounding: Some(7),
             kernel: Some(Isa::Scalar),
+            long_row_loop: Some(LongRowLoop::Split),
             parallel_min_elements: 5,
             bias_correction: BiasCorrection::F64,
         }

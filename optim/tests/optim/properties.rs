@@ -358,18 +358,29 @@ proptest! {
 
 /// Dense variables: the parallel dense path splits large ones into leaves of at least 2^16
 /// elements (each takes the kernels' out-of-cache loop) and smaller ones into leaves of at
-/// least 8,192, at any thread count with the bits of one thread; an odd length leaves leaves of unequal sizes. With 16-bit parameters and
-/// stochastic rounding every leaf must also round with its elements' own indices.
+/// least 8,192, at any thread count with the bits of one thread; an odd length leaves leaves
+/// of unequal sizes. With 16-bit parameters and stochastic rounding every leaf must also
+/// round with its elements' own indices. Either loop of long rows (`LongRowLoop`, chosen per
+/// CPU) gives those bits too.
 #[test]
 fn dense_variables_give_identical_bits_for_any_thread_count() {
+    use lazyadam::kernels::LongRowLoop;
     use lazyadam::{Element, TensorMut, TensorRef, bf16, f16};
-    fn run<P: Element>(n: usize, moment: DType, sr: Option<u64>, threads: usize) -> Vec<u32>
+    fn run_with<P: Element>(
+        n: usize,
+        moment: DType,
+        sr: Option<u64>,
+        threads: usize,
+        long_rows: Option<LongRowLoop>,
+    ) -> Vec<u32>
     where
         for<'a> &'a mut [P]: Into<TensorMut<'a>>,
         for<'a> &'a [P]: Into<TensorRef<'a>>,
     {
         crate::on_threads(threads, || {
-            let ext = Extensions::default().with_stochastic_rounding(sr);
+            let ext = Extensions::default()
+                .with_stochastic_rounding(sr)
+                .with_long_row_loop(long_rows);
             let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
             let t = opt.add_variable("w", &[n], P::DTYPE, moment).unwrap();
             let mut p: Vec<P> = (0..n)
@@ -388,6 +399,13 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
             bits.extend(f32_bits(&s.v.to_f32_vec()));
             bits
         })
+    }
+    fn run<P: Element>(n: usize, moment: DType, sr: Option<u64>, threads: usize) -> Vec<u32>
+    where
+        for<'a> &'a mut [P]: Into<TensorMut<'a>>,
+        for<'a> &'a [P]: Into<TensorRef<'a>>,
+    {
+        run_with::<P>(n, moment, sr, threads, None)
     }
     // Under 2^17 elements the leaves stay small (at most 8,192), so that an in-cache
     // variable still uses every thread.
@@ -415,6 +433,16 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
         run::<bf16>(n, DType::F32, Some(5), 2),
         "bf16 with rounding"
     );
+    for l in [LongRowLoop::OnePass, LongRowLoop::Split] {
+        for threads in [1, 2] {
+            let f32_one = run::<f32>(n, DType::F32, None, 1);
+            let got = run_with::<f32>(n, DType::F32, None, threads, Some(l));
+            assert_eq!(f32_one, got, "f32, {l:?}, {threads} threads");
+            let f16_one = run::<f16>(n, DType::F16, Some(11), 1);
+            let got = run_with::<f16>(n, DType::F16, Some(11), threads, Some(l));
+            assert_eq!(f16_one, got, "f16 with rounding, {l:?}, {threads} threads");
+        }
+    }
 }
 
 /// Large tables: the parallel row path splits at row-range boundaries

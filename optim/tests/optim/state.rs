@@ -213,3 +213,27 @@ fn custom_schedules_cannot_be_saved() {
     let opt = LazyAdam::new(config).unwrap();
     assert!(matches!(opt.to_bytes(), Err(Error::Config(_))));
 }
+
+/// A forced loop of long rows is checkpointed and restored; the default writes no key, so a
+/// default checkpoint reads as before the option existed.
+#[test]
+fn long_row_loop_is_checkpointed_only_when_forced() {
+    use lazyadam::Extensions;
+    use lazyadam::kernels::LongRowLoop;
+    for forced in [None, Some(LongRowLoop::OnePass), Some(LongRowLoop::Split)] {
+        let ext = Extensions::default().with_long_row_loop(forced);
+        let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
+        opt.add_variable("w", &[3], DType::F32, DType::F32).unwrap();
+        let bytes = opt.to_bytes().unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let ext_json = &meta.metadata().as_ref().unwrap()["extensions"];
+        assert_eq!(
+            ext_json.contains("long_row_loop"),
+            forced.is_some(),
+            "{ext_json}"
+        );
+        let loaded = LazyAdam::from_bytes(&bytes).unwrap();
+        assert_eq!(loaded.extensions().long_row_loop, forced);
+        assert_eq!(loaded.extensions(), opt.extensions());
+    }
+}
