@@ -573,10 +573,11 @@ pub struct Kernels {
 /// How the vector paths walk rows of 65,536 elements or more, which are not expected to be in
 /// cache (a dense variable's leaves in `lazyadam` are such rows). Both loops perform the same
 /// operations on every element, so they give the same bits; only their speed differs, and
-/// which one is faster depends on the CPU. The scalar path has one loop and ignores this.
+/// which one is faster depends on the CPU and the storage types. The scalar path has one loop
+/// and ignores this.
 ///
-/// [`Kernels::new`] and [`Kernels::best`] take [`LongRowLoop::for_this_cpu`];
-/// [`Kernels::with_long_row_loop`] forces one (benches, tests).
+/// [`Kernels::new`] and [`Kernels::best`] start with [`LongRowLoop::Auto`];
+/// [`Kernels::with_long_row_loop`] forces a loop (benches, tests).
 ///
 /// ```
 /// use lazyadam_kernels::{AdamCoeffs, Kernels, LongRowLoop};
@@ -584,17 +585,21 @@ pub struct Kernels {
 /// let n = 1 << 16;
 /// let g: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
 /// let mut out = Vec::new();
-/// for l in [LongRowLoop::OnePass, LongRowLoop::Split] {
+/// for l in [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split] {
 ///     let (mut p, mut m, mut v) = (vec![1.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
 ///     Kernels::best().with_long_row_loop(l).adam_row(&c, &mut p, &mut m, &mut v, &g)?;
 ///     out.push(p);
 /// }
-/// assert_eq!(out[0], out[1]);
+/// assert!(out[0] == out[1] && out[1] == out[2]);
 /// # Ok::<(), lazyadam_kernels::KernelError>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum LongRowLoop {
+    /// The loop measured faster for this kind of CPU and these storage types (see
+    /// [`LongRowLoop::resolve`]).
+    #[default]
+    Auto,
     /// One pass: each vector of the row gets its whole update at once, touching the four
     /// streams (parameters, `m`, `v`, gradient; five with AMSGrad) together.
     OnePass,
@@ -604,31 +609,51 @@ pub enum LongRowLoop {
 }
 
 impl LongRowLoop {
-    /// The loop measured faster on this kind of CPU: [`LongRowLoop::OnePass`] on Intel x86-64
-    /// CPUs (measured on a Xeon with AVX-512, 2026-12-05: dense steps of 2^24 elements took
-    /// 0.74x-0.93x the split loop's time, f32 and f16 storage), [`LongRowLoop::Split`] on
-    /// every other CPU (measured faster on AMD Zen 4, where the one-pass loop's time depended
-    /// on where the streams lie relative to each other; elsewhere not measured, and kept as
-    /// before). The vendor is read once (CPUID) and cached.
-    pub fn for_this_cpu() -> LongRowLoop {
-        if detect::is_intel() {
-            LongRowLoop::OnePass
-        } else {
-            LongRowLoop::Split
+    /// The loop this setting takes for parameters of type `param` and moments of type
+    /// `moments`: itself when forced; for [`LongRowLoop::Auto`], the one measured faster:
+    ///
+    /// - On Intel x86-64 CPUs, [`LongRowLoop::OnePass`], except with bf16 parameters and bf16
+    ///   moments. Measured on a Xeon with AVX-512 (2026-12-05), dense steps of 2^24 elements
+    ///   on 2 threads, four alternated rounds: the one-pass loop took 0.77x-0.86x the split
+    ///   loop's time with f32 storage, 0.79x-0.95x all f16, 0.74x-0.82x with f16 parameters
+    ///   and f32 moments, 0.75x-0.82x with bf16 parameters and f32 moments, 0.73x-0.76x with
+    ///   f32 parameters and bf16 moments, but 1.08x-1.13x all bf16.
+    /// - On every other CPU, [`LongRowLoop::Split`]: measured faster on AMD Zen 4, where the
+    ///   one-pass loop's time depended on where the streams lie relative to each other;
+    ///   elsewhere not measured, and kept as before.
+    ///
+    /// The vendor is read once (CPUID) and cached.
+    ///
+    /// ```
+    /// use lazyadam_kernels::{DType, LongRowLoop};
+    /// assert_eq!(LongRowLoop::Split.resolve(DType::F32, DType::F32), LongRowLoop::Split);
+    /// let auto = LongRowLoop::Auto.resolve(DType::F16, DType::F32);
+    /// assert!(auto == LongRowLoop::OnePass || auto == LongRowLoop::Split);
+    /// ```
+    pub fn resolve(self, param: DType, moments: DType) -> LongRowLoop {
+        match self {
+            LongRowLoop::Auto
+                if detect::is_intel() && !(param == DType::BF16 && moments == DType::BF16) =>
+            {
+                LongRowLoop::OnePass
+            }
+            LongRowLoop::Auto => LongRowLoop::Split,
+            forced => forced,
         }
     }
 
-    /// The name used by benches and serialized options (`"one_pass"`, `"split"`).
+    /// The name used by benches and serialized options (`"auto"`, `"one_pass"`, `"split"`).
     pub fn name(self) -> &'static str {
         match self {
+            LongRowLoop::Auto => "auto",
             LongRowLoop::OnePass => "one_pass",
             LongRowLoop::Split => "split",
         }
     }
 
-    /// The loop of that [`name`](LongRowLoop::name), if any.
+    /// The setting of that [`name`](LongRowLoop::name), if any.
     pub fn from_name(name: &str) -> Option<LongRowLoop> {
-        [LongRowLoop::OnePass, LongRowLoop::Split]
+        [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split]
             .into_iter()
             .find(|l| l.name() == name)
     }
@@ -686,7 +711,7 @@ impl Kernels {
     pub fn best() -> Kernels {
         Kernels {
             isa: Isa::best(),
-            long_rows: LongRowLoop::for_this_cpu(),
+            long_rows: LongRowLoop::Auto,
         }
     }
 
@@ -695,7 +720,7 @@ impl Kernels {
         if isa.is_supported() {
             Ok(Kernels {
                 isa,
-                long_rows: LongRowLoop::for_this_cpu(),
+                long_rows: LongRowLoop::Auto,
             })
         } else {
             Err(KernelError::UnsupportedIsa(isa))
@@ -713,14 +738,14 @@ impl Kernels {
         Kernels { long_rows, ..self }
     }
 
-    /// The loop this handle takes for long rows.
+    /// The loop setting of this handle ([`LongRowLoop::Auto`] unless forced).
     pub fn long_row_loop(&self) -> LongRowLoop {
         self.long_rows
     }
 
-    /// Whether the vector paths take the split loop for long rows.
-    fn split(&self) -> bool {
-        self.long_rows == LongRowLoop::Split
+    /// Whether the vector paths take the split loop for long rows of these storage types.
+    fn split<P: Element, M: Element>(&self) -> bool {
+        self.long_rows.resolve(P::DTYPE, M::DTYPE) == LongRowLoop::Split
     }
 
     /// One Adam row update (see the crate docs for the exact operations).
@@ -749,7 +774,16 @@ impl Kernels {
         check("m", n, m.len())?;
         check("v", n, v.len())?;
         check("grad", n, grad.len())?;
-        arch::adam_row::<P, G, M, false>(self.isa, self.split(), c, param, m, v, &mut [], grad);
+        arch::adam_row::<P, G, M, false>(
+            self.isa,
+            self.split::<P, M>(),
+            c,
+            param,
+            m,
+            v,
+            &mut [],
+            grad,
+        );
         Ok(())
     }
 
@@ -798,7 +832,17 @@ impl Kernels {
         if rows.is_empty() {
             return Ok(());
         }
-        arch::adam_rows::<P, G, M>(self.isa, self.split(), c, param, m, v, row_len, rows, grads);
+        arch::adam_rows::<P, G, M>(
+            self.isa,
+            self.split::<P, M>(),
+            c,
+            param,
+            m,
+            v,
+            row_len,
+            rows,
+            grads,
+        );
         Ok(())
     }
 
@@ -866,7 +910,7 @@ impl Kernels {
         check("v", n, v.len())?;
         check("vhat", n, vhat.len())?;
         check("grad", n, grad.len())?;
-        arch::adam_row::<P, G, M, true>(self.isa, self.split(), c, param, m, v, vhat, grad);
+        arch::adam_row::<P, G, M, true>(self.isa, self.split::<P, M>(), c, param, m, v, vhat, grad);
         Ok(())
     }
 

@@ -662,8 +662,8 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
 ///
 /// On an Intel Xeon (AVX-512, 2026-12-05) it is the other way round: dense `dense_16m` steps
 /// (leaves of 2^16 elements, 2 threads) took 0.74x-0.90x (f32) and 0.84x-1.04x (all f16) the
-/// split loop's time with the one-pass loop. So the loop is chosen per CPU
-/// (`LongRowLoop::for_this_cpu`); both give the same bits.
+/// split loop's time with the one-pass loop (all bf16 the exception, 1.08x-1.13x). So the
+/// loop is chosen per CPU and storage (`LongRowLoop::resolve`); both give the same bits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(

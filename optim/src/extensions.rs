@@ -34,11 +34,11 @@ pub struct Extensions {
     pub stochastic_rounding: Option<u64>,
     /// Force a kernel path (tests and benches). `None` picks the best one.
     pub kernel: Option<Isa>,
-    /// Force the kernels' loop for rows of 65,536 elements or more, such as
-    /// a dense variable's leaves (benches). `None` takes the one measured
-    /// faster on this CPU ([`LongRowLoop::for_this_cpu`]). Same bits either
-    /// way.
-    pub long_row_loop: Option<LongRowLoop>,
+    /// The kernels' loop for rows of 65,536 elements or more, such as a dense
+    /// variable's leaves. The default, [`LongRowLoop::Auto`], takes the one
+    /// measured faster for this CPU and the storage types; benches force one.
+    /// Same bits either way.
+    pub long_row_loop: LongRowLoop,
     /// Below this many updated elements in a step, the step stays on the
     /// calling thread (default 32 768). Passes over a gradient's values (its
     /// sum of squares for clipping, the non-finite policy's check) use the
@@ -91,7 +91,7 @@ impl Default for Extensions {
             non_finite: NonFinitePolicy::Propagate,
             stochastic_rounding: None,
             kernel: None,
-            long_row_loop: None,
+            long_row_loop: LongRowLoop::Auto,
             parallel_min_elements: DEFAULT_PARALLEL_MIN_ELEMENTS,
             bias_correction: BiasCorrection::Reference,
         }
@@ -173,18 +173,18 @@ impl Extensions {
         self
     }
 
-    /// Forces the kernels' loop for long rows (`None`: the one for this CPU;
-    /// same bits either way).
+    /// The kernels' loop for long rows (default [`LongRowLoop::Auto`]; same
+    /// bits either way).
     ///
     /// ```
     /// use lazyadam::{Extensions, LazyAdam, LazyAdamConfig, kernels::LongRowLoop};
-    /// let ext = Extensions::default().with_long_row_loop(Some(LongRowLoop::Split));
+    /// let ext = Extensions::default().with_long_row_loop(LongRowLoop::Split);
     /// let opt = LazyAdam::with_extensions(LazyAdamConfig::new(1e-3), ext)?;
-    /// assert_eq!(opt.extensions().long_row_loop, Some(LongRowLoop::Split));
+    /// assert_eq!(opt.extensions().long_row_loop, LongRowLoop::Split);
     /// # Ok::<(), lazyadam::Error>(())
     /// ```
     #[must_use]
-    pub fn with_long_row_loop(mut self, long_row_loop: Option<LongRowLoop>) -> Self {
+    pub fn with_long_row_loop(mut self, long_row_loop: LongRowLoop) -> Self {
         self.long_row_loop = long_row_loop;
         self
     }
@@ -336,8 +336,10 @@ impl Extensions {
         });
         // Written only when forced, so that checkpoints of the default options stay
         // readable by releases that predate the option.
-        if let (Some(l), Some(obj)) = (self.long_row_loop, v.as_object_mut()) {
-            obj.insert("long_row_loop".into(), json!(l.name()));
+        if let (LongRowLoop::OnePass | LongRowLoop::Split, Some(obj)) =
+            (self.long_row_loop, v.as_object_mut())
+        {
+            obj.insert("long_row_loop".into(), json!(self.long_row_loop.name()));
         }
         v
     }
@@ -382,14 +384,10 @@ impl Extensions {
                     }
                 }
                 "long_row_loop" => {
-                    e.long_row_loop = match val {
-                        Value::Null => None,
-                        Value::String(s) => Some(
-                            LongRowLoop::from_name(s)
-                                .ok_or_else(|| bad(k, "\"one_pass\" or \"split\""))?,
-                        ),
-                        _ => return Err(bad(k, "\"one_pass\", \"split\" or null")),
-                    }
+                    e.long_row_loop = val
+                        .as_str()
+                        .and_then(LongRowLoop::from_name)
+                        .ok_or_else(|| bad(k, "\"auto\", \"one_pass\" or \"split\""))?
                 }
                 "parallel_min_elements" => {
                     e.parallel_min_elements = usize::try_from(get_u64(k, val)?)
@@ -508,21 +506,15 @@ impl DynamicLossScale {
 mod tests {
     use super::*;
 
-    /// `long_row_loop` in serialized extensions: a name or null; anything else is a typed
-    /// error naming the key.
+    /// `long_row_loop` in serialized extensions: a name; anything else is a typed error
+    /// naming the key; `Auto` (the default) is not written.
     #[test]
     fn long_row_loop_values_are_checked() {
         let read = |v: Value| Extensions::from_value(&json!({ "long_row_loop": v }));
-        assert_eq!(read(json!(null)).unwrap().long_row_loop, None);
-        assert_eq!(
-            read(json!("split")).unwrap().long_row_loop,
-            Some(LongRowLoop::Split)
-        );
-        assert_eq!(
-            read(json!("one_pass")).unwrap().long_row_loop,
-            Some(LongRowLoop::OnePass)
-        );
-        for bad in [json!("two_pass"), json!(3), json!(["split"])] {
+        for l in [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split] {
+            assert_eq!(read(json!(l.name())).unwrap().long_row_loop, l);
+        }
+        for bad in [json!("two_pass"), json!(null), json!(3), json!(["split"])] {
             match read(bad.clone()) {
                 Err(ConfigError::InvalidValue { key, .. }) => {
                     assert_eq!(key, "long_row_loop", "{bad}")
@@ -530,14 +522,13 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
-        // Not forced: not written.
         assert!(
             Extensions::default()
                 .to_value()
                 .get("long_row_loop")
                 .is_none()
         );
-        let forced = Extensions::default().with_long_row_loop(Some(LongRowLoop::OnePass));
+        let forced = Extensions::default().with_long_row_loop(LongRowLoop::OnePass);
         assert_eq!(Extensions::from_value(&forced.to_value()).unwrap(), forced);
     }
 }

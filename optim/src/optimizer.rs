@@ -376,13 +376,11 @@ impl LazyAdam {
     pub fn with_extensions(config: LazyAdamConfig, ext: Extensions) -> Result<Self, Error> {
         config.validate()?;
         ext.validate(config.amsgrad)?;
-        let mut kernels = match ext.kernel {
+        let kernels = match ext.kernel {
             Some(isa) => Kernels::new(isa)?,
             None => Kernels::best(),
-        };
-        if let Some(l) = ext.long_row_loop {
-            kernels = kernels.with_long_row_loop(l);
         }
+        .with_long_row_loop(ext.long_row_loop);
         let loss_scale = match &ext.non_finite {
             NonFinitePolicy::SkipStep {
                 loss_scale: Some(ls),

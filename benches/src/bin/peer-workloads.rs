@@ -10,8 +10,8 @@
 //! machine; the default is the best path this CPU runs. `--non-finite` sets the non-finite
 //! policy: `propagate` (the default, which reads no values), `error`, or `skip` (`SkipStep` with
 //! the default dynamic loss scale; the gradients are finite, so only the checks' cost shows).
-//! `--long-rows` forces the kernels' loop for rows of 2^16 elements or more (`one_pass` or
-//! `split`; `LongRowLoop`), which the dense leaves take; the default is the one for this CPU.
+//! `--long-rows` sets the kernels' loop for rows of 2^16 elements or more, which the dense
+//! leaves take (`LongRowLoop`: `auto`, the default, or `one_pass` or `split`).
 //!
 //! Every line on stdout is one JSON object:
 //!
@@ -383,8 +383,8 @@ struct Args {
     isa: Option<Isa>,
     /// The non-finite policy (`--non-finite`), and its name for the env line.
     non_finite: (NonFinitePolicy, &'static str),
-    /// A forced loop for long rows (`None`: the one for this CPU).
-    long_rows: Option<LongRowLoop>,
+    /// The loop for long rows (`--long-rows`).
+    long_rows: LongRowLoop,
 }
 
 const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]\n\
@@ -393,7 +393,7 @@ const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--con
     lazyadam-bf16-f32moments lazyadam-bf16moments\n\
     paths (--isa): scalar portable avx2 avx512 (default: the best this CPU runs)\n\
     policies (--non-finite): propagate (default) error skip\n\
-    loops (--long-rows): one_pass split (default: the one for this CPU)";
+    loops (--long-rows): auto (default) one_pass split";
 
 fn parse_args() -> BoxResult<Args> {
     let mut args = Args {
@@ -402,7 +402,7 @@ fn parse_args() -> BoxResult<Args> {
         configs: Vec::new(),
         isa: None,
         non_finite: (NonFinitePolicy::Propagate, "propagate"),
-        long_rows: None,
+        long_rows: LongRowLoop::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -431,10 +431,8 @@ fn parse_args() -> BoxResult<Args> {
             }
             "--long-rows" => {
                 let name = it.next().unwrap_or_default();
-                args.long_rows = Some(
-                    LongRowLoop::from_name(&name)
-                        .ok_or_else(|| format!("--long-rows needs a LOOP\n{USAGE}"))?,
-                );
+                args.long_rows = LongRowLoop::from_name(&name)
+                    .ok_or_else(|| format!("--long-rows needs a LOOP\n{USAGE}"))?;
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -470,7 +468,7 @@ fn main() -> BoxResult<()> {
         "threads": threads,
         "quick": args.quick,
         "non_finite": args.non_finite.1,
-        "long_rows": args.long_rows.unwrap_or_else(LongRowLoop::for_this_cpu).name(),
+        "long_rows": args.long_rows.name(),
     }));
     let ext = Extensions::default()
         .with_kernel(args.isa)

@@ -45,9 +45,10 @@ fn check_adam<P: Element, G: Element, M: Element>(
         .adam_row_amsgrad(c, &mut ap, &mut am, &mut av, &mut avh, &g0)
         .unwrap();
     // Every path, with each loop for long rows (the choice only matters from 2^16 elements).
-    let handles = paths()
-        .into_iter()
-        .flat_map(|k| [LongRowLoop::OnePass, LongRowLoop::Split].map(|l| k.with_long_row_loop(l)));
+    let handles = paths().into_iter().flat_map(|k| {
+        [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split]
+            .map(|l| k.with_long_row_loop(l))
+    });
     for k in handles {
         let name = format!("{} {}", k.isa().name(), k.long_row_loop().name());
         let (mut xp, mut xm, mut xv) = (p0.clone(), m0.clone(), v0.clone());
@@ -312,19 +313,46 @@ fn long_rows_match_reference() {
     check_adam::<bf16, f16, f32>(&c, &p, &m, &v, &vh, &g).unwrap();
 }
 
-/// Handles start with the loop chosen for this CPU; forcing one changes only that; the names
+/// Handles start with `Auto`; forcing a loop changes only that; `Auto` resolves as
+/// documented, by the CPU vendor (read here independently) and the storage types; the names
 /// round-trip.
 #[test]
 fn long_row_loop_defaults_and_overrides() {
+    use lazyadam_kernels::DType;
+    let all = [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split];
     for isa in Isa::supported() {
         let k = Kernels::new(isa).unwrap();
-        assert_eq!(k.long_row_loop(), LongRowLoop::for_this_cpu());
-        for l in [LongRowLoop::OnePass, LongRowLoop::Split] {
+        assert_eq!(k.long_row_loop(), LongRowLoop::Auto);
+        for l in all {
             let forced = k.with_long_row_loop(l);
             assert_eq!((forced.isa(), forced.long_row_loop()), (isa, l));
             assert_eq!(LongRowLoop::from_name(l.name()), Some(l));
         }
     }
-    assert_eq!(Kernels::best().long_row_loop(), LongRowLoop::for_this_cpu());
+    assert_eq!(Kernels::best().long_row_loop(), LongRowLoop::Auto);
+    assert_eq!(LongRowLoop::default(), LongRowLoop::Auto);
     assert_eq!(LongRowLoop::from_name("two_pass"), None);
+
+    #[cfg(target_arch = "x86_64")]
+    let intel = {
+        let r = std::arch::x86_64::__cpuid(0);
+        let v = [r.ebx, r.edx, r.ecx].map(u32::to_le_bytes).concat();
+        v == b"GenuineIntel"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let intel = false;
+    let types = [DType::F32, DType::F16, DType::BF16];
+    for p in types {
+        for m in types {
+            for forced in [LongRowLoop::OnePass, LongRowLoop::Split] {
+                assert_eq!(forced.resolve(p, m), forced);
+            }
+            let want = if intel && !(p == DType::BF16 && m == DType::BF16) {
+                LongRowLoop::OnePass
+            } else {
+                LongRowLoop::Split
+            };
+            assert_eq!(LongRowLoop::Auto.resolve(p, m), want, "{p:?} {m:?}");
+        }
+    }
 }

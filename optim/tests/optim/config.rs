@@ -216,7 +216,7 @@ fn builders_set_exactly_their_field() {
         .with_non_finite(NonFinitePolicy::Error)
         .with_stochastic_rounding(Some(7))
         .with_kernel(Some(Isa::Scalar))
-        .with_long_row_loop(Some(LongRowLoop::Split))
+        .with_long_row_loop(LongRowLoop::Split)
         .with_parallel_min_elements(5)
         .with_bias_correction(BiasCorrection::F64);
     assert_eq!(
@@ -230,7 +230,7 @@ fn builders_set_exactly_their_field() {
             non_finite: NonFinitePolicy::Error,
             stochastic_rounding: Some(7),
             kernel: Some(Isa::Scalar),
-            long_row_loop: Some(LongRowLoop::Split),
+            long_row_loop: LongRowLoop::Split,
             parallel_min_elements: 5,
             bias_correction: BiasCorrection::F64,
         }

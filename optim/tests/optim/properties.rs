@@ -361,7 +361,7 @@ proptest! {
 /// least 8,192, at any thread count with the bits of one thread; an odd length leaves leaves
 /// of unequal sizes. With 16-bit parameters and stochastic rounding every leaf must also
 /// round with its elements' own indices. Either loop of long rows (`LongRowLoop`, chosen per
-/// CPU) gives those bits too.
+/// CPU and storage) gives those bits too, bf16 included.
 #[test]
 fn dense_variables_give_identical_bits_for_any_thread_count() {
     use lazyadam::kernels::LongRowLoop;
@@ -371,7 +371,7 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
         moment: DType,
         sr: Option<u64>,
         threads: usize,
-        long_rows: Option<LongRowLoop>,
+        long_rows: LongRowLoop,
     ) -> Vec<u32>
     where
         for<'a> &'a mut [P]: Into<TensorMut<'a>>,
@@ -405,7 +405,7 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
         for<'a> &'a mut [P]: Into<TensorMut<'a>>,
         for<'a> &'a [P]: Into<TensorRef<'a>>,
     {
-        run_with::<P>(n, moment, sr, threads, None)
+        run_with::<P>(n, moment, sr, threads, LongRowLoop::Auto)
     }
     // Under 2^17 elements the leaves stay small (at most 8,192), so that an in-cache
     // variable still uses every thread.
@@ -436,11 +436,17 @@ fn dense_variables_give_identical_bits_for_any_thread_count() {
     for l in [LongRowLoop::OnePass, LongRowLoop::Split] {
         for threads in [1, 2] {
             let f32_one = run::<f32>(n, DType::F32, None, 1);
-            let got = run_with::<f32>(n, DType::F32, None, threads, Some(l));
+            let got = run_with::<f32>(n, DType::F32, None, threads, l);
             assert_eq!(f32_one, got, "f32, {l:?}, {threads} threads");
             let f16_one = run::<f16>(n, DType::F16, Some(11), 1);
-            let got = run_with::<f16>(n, DType::F16, Some(11), threads, Some(l));
+            let got = run_with::<f16>(n, DType::F16, Some(11), threads, l);
             assert_eq!(f16_one, got, "f16 with rounding, {l:?}, {threads} threads");
+            let bf16_one = run::<bf16>(n, DType::BF16, Some(5), 1);
+            let got = run_with::<bf16>(n, DType::BF16, Some(5), threads, l);
+            assert_eq!(
+                bf16_one, got,
+                "all bf16 with rounding, {l:?}, {threads} threads"
+            );
         }
     }
 }

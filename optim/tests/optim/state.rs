@@ -214,13 +214,14 @@ fn custom_schedules_cannot_be_saved() {
     assert!(matches!(opt.to_bytes(), Err(Error::Config(_))));
 }
 
-/// A forced loop of long rows is checkpointed and restored; the default writes no key, so a
+/// A forced loop of long rows is checkpointed and restored; the default (`Auto`) writes no
+/// key, so a
 /// default checkpoint reads as before the option existed.
 #[test]
 fn long_row_loop_is_checkpointed_only_when_forced() {
     use lazyadam::Extensions;
     use lazyadam::kernels::LongRowLoop;
-    for forced in [None, Some(LongRowLoop::OnePass), Some(LongRowLoop::Split)] {
+    for forced in [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split] {
         let ext = Extensions::default().with_long_row_loop(forced);
         let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext).unwrap();
         opt.add_variable("w", &[3], DType::F32, DType::F32).unwrap();
@@ -229,7 +230,7 @@ fn long_row_loop_is_checkpointed_only_when_forced() {
         let ext_json = &meta.metadata().as_ref().unwrap()["extensions"];
         assert_eq!(
             ext_json.contains("long_row_loop"),
-            forced.is_some(),
+            forced != LongRowLoop::Auto,
             "{ext_json}"
         );
         let loaded = LazyAdam::from_bytes(&bytes).unwrap();
