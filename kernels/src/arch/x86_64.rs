@@ -697,6 +697,66 @@ mod tests {
         (mismatches, first)
     }
 
+    /// Counts the f32 bit patterns whose AVX-512 bf16 store differs from `half`'s
+    /// `bf16::from_f32` (every one of the 2^32, in vectors of 16), and the bf16 patterns
+    /// whose AVX-512 load is not the exact widening (all 2^16; `bf16::to_f32` for every
+    /// non-NaN); returns the counts and the first differing pattern of each.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+    unsafe fn bf16_mismatches() -> (u64, Option<u32>, u64, Option<u16>) {
+        // SAFETY: the caller guarantees the features.
+        let s = unsafe { Avx512::new_unchecked() };
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let (mut stores, mut first_store) = (0u64, None);
+        let mut out = [0u16; 16];
+        for base in (0..=u32::MAX).step_by(16) {
+            let x = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_set1_epi32(base as i32), lanes));
+            // SAFETY: `out` holds 16 writable u16.
+            unsafe { s.store_bf16(out.as_mut_ptr(), x) };
+            for (l, &got) in out.iter().enumerate() {
+                let bits = base + l as u32;
+                if got != half::bf16::from_f32(f32::from_bits(bits)).to_bits() {
+                    stores += 1;
+                    first_store.get_or_insert(bits);
+                }
+            }
+        }
+        let (mut loads, mut first_load) = (0u64, None);
+        let mut wide = [0f32; 16];
+        for base in (0..=u16::MAX).step_by(16) {
+            let src: [u16; 16] = core::array::from_fn(|l| base + l as u16);
+            // SAFETY: `src` holds 16 readable u16, `wide` 16 writable f32.
+            unsafe { _mm512_storeu_ps(wide.as_mut_ptr(), s.load_bf16(src.as_ptr())) };
+            for (&h, &got) in src.iter().zip(&wide) {
+                // Exact widening: the bits shifted up. (`half` also quiets signalling NaNs,
+                // which arithmetic does anyway; NaN payloads are outside the contract.)
+                if got.to_bits() != u32::from(h) << 16 {
+                    loads += 1;
+                    first_load.get_or_insert(h);
+                }
+            }
+        }
+        (stores, first_store, loads, first_load)
+    }
+
+    /// The AVX-512 bf16 store (round to nearest even, NaN quieted) equals `half` bit for bit
+    /// on every input, and the load widens every input exactly. Slow unoptimized; CI runs it in release:
+    /// `cargo test --release -p lazyadam-kernels --lib -- --ignored avx512_bf16_matches_half_exhaustive`.
+    #[test]
+    #[ignore = "2^32 conversions: run in release"]
+    fn avx512_bf16_matches_half_exhaustive() {
+        if !crate::Isa::Avx512.is_supported() {
+            return;
+        }
+        // SAFETY: AVX-512 support was just checked.
+        let (stores, first_store, loads, first_load) = unsafe { bf16_mismatches() };
+        assert_eq!(stores, 0, "first mismatching f32 pattern {first_store:#x?}");
+        assert_eq!(loads, 0, "first mismatching bf16 pattern {first_load:#x?}");
+    }
+
     /// `Avx512::sqrt_alt` equals `vsqrtps` bit for bit on every one of the 2^32 inputs (NaN
     /// results included).
     #[test]
