@@ -612,17 +612,20 @@ impl LongRowLoop {
     /// The loop this setting takes for parameters of type `param` and moments of type
     /// `moments`: itself when forced; for [`LongRowLoop::Auto`], the one measured faster:
     ///
-    /// - On Intel x86-64 CPUs, [`LongRowLoop::OnePass`], except with bf16 parameters and bf16
-    ///   moments. Measured on a Xeon with AVX-512 (2026-12-05), dense steps of 2^24 elements
-    ///   on 2 threads, four alternated rounds: the one-pass loop took 0.77x-0.86x the split
-    ///   loop's time with f32 storage, 0.79x-0.95x all f16, 0.74x-0.82x with f16 parameters
-    ///   and f32 moments, 0.75x-0.82x with bf16 parameters and f32 moments, 0.73x-0.76x with
-    ///   f32 parameters and bf16 moments, but 1.08x-1.13x all bf16.
+    /// - On Intel x86-64 CPUs, [`LongRowLoop::OnePass`] (which prefetches 1 KiB ahead in
+    ///   every stream). Measured on a Xeon with AVX-512 (2026-12-05), dense steps of 2^24
+    ///   elements on 2 threads, alternated rounds: without the prefetching the one-pass loop
+    ///   already took 0.73x-0.95x the split loop's time for every storage but all-bf16
+    ///   (1.08x-1.13x); with it, f32 0.92x-0.95x of that again, all f16 0.70x-0.82x, and
+    ///   all bf16 4.8-4.9 ms against 7.0-8.1 ms for the split loop. The AVX2 path on the
+    ///   same CPU: 0.80x-0.83x (f32), 0.62x-0.71x (all f16) and 0.79x-0.80x (all bf16) the
+    ///   split loop's time.
     /// - On every other CPU, [`LongRowLoop::Split`]: measured faster on AMD Zen 4, where the
-    ///   one-pass loop's time depended on where the streams lie relative to each other;
-    ///   elsewhere not measured, and kept as before.
+    ///   one-pass loop's time depended on where the streams lie relative to each other and
+    ///   software prefetching measured slower; elsewhere not measured, and kept as before.
     ///
-    /// The vendor is read once (CPUID) and cached.
+    /// The storage types are taken so that a later measurement can refine the choice per
+    /// type; today only the CPU decides. The vendor is read once (CPUID) and cached.
     ///
     /// ```
     /// use lazyadam_kernels::{DType, LongRowLoop};
@@ -631,12 +634,9 @@ impl LongRowLoop {
     /// assert!(auto == LongRowLoop::OnePass || auto == LongRowLoop::Split);
     /// ```
     pub fn resolve(self, param: DType, moments: DType) -> LongRowLoop {
+        let _ = (param, moments);
         match self {
-            LongRowLoop::Auto
-                if detect::is_intel() && !(param == DType::BF16 && moments == DType::BF16) =>
-            {
-                LongRowLoop::OnePass
-            }
+            LongRowLoop::Auto if detect::is_intel() => LongRowLoop::OnePass,
             LongRowLoop::Auto => LongRowLoop::Split,
             forced => forced,
         }
