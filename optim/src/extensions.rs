@@ -36,7 +36,7 @@ pub struct Extensions {
     pub kernel: Option<Isa>,
     /// The kernels' loop for rows of 65,536 elements or more, such as a dense
     /// variable's leaves. The default, [`LongRowLoop::Auto`], takes the one
-    /// measured faster for this CPU and the storage types; benches force one.
+    /// measured faster for this CPU; benches force one.
     /// Same bits either way.
     pub long_row_loop: LongRowLoop,
     /// Below this many updated elements in a step, the step stays on the

@@ -361,7 +361,7 @@ proptest! {
 /// least 8,192, at any thread count with the bits of one thread; an odd length leaves leaves
 /// of unequal sizes. With 16-bit parameters and stochastic rounding every leaf must also
 /// round with its elements' own indices. Either loop of long rows (`LongRowLoop`, chosen per
-/// CPU and storage) gives those bits too, bf16 included.
+/// CPU) gives those bits too, bf16 included.
 #[test]
 fn dense_variables_give_identical_bits_for_any_thread_count() {
     use lazyadam::kernels::LongRowLoop;
