@@ -573,7 +573,7 @@ pub struct Kernels {
 /// How the vector paths walk rows of 65,536 elements or more, which are not expected to be in
 /// cache (a dense variable's leaves in `lazyadam` are such rows). Both loops perform the same
 /// operations on every element, so they give the same bits; only their speed differs, and
-/// which one is faster depends on the CPU and the storage types. The scalar path has one loop
+/// which one is faster depends on the CPU. The scalar path has one loop
 /// and ignores this.
 ///
 /// [`Kernels::new`] and [`Kernels::best`] start with [`LongRowLoop::Auto`];
@@ -596,8 +596,7 @@ pub struct Kernels {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum LongRowLoop {
-    /// The loop measured faster for this kind of CPU and these storage types (see
-    /// [`LongRowLoop::resolve`]).
+    /// The loop measured faster for this kind of CPU (see [`LongRowLoop::resolve`]).
     #[default]
     Auto,
     /// One pass: each vector of the row gets its whole update at once, touching the four
@@ -609,8 +608,8 @@ pub enum LongRowLoop {
 }
 
 impl LongRowLoop {
-    /// The loop this setting takes for parameters of type `param` and moments of type
-    /// `moments`: itself when forced; for [`LongRowLoop::Auto`], the one measured faster:
+    /// The loop this setting takes: itself when forced; for [`LongRowLoop::Auto`], the one
+    /// measured faster on this CPU, for every storage type:
     ///
     /// - On Intel x86-64 CPUs, [`LongRowLoop::OnePass`] (which prefetches 1 KiB ahead in
     ///   every stream). Measured on a Xeon with AVX-512 (2026-12-05), dense steps of 2^24
@@ -624,17 +623,15 @@ impl LongRowLoop {
     ///   one-pass loop's time depended on where the streams lie relative to each other and
     ///   software prefetching measured slower; elsewhere not measured, and kept as before.
     ///
-    /// The storage types are taken so that a later measurement can refine the choice per
-    /// type; today only the CPU decides. The vendor is read once (CPUID) and cached.
+    /// The vendor is read once (CPUID) and cached.
     ///
     /// ```
-    /// use lazyadam_kernels::{DType, LongRowLoop};
-    /// assert_eq!(LongRowLoop::Split.resolve(DType::F32, DType::F32), LongRowLoop::Split);
-    /// let auto = LongRowLoop::Auto.resolve(DType::F16, DType::F32);
+    /// use lazyadam_kernels::LongRowLoop;
+    /// assert_eq!(LongRowLoop::Split.resolve(), LongRowLoop::Split);
+    /// let auto = LongRowLoop::Auto.resolve();
     /// assert!(auto == LongRowLoop::OnePass || auto == LongRowLoop::Split);
     /// ```
-    pub fn resolve(self, param: DType, moments: DType) -> LongRowLoop {
-        let _ = (param, moments);
+    pub fn resolve(self) -> LongRowLoop {
         match self {
             LongRowLoop::Auto if detect::is_intel() => LongRowLoop::OnePass,
             LongRowLoop::Auto => LongRowLoop::Split,
@@ -743,9 +740,9 @@ impl Kernels {
         self.long_rows
     }
 
-    /// Whether the vector paths take the split loop for long rows of these storage types.
-    fn split<P: Element, M: Element>(&self) -> bool {
-        self.long_rows.resolve(P::DTYPE, M::DTYPE) == LongRowLoop::Split
+    /// Whether the vector paths take the split loop for long rows.
+    fn split(&self) -> bool {
+        self.long_rows.resolve() == LongRowLoop::Split
     }
 
     /// One Adam row update (see the crate docs for the exact operations).
@@ -774,16 +771,7 @@ impl Kernels {
         check("m", n, m.len())?;
         check("v", n, v.len())?;
         check("grad", n, grad.len())?;
-        arch::adam_row::<P, G, M, false>(
-            self.isa,
-            self.split::<P, M>(),
-            c,
-            param,
-            m,
-            v,
-            &mut [],
-            grad,
-        );
+        arch::adam_row::<P, G, M, false>(self.isa, self.split(), c, param, m, v, &mut [], grad);
         Ok(())
     }
 
@@ -832,17 +820,7 @@ impl Kernels {
         if rows.is_empty() {
             return Ok(());
         }
-        arch::adam_rows::<P, G, M>(
-            self.isa,
-            self.split::<P, M>(),
-            c,
-            param,
-            m,
-            v,
-            row_len,
-            rows,
-            grads,
-        );
+        arch::adam_rows::<P, G, M>(self.isa, self.split(), c, param, m, v, row_len, rows, grads);
         Ok(())
     }
 
@@ -910,7 +888,7 @@ impl Kernels {
         check("v", n, v.len())?;
         check("vhat", n, vhat.len())?;
         check("grad", n, grad.len())?;
-        arch::adam_row::<P, G, M, true>(self.isa, self.split::<P, M>(), c, param, m, v, vhat, grad);
+        arch::adam_row::<P, G, M, true>(self.isa, self.split(), c, param, m, v, vhat, grad);
         Ok(())
     }
 
