@@ -1,8 +1,13 @@
 //! The portable path: `wide` vectors with the compile-time target features.
 //!
-//! f16 conversions are branch-free integer/float bit manipulations (exact widening through a
-//! power-of-two multiply; narrowing with round-to-nearest-even through one float add), matching
-//! `half`'s results bit for bit.
+//! f16 conversions are integer/float bit manipulations (exact widening through a power-of-two
+//! multiply; narrowing with round-to-nearest-even through one float add), matching `half`'s
+//! results bit for bit. The lanes that need more (f16 infinities and NaNs when widening, f32
+//! NaNs when narrowing to f16 or bf16) are rare, so the extra work runs only for vectors that
+//! hold one: one test and a well-predicted branch instead of a select on every vector, which
+//! made in-cache all-f16 row updates 0.78x and all-bf16 0.79x the time (issue 14,
+//! `benches/README.md`). The bits are the same either way; the tests below mix such lanes
+//! with ordinary ones in one vector.
 
 use wide::{f32x8, f64x4, i16x8, i32x8, u16x8, u32x8};
 
@@ -11,13 +16,6 @@ use crate::simd::Simd;
 /// The portable token (no run-time requirement).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Portable;
-
-/// Zero-extends eight u16 lanes to u32 lanes: one unpack per half on SSE2, `uxtl` on NEON,
-/// instead of eight scalar moves.
-#[inline(always)]
-fn u16x8_to_u32(p: [u16; 8]) -> u32x8 {
-    u32x8::from(u16x8::new(p))
-}
 
 /// Narrows eight i32 lanes that already hold sign-extended 16-bit values (every caller's
 /// lanes do) with one signed saturating pack (`packssdw` on SSE2, `sqxtn` on NEON), which
@@ -36,10 +34,22 @@ fn i32x8_to_u16(x: i32x8) -> [u16; 8] {
 fn bf16_bits_from_f32(x: f32x8) -> i32x8 {
     let b = bytemuck::cast::<f32x8, i32x8>(x);
     let nan = bytemuck::cast::<f32x8, i32x8>(x.is_nan());
-    let b = (b & !(nan & i32x8::splat(0xFFFF))) | (nan & i32x8::splat(0x0040_0000));
+    // NaN lanes are rare: fixed up only when there is one (same bits either way).
+    let b = if nan.any() {
+        (b & !(nan & i32x8::splat(0xFFFF))) | (nan & i32x8::splat(0x0040_0000))
+    } else {
+        b
+    };
     let lsb = (b >> 16) & i32x8::splat(1);
     // Wrapping add, then an arithmetic shift: the high half, sign-extended.
     (b + i32x8::splat(0x7FFF) + lsb) >> 16
+}
+
+/// Eight u16 lanes moved into the high halves of u32 lanes (low halves zero): one unpack
+/// with zero per half on SSE2.
+#[inline(always)]
+fn u16x8_to_u32_high(x: u16x8) -> u32x8 {
+    u32x8::from(x) << 16
 }
 
 /// f16 bits -> f32 bits (exact), NaN quieted as F16C and `half` do.
@@ -48,18 +58,29 @@ fn bf16_bits_from_f32(x: f32x8) -> i32x8 {
 /// (exact, also for f16 subnormals, which become f32 subnormals before the multiply). That
 /// product keeps an infinity's or NaN's mantissa and gives it the exponent of 2^16, so one OR
 /// of the f32 exponent field makes it an infinity or NaN, and one more sets a NaN's quiet bit.
-/// Compares are signed (SSE2 has no unsigned one); the shifted magnitude is below 2^28.
+/// The sign and those two fixes are worked out on the 16-bit lanes, eight to a 128-bit
+/// register, and then moved to the high halves of the f32 lanes together: half the
+/// operations of doing them on 32-bit lanes. Compares are signed (SSE2 has no unsigned one);
+/// the magnitude is at most 0x7FFF.
 #[inline(always)]
-fn f16_bits_to_f32(h: u32x8) -> f32x8 {
-    let sign = (h & u32x8::splat(0x8000)) << 16;
-    let em = (h & u32x8::splat(0x7FFF)) << 13;
+fn f16_bits_to_f32(h: u16x8) -> f32x8 {
+    let h = bytemuck::cast::<u16x8, i16x8>(h);
+    let mag = h & i16x8::splat(0x7FFF);
+    let sign = h ^ mag;
+    // High halves of f32 bits: exponent all ones (f16 exponent all ones), quiet bit (NaN).
+    // Infinities and NaNs are rare: worked out only when there is one (same bits either way).
+    let special = mag.simd_gt(i16x8::splat(0x7BFF));
+    let high = if special.any() {
+        let quiet = mag.simd_gt(i16x8::splat(0x7C00)) & i16x8::splat(0x0040);
+        sign | (special & i16x8::splat(0x7F80)) | quiet
+    } else {
+        sign
+    };
+    let fix = u16x8_to_u32_high(bytemuck::cast::<i16x8, u16x8>(high));
+    // The magnitude << 13: exponent and mantissa in f32 position.
+    let em = u16x8_to_u32_high(bytemuck::cast::<i16x8, u16x8>(mag)) >> 3;
     let scaled = f32x8::from_bits(em) * f32x8::splat(f32::from_bits((127 + 112) << 23));
-    let em = bytemuck::cast::<u32x8, i32x8>(em);
-    // Exponent all ones: em >= 0x1F << 23; NaN: above that.
-    let special = em.simd_gt(i32x8::splat(0x0F7F_FFFF)) & i32x8::splat(0x7F80_0000);
-    let quiet = em.simd_gt(i32x8::splat(0x0F80_0000)) & i32x8::splat(0x0040_0000);
-    let fix = bytemuck::cast::<i32x8, u32x8>(special | quiet);
-    f32x8::from_bits(scaled.to_bits() | fix | sign)
+    f32x8::from_bits(scaled.to_bits() | fix)
 }
 
 /// f32 -> f16 bits, round to nearest-even (as F16C and `half`), sign-extended to 32 bits (for
@@ -93,8 +114,14 @@ fn f32_to_f16_bits(x: f32x8) -> i32x8 {
     let r = bytemuck::cast::<f32x8, i32x8>(bias + base);
     let finite = ((r >> 13) & i32x8::splat(0x7C00)) + (r & i32x8::splat(0x0FFF));
     let nan = a.simd_gt(i32x8::splat(0x7F80_0000));
-    let nan_bits = i32x8::splat(0x7E00) | ((a >> 13) & i32x8::splat(0x03FF));
-    nan.select(nan_bits, finite) | sign
+    // NaN lanes are rare: the select runs only when there is one (same bits either way).
+    let bits = if nan.any() {
+        let nan_bits = i32x8::splat(0x7E00) | ((a >> 13) & i32x8::splat(0x03FF));
+        nan.select(nan_bits, finite)
+    } else {
+        finite
+    };
+    bits | sign
 }
 
 #[inline(always)]
@@ -191,7 +218,7 @@ unsafe impl Simd for Portable {
     unsafe fn load_f16(self, p: *const u16) -> f32x8 {
         // SAFETY: the caller guarantees 8 readable u16.
         let h = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
-        f16_bits_to_f32(u16x8_to_u32(h))
+        f16_bits_to_f32(u16x8::new(h))
     }
     #[inline(always)]
     unsafe fn store_f16(self, p: *mut u16, x: f32x8) {
@@ -203,7 +230,7 @@ unsafe impl Simd for Portable {
     unsafe fn load_bf16(self, p: *const u16) -> f32x8 {
         // SAFETY: the caller guarantees 8 readable u16.
         let h = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
-        f32x8::from_bits(u16x8_to_u32(h) << 16)
+        f32x8::from_bits(u16x8_to_u32_high(u16x8::new(h)))
     }
     #[inline(always)]
     unsafe fn store_bf16(self, p: *mut u16, x: f32x8) {
@@ -239,7 +266,9 @@ mod tests {
     use super::*;
 
     /// Narrows the f32 bit patterns `first, first + step, ...` (`count` of them, wrapping) with
-    /// the portable conversion and compares every result, NaNs included, with `half`'s bits.
+    /// the portable f16 and bf16 conversions and compares every result, NaNs included, with
+    /// `half`'s bits. Vectors mix NaN and other lanes wherever a run crosses the NaN range
+    /// (and often with an odd step), so both sides of the conversions' NaN branch are run.
     fn check_narrowing(first: u32, step: u32, count: u64) {
         let mut bits = first;
         let mut done = 0u64;
@@ -251,12 +280,19 @@ mod tests {
             }
             let x = f32x8::from_bits(u32x8::new(lanes));
             let got = i32x8_to_u16(f32_to_f16_bits(x));
+            let got_bf16 = i32x8_to_u16(bf16_bits_from_f32(x));
             for (l, &b) in lanes.iter().enumerate() {
                 let want = half::f16::from_f32(f32::from_bits(b)).to_bits();
                 assert_eq!(
                     got[l], want,
-                    "f32 {b:#010x}: {:#06x} vs {want:#06x}",
+                    "f32 {b:#010x} to f16: {:#06x} vs {want:#06x}",
                     got[l]
+                );
+                let want = half::bf16::from_f32(f32::from_bits(b)).to_bits();
+                assert_eq!(
+                    got_bf16[l], want,
+                    "f32 {b:#010x} to bf16: {:#06x} vs {want:#06x}",
+                    got_bf16[l]
                 );
             }
             done += 8;
@@ -268,8 +304,15 @@ mod tests {
     #[test]
     fn narrowing_matches_half_sampled() {
         check_narrowing(0x0000_0001, 4093, 1 << 20);
-        // Dense runs around the f16 subnormal, normal and overflow boundaries, both signs.
-        for start in [0x3300_0000u32, 0x3880_0000, 0x477F_E000, 0x7F80_0000] {
+        // Dense runs around the f16 subnormal, normal and overflow boundaries, and the
+        // infinity/NaN boundaries of f32 (also bf16's), both signs.
+        for start in [
+            0x3300_0000u32,
+            0x3880_0000,
+            0x477F_E000,
+            0x7F80_0000,
+            0x7FFF_FFF8,
+        ] {
             for s in [0, 0x8000_0000] {
                 check_narrowing((start | s).wrapping_sub(1 << 14), 1, 1 << 15);
             }
@@ -284,15 +327,21 @@ mod tests {
         check_narrowing(0, 1, 1 << 32);
     }
 
-    /// Every f16 bit pattern widens to `half`'s f32 bits (NaNs quieted alike).
+    /// Every f16 bit pattern widens to `half`'s f32 bits (NaNs quieted alike), twice: in
+    /// order (eight consecutive patterns per vector, so infinities and NaNs come in vectors
+    /// of their own), and in an odd-multiplier order that mixes them with finite lanes, for
+    /// both sides of the conversion's branch.
     #[test]
     fn widening_matches_half_exhaustive() {
-        for hi in 0..(1u32 << 13) {
-            let lanes: [u16; 8] = core::array::from_fn(|l| (hi * 8 + l as u32) as u16);
-            let got = f16_bits_to_f32(u16x8_to_u32(lanes)).to_array();
-            for (l, &h) in lanes.iter().enumerate() {
-                let want = half::f16::from_bits(h).to_f32().to_bits();
-                assert_eq!(got[l].to_bits(), want, "f16 {h:#06x}");
+        for mul in [1u32, 40_503] {
+            for hi in 0..(1u32 << 13) {
+                let lanes: [u16; 8] =
+                    core::array::from_fn(|l| (hi * 8 + l as u32).wrapping_mul(mul) as u16);
+                let got = f16_bits_to_f32(u16x8::new(lanes)).to_array();
+                for (l, &h) in lanes.iter().enumerate() {
+                    let want = half::f16::from_bits(h).to_f32().to_bits();
+                    assert_eq!(got[l].to_bits(), want, "f16 {h:#06x}");
+                }
             }
         }
     }
