@@ -20,7 +20,9 @@ import subprocess
 import sys
 
 UNIT = {"ps": 1e-3, "ns": 1.0, "µs": 1e3, "us": 1e3, "ms": 1e6, "s": 1e9}
-NAME = re.compile(r"^(\S+/\S+)\s*$")
+# A bench's name is on a line of its own, or (names shorter than criterion's column) first on
+# the line of its time.
+NAME = re.compile(r"^(\S+/\S+)(?:\s*$|\s+time:)")
 TIME = re.compile(r"time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]")
 
 
@@ -35,7 +37,6 @@ def run(binary, pattern, warm_up, measure):
         m = NAME.match(line)
         if m:
             name = m.group(1)
-            continue
         m = TIME.search(line)
         if m and name:
             medians[name] = float(m.group(1)) * UNIT[m.group(2)]
