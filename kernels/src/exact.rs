@@ -16,9 +16,10 @@
 //!   indexed by its biased exponent (four interleaved tables of bins, so that runs of equal
 //!   exponents do not wait on each other's stores; the decoding is vectorized), and the bins
 //!   are shifted into the limbs every [`FLUSH`] values, before any bin could overflow;
-//! * x86 paths (`arch::x86_64::Window`): each `m^2` is shifted by twice its binade's
-//!   distance from the bottom of a window of 31 binades set from the block's largest value,
-//!   and added into 128-bit sums in vector lanes; no scatter.
+//! * x86 paths (`arch::x86_64::Window`, and `Window512` on AVX-512: the same window,
+//!   sixteen values a vector, carries as compare masks): each `m^2` is shifted by twice its
+//!   binade's distance from the bottom of a window of 31 binades set from the block's
+//!   largest value, and added into 128-bit sums in vector lanes; no scatter.
 //!
 //! Rows of fewer than [`SMALL`] values on the bin paths are summed in a 128-bit window
 //! instead ([`add_small`]), which costs less than clearing and flushing the tables.

@@ -3,7 +3,7 @@
 //! against TensorFlow Addons' LazyAdam or torch's SparseAdam can be taken in one sitting.
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]
+//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP] [--clipnorm C] [--global-clipnorm C]
 //! ```
 //!
 //! `--isa` forces a kernel path (`scalar`, `portable`, `avx2`, `avx512`), to compare paths on one
@@ -12,6 +12,8 @@
 //! the default dynamic loss scale; the gradients are finite, so only the checks' cost shows).
 //! `--long-rows` sets the kernels' loop for rows of 2^16 elements or more, which the dense
 //! leaves take (`LongRowLoop`: `auto`, the default, or `one_pass` or `split`).
+//! `--clipnorm C` and `--global-clipnorm C` set the clipping options of `LazyAdamConfig` (the
+//! default is neither): each is one more pass over the gradient, an exact sum of squares.
 //!
 //! Every line on stdout is one JSON object:
 //!
@@ -226,7 +228,7 @@ fn time_steps<P, G>(
     cfg: &Config,
     ids: &[i64],
     reps: usize,
-    ext: &Extensions,
+    setup: &Setup,
 ) -> BoxResult<(f64, f64)>
 where
     P: Element,
@@ -234,7 +236,7 @@ where
     for<'a> &'a mut [P]: Into<TensorMut<'a>>,
     for<'a> &'a [G]: Into<TensorRef<'a>>,
 {
-    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext.clone())?;
+    let mut opt = LazyAdam::with_extensions(setup.config.clone(), setup.ext.clone())?;
     let (shape, grad_len) = match w.dim {
         Some(d) => (vec![w.rows, d], ids.len() * d),
         None => (vec![w.rows], w.rows),
@@ -275,12 +277,12 @@ fn time_config(
     cfg: &Config,
     ids: &[i64],
     reps: usize,
-    ext: &Extensions,
+    setup: &Setup,
 ) -> BoxResult<(f64, f64)> {
     match (cfg.param, cfg.grad) {
-        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, ext),
-        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, ext),
-        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, ext),
+        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, setup),
+        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, setup),
+        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, setup),
         (p, g) => Err(format!("no bench instantiation for params {p:?} / grads {g:?}").into()),
     }
 }
@@ -375,6 +377,12 @@ fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
+/// The optimizer options every timed configuration shares.
+struct Setup {
+    config: LazyAdamConfig,
+    ext: Extensions,
+}
+
 struct Args {
     quick: bool,
     workloads: Vec<String>,
@@ -385,9 +393,14 @@ struct Args {
     non_finite: (NonFinitePolicy, &'static str),
     /// The loop for long rows (`--long-rows`).
     long_rows: LongRowLoop,
+    /// `--clipnorm`.
+    clipnorm: Option<f32>,
+    /// `--global-clipnorm`.
+    global_clipnorm: Option<f32>,
 }
 
-const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]\n\
+const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]\n    \
+    [--clipnorm C] [--global-clipnorm C]\n\
     workloads: sparse_1m_d64 sparse_100k_d16 dense_16m\n\
     configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16\n    \
     lazyadam-bf16-f32moments lazyadam-bf16moments\n\
@@ -403,6 +416,8 @@ fn parse_args() -> BoxResult<Args> {
         isa: None,
         non_finite: (NonFinitePolicy::Propagate, "propagate"),
         long_rows: LongRowLoop::Auto,
+        clipnorm: None,
+        global_clipnorm: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -433,6 +448,17 @@ fn parse_args() -> BoxResult<Args> {
                 let name = it.next().unwrap_or_default();
                 args.long_rows = LongRowLoop::from_name(&name)
                     .ok_or_else(|| format!("--long-rows needs a LOOP\n{USAGE}"))?;
+            }
+            "--clipnorm" | "--global-clipnorm" => {
+                let c = it
+                    .next()
+                    .and_then(|v| v.parse::<f32>().ok())
+                    .ok_or_else(|| format!("{a} needs a number\n{USAGE}"))?;
+                if a == "--clipnorm" {
+                    args.clipnorm = Some(c);
+                } else {
+                    args.global_clipnorm = Some(c);
+                }
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -469,11 +495,23 @@ fn main() -> BoxResult<()> {
         "quick": args.quick,
         "non_finite": args.non_finite.1,
         "long_rows": args.long_rows.name(),
+        "clipnorm": args.clipnorm,
+        "global_clipnorm": args.global_clipnorm,
     }));
-    let ext = Extensions::default()
-        .with_kernel(args.isa)
-        .with_long_row_loop(args.long_rows)
-        .with_non_finite(args.non_finite.0.clone());
+    let mut config = LazyAdamConfig::default();
+    if let Some(c) = args.clipnorm {
+        config = config.with_clipnorm(c);
+    }
+    if let Some(c) = args.global_clipnorm {
+        config = config.with_global_clipnorm(c);
+    }
+    let setup = Setup {
+        config,
+        ext: Extensions::default()
+            .with_kernel(args.isa)
+            .with_long_row_loop(args.long_rows)
+            .with_non_finite(args.non_finite.0.clone()),
+    };
 
     // STREAM triad: 3 arrays of 2^24 f64 (384 MiB in all), far beyond any cache.
     let triad_n = 1usize << 24;
@@ -522,9 +560,9 @@ fn main() -> BoxResult<()> {
         let reps = if args.quick { w.quick_reps } else { w.reps };
         for cfg in &selected_configs {
             let (median, min) = if cfg.one_thread {
-                one_pool.install(|| time_config(w, cfg, ids, reps, &ext))?
+                one_pool.install(|| time_config(w, cfg, ids, reps, &setup))?
             } else {
-                time_config(w, cfg, ids, reps, &ext)?
+                time_config(w, cfg, ids, reps, &setup)?
             };
             print_json(serde_json::json!({
                 "workload": w.name, "impl": cfg.name,

@@ -73,15 +73,6 @@ impl Avx512 {
     }
 }
 
-impl Avx512 {
-    /// The AVX2 token: x86-64-v4 as this crate checks it includes the whole [`V3F16c`] set.
-    #[inline(always)]
-    pub(crate) fn avx2(self) -> Avx2 {
-        // SAFETY: `self` proves every feature of `V4F16c`, a superset of `V3F16c`'s.
-        unsafe { Avx2::new_unchecked() }
-    }
-}
-
 /// Binades of the vector [`Window`]: its shifts `2 * (e' - base)` stay below 64 bits.
 const WIN: u32 = 31;
 
@@ -195,6 +186,30 @@ unsafe fn window_step<const MASK: bool>(
     }
 }
 
+/// Where a block whose largest `e'` is `emax` puts the window, given the current one
+/// (`base`, `used`): whether the lanes must be flushed first, and the new `base`. The window
+/// keeps its place while the block fits under its top and it does not lie more than
+/// [`WIN_SLACK`] binades above the block's own window.
+#[inline(always)]
+fn place_window(used: bool, base: u32, emax: u32) -> (bool, u32) {
+    let want = (emax + 1).saturating_sub(WIN).clamp(1, 254 - WIN);
+    let flush = used && (emax > base + WIN || want + WIN_SLACK < base);
+    (flush, if used && !flush { base } else { want })
+}
+
+/// Adds the squares of the non-zero values of `xs` below the window (`e' < base`) one by
+/// one into `acc` (the vector steps left them out).
+#[inline(always)]
+fn add_below(acc: &mut SquareSum, xs: &[f32], base: u32) {
+    for &x in xs {
+        let b = x.to_bits();
+        let e1 = ((b >> 23) & 0xFF).max(1);
+        if e1 < base && b & 0x7FFF_FFFF != 0 {
+            acc.add(x);
+        }
+    }
+}
+
 impl Squares for Window {
     const SMALL: usize = 0;
 
@@ -232,14 +247,12 @@ impl Squares for Window {
             if emax == 0xFF {
                 return cold_block(acc, xs);
             }
-            let want = (emax + 1).saturating_sub(WIN).clamp(1, 254 - WIN);
-            if self.used && (emax > self.base + WIN || want + WIN_SLACK < self.base) {
+            let (flush, base) = place_window(self.used, self.base, emax);
+            if flush {
                 self.flush(acc);
             }
-            if !self.used {
-                self.base = want;
-                self.used = true;
-            }
+            self.base = base;
+            self.used = true;
             let base = _mm256_set1_epi32((self.base << 23) as i32);
             let mut d = self.d;
             let mut slow = _mm256_setzero_si256();
@@ -265,13 +278,7 @@ impl Squares for Window {
                     let b = _mm256_loadu_si256(tail.as_ptr().cast());
                     window_step::<true>(b, base, &mut d, &mut slow);
                 }
-                for &x in xs {
-                    let b = x.to_bits();
-                    let e1 = ((b >> 23) & 0xFF).max(1);
-                    if e1 < self.base && b & 0x7FFF_FFFF != 0 {
-                        acc.add(x);
-                    }
-                }
+                add_below(acc, xs, self.base);
             }
             self.d = d;
         }
@@ -302,6 +309,168 @@ impl Squares for Window {
         acc.add_shifted(total as u64, s);
         acc.add_shifted((total >> 64) as u64, s + 64);
         *self = Window::new(self.tok);
+    }
+}
+
+/// The AVX-512 form of [`Window`]: the same window of binades, placed the same way
+/// ([`place_window`]), sixteen values a vector. The carry out of a low 64-bit lane is an
+/// unsigned compare mask, added into the high lane with a masked add (the AVX2 form needs a
+/// bias, a compare and a subtract for it).
+///
+/// Bounds between flushes (at most `FLUSH / 16 + 1` terms per lane, one per vector): each
+/// term is below `2^110`, so a lane's sum is below `2^123` and the sum of the sixteen lanes
+/// below `2^127`, as for [`Window`].
+pub(crate) struct Window512 {
+    tok: Avx512,
+    /// `e'` of the window's lowest binade, in `1..=254 - WIN`.
+    base: u32,
+    /// Whether the lanes hold anything since the last flush.
+    used: bool,
+    /// 128-bit sums of the even and the odd 32-bit lanes: `[low, high]` each.
+    d: [__m512i; 4],
+}
+
+impl Window512 {
+    #[inline(always)]
+    pub(crate) fn new(tok: Avx512) -> Self {
+        // SAFETY: AVX-512F is available (token).
+        let z = unsafe { _mm512_setzero_si512() };
+        Window512 {
+            tok,
+            base: 1,
+            used: false,
+            d: [z; 4],
+        }
+    }
+}
+
+/// One vector of [`Window512`]: adds the squares of the sixteen values whose bits are `b`
+/// to the lanes `d`, as [`window_step`] does for eight. A value below the window adds
+/// nothing, so no mask is needed for it: its shift `2 * (e' - base)`, computed on wrapped
+/// 32-bit lanes, is 518 or more, and both shifted halves of its square are then 0 (the
+/// caller adds such values one by one).
+///
+/// # Safety
+///
+/// AVX-512F must be available.
+#[inline(always)]
+unsafe fn window_step512(b: __m512i, base: __m512i, d: &mut [__m512i; 4]) {
+    // SAFETY: AVX-512F is available (the caller).
+    unsafe {
+        let lo32 = _mm512_set1_epi64(0xFFFF_FFFF);
+        let c64 = _mm512_set1_epi64(64);
+        let one = _mm512_set1_epi64(1);
+        let implicit = _mm512_set1_epi32(1 << 23);
+        let a = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_FFFF));
+        let e1 = _mm512_max_epu32(
+            _mm512_and_si512(b, _mm512_set1_epi32(0x7F80_0000)),
+            implicit,
+        );
+        let m = _mm512_add_epi32(_mm512_sub_epi32(a, e1), implicit);
+        // The shift 2 * (e' - base): 0..=62 inside the window, 518..=1022 below it.
+        let sh = _mm512_srli_epi32::<22>(_mm512_sub_epi32(e1, base));
+        let mo = _mm512_srli_epi64::<32>(m);
+        let (se, so) = (_mm512_and_si512(sh, lo32), _mm512_srli_epi64::<32>(sh));
+        let halves = [
+            (_mm512_mul_epu32(m, m), se, _mm512_sub_epi64(c64, se)),
+            (_mm512_mul_epu32(mo, mo), so, _mm512_sub_epi64(c64, so)),
+        ];
+        for (h, (sq, s, r)) in halves.into_iter().enumerate() {
+            let lo = _mm512_sllv_epi64(sq, s);
+            // A count of 64 (s = 0) gives 0, the high half of an unshifted square.
+            let hi = _mm512_add_epi64(d[2 * h + 1], _mm512_srlv_epi64(sq, r));
+            let sum = _mm512_add_epi64(d[2 * h], lo);
+            // The addition carried iff the new sum is below `lo`.
+            let carry = _mm512_cmplt_epu64_mask(sum, lo);
+            d[2 * h] = sum;
+            d[2 * h + 1] = _mm512_mask_add_epi64(hi, carry, hi, one);
+        }
+    }
+}
+
+impl Squares for Window512 {
+    const SMALL: usize = 0;
+
+    #[inline(always)]
+    fn add_block(&mut self, acc: &mut SquareSum, xs: &[f32]) -> u8 {
+        let _ = self.tok;
+        let n = xs.len();
+        let body = n - n % 16;
+        let mut tail = [0u32; 16];
+        for (t, x) in tail.iter_mut().zip(&xs[body..]) {
+            *t = x.to_bits();
+        }
+        // SAFETY: AVX-512F is available (token); the loads read xs[i..i + 16] with
+        // i + 16 <= body <= n, or the 16-element `tail`.
+        unsafe {
+            // The largest magnitude (the window's top binade) and the smallest non-zero one
+            // (`abs - 1` takes zeros to u32::MAX).
+            let abs = _mm512_set1_epi32(0x7FFF_FFFF);
+            let one = _mm512_set1_epi32(1);
+            let t = _mm512_and_si512(_mm512_loadu_si512(tail.as_ptr().cast()), abs);
+            let (mut mx, mut mn) = (t, _mm512_sub_epi32(t, one));
+            let mut i = 0;
+            while i < body {
+                let b = _mm512_and_si512(_mm512_loadu_si512(xs.as_ptr().add(i).cast()), abs);
+                mx = _mm512_max_epu32(mx, b);
+                mn = _mm512_min_epu32(mn, _mm512_sub_epi32(b, one));
+                i += 16;
+            }
+            let emax = _mm512_reduce_max_epu32(mx) >> 23;
+            // u32::MAX (all zero) gives 256: nothing below any window.
+            let emin = ((u64::from(_mm512_reduce_min_epu32(mn)) + 1) >> 23).max(1);
+            if emax == 0xFF {
+                return cold_block(acc, xs);
+            }
+            let (flush, base) = place_window(self.used, self.base, emax);
+            if flush {
+                self.flush(acc);
+            }
+            self.base = base;
+            self.used = true;
+            let base = _mm512_set1_epi32((self.base << 23) as i32);
+            let mut d = self.d;
+            let mut i = 0;
+            while i < body {
+                let b = _mm512_loadu_si512(xs.as_ptr().add(i).cast());
+                window_step512(b, base, &mut d);
+                i += 16;
+            }
+            if body < n {
+                let b = _mm512_loadu_si512(tail.as_ptr().cast());
+                window_step512(b, base, &mut d);
+            }
+            self.d = d;
+            if emin < u64::from(self.base) {
+                add_below(acc, xs, self.base);
+            }
+        }
+        0
+    }
+
+    #[inline(always)]
+    fn flush(&mut self, acc: &mut SquareSum) {
+        if !self.used {
+            return;
+        }
+        // Per lane: the low 64 bits and the high ones; summed over the lanes in 128 bits.
+        let mut total: u128 = 0;
+        for h in 0..2 {
+            let (mut lo, mut hi) = ([0u64; 8], [0u64; 8]);
+            // SAFETY: AVX-512F is available (token); the arrays hold 8 u64 each.
+            unsafe {
+                _mm512_storeu_si512(lo.as_mut_ptr().cast(), self.d[2 * h]);
+                _mm512_storeu_si512(hi.as_mut_ptr().cast(), self.d[2 * h + 1]);
+            }
+            for (l, h) in lo.into_iter().zip(hi) {
+                // No overflow: see the bounds on `Window512`.
+                total = total.wrapping_add(u128::from(l) | u128::from(h) << 64);
+            }
+        }
+        let s = 2 * self.base;
+        acc.add_shifted(total as u64, s);
+        acc.add_shifted((total >> 64) as u64, s + 64);
+        *self = Window512::new(self.tok);
     }
 }
 
@@ -633,10 +802,10 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
-    type Squares = Window;
+    type Squares = Window512;
     #[inline(always)]
-    fn squares(self) -> Window {
-        Window::new(self.avx2())
+    fn squares(self) -> Window512 {
+        Window512::new(self)
     }
 
     #[inline(always)]
