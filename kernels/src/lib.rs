@@ -573,8 +573,7 @@ pub struct Kernels {
 /// How the vector paths walk rows of 65,536 elements or more, which are not expected to be in
 /// cache (a dense variable's leaves in `lazyadam` are such rows). Both loops perform the same
 /// operations on every element, so they give the same bits; only their speed differs, and
-/// which one is faster depends on the CPU. The scalar path has one loop
-/// and ignores this.
+/// which one is faster depends on the CPU. The scalar path has one loop and ignores this.
 ///
 /// [`Kernels::new`] and [`Kernels::best`] start with [`LongRowLoop::Auto`];
 /// [`Kernels::with_long_row_loop`] forces a loop (benches, tests).

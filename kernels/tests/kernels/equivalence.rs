@@ -314,8 +314,7 @@ fn long_rows_match_reference() {
 }
 
 /// Handles start with `Auto`; forcing a loop changes only that; `Auto` resolves as
-/// documented, by the CPU vendor (read here independently); the names
-/// round-trip.
+/// documented, by the CPU vendor (read here independently); the names round-trip.
 #[test]
 fn long_row_loop_defaults_and_overrides() {
     let all = [LongRowLoop::Auto, LongRowLoop::OnePass, LongRowLoop::Split];
