@@ -127,10 +127,10 @@ fn cold_block(acc: &mut SquareSum, xs: &[f32]) -> u8 {
 }
 
 /// One vector of [`Window`]: adds the squares of the eight values whose bits are `b` to the
-/// lanes `d`; `base` is the window's lowest `e'` shifted into the exponent field. With
-/// `MASK`, the non-zero values below the window are left out and their lanes or-ed into
-/// `slow`; without, the caller has checked that there are none (zeros may be below the
-/// window: their square is 0 whatever the shift).
+/// lanes `d`; `base` is the window's lowest `e'` shifted into the exponent field. A value
+/// below the window adds nothing, so no mask is needed for it: its shift `2 * (e' - base)`,
+/// computed on wrapped 32-bit lanes, is 518 or more, and both shifted halves of its square
+/// are then 0 (the caller adds such values one by one).
 ///
 /// Few shifts (Zen 2 has one vector shift unit): `m` and the shift come from the exponent
 /// field in place, `e' << 23 = max(bits & 0x7F80_0000, 1 << 23)`.
@@ -139,12 +139,7 @@ fn cold_block(acc: &mut SquareSum, xs: &[f32]) -> u8 {
 ///
 /// AVX2 must be available.
 #[inline(always)]
-unsafe fn window_step<const MASK: bool>(
-    b: __m256i,
-    base: __m256i,
-    d: &mut [__m256i; 4],
-    slow: &mut __m256i,
-) {
+unsafe fn window_step(b: __m256i, base: __m256i, d: &mut [__m256i; 4]) {
     // SAFETY: AVX2 is available (the caller).
     unsafe {
         let lo32 = _mm256_set1_epi64x(0xFFFF_FFFF);
@@ -157,14 +152,8 @@ unsafe fn window_step<const MASK: bool>(
             implicit,
         );
         // Normal: (e << 23 | f) - (e << 23) + 2^23; subnormal: f - 2^23 + 2^23.
-        let mut m = _mm256_add_epi32(_mm256_sub_epi32(a, e1), implicit);
-        if MASK {
-            let below = _mm256_cmpgt_epi32(base, e1);
-            let zero = _mm256_cmpeq_epi32(a, _mm256_setzero_si256());
-            *slow = _mm256_or_si256(*slow, _mm256_andnot_si256(zero, below));
-            m = _mm256_andnot_si256(below, m);
-        }
-        // The shift 2 * (e' - base) in 0..=62 (garbage where m is 0).
+        let m = _mm256_add_epi32(_mm256_sub_epi32(a, e1), implicit);
+        // The shift 2 * (e' - base): 0..=62 inside the window, 518..=1022 below it.
         let sh = _mm256_srli_epi32::<22>(_mm256_sub_epi32(e1, base));
         let mo = _mm256_srli_epi64::<32>(m);
         let (se, so) = (_mm256_and_si256(sh, lo32), _mm256_srli_epi64::<32>(sh));
@@ -255,32 +244,20 @@ impl Squares for Window {
             self.used = true;
             let base = _mm256_set1_epi32((self.base << 23) as i32);
             let mut d = self.d;
-            let mut slow = _mm256_setzero_si256();
-            if emin >= u64::from(self.base) {
-                let mut i = 0;
-                while i < body {
-                    let b = _mm256_loadu_si256(xs.as_ptr().add(i).cast());
-                    window_step::<false>(b, base, &mut d, &mut slow);
-                    i += 8;
-                }
-                if body < n {
-                    let b = _mm256_loadu_si256(tail.as_ptr().cast());
-                    window_step::<false>(b, base, &mut d, &mut slow);
-                }
-            } else {
-                let mut i = 0;
-                while i < body {
-                    let b = _mm256_loadu_si256(xs.as_ptr().add(i).cast());
-                    window_step::<true>(b, base, &mut d, &mut slow);
-                    i += 8;
-                }
-                if body < n {
-                    let b = _mm256_loadu_si256(tail.as_ptr().cast());
-                    window_step::<true>(b, base, &mut d, &mut slow);
-                }
-                add_below(acc, xs, self.base);
+            let mut i = 0;
+            while i < body {
+                let b = _mm256_loadu_si256(xs.as_ptr().add(i).cast());
+                window_step(b, base, &mut d);
+                i += 8;
+            }
+            if body < n {
+                let b = _mm256_loadu_si256(tail.as_ptr().cast());
+                window_step(b, base, &mut d);
             }
             self.d = d;
+            if emin < u64::from(self.base) {
+                add_below(acc, xs, self.base);
+            }
         }
         0
     }
