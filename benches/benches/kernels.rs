@@ -30,7 +30,9 @@
 //! `sum_squares/{f32,f16}` times the exact sum of squares (`exact/<path>`,
 //! `Kernels::sum_squares_exact`; for f32 also `scaled-exact/<path>` with a scale, which takes
 //! the transform-into-a-buffer route) against the f64 one (`f64/<path>`) on rows of 64, 4096
-//! and 1,048,576 gradient values; run just these with `-- sum_squares`.
+//! and 1,048,576 gradient values; run just these with `-- sum_squares`. `exact-then-max/<path>`
+//! is a non-finite check's largest magnitude (`Kernels::max_abs`) after the exact sum, two
+//! passes; `exact-and-max/<path>` both from one pass (`Kernels::accumulate_squares_max_abs`).
 //!
 //! Quick mode (CI): `cargo bench -p lazyadam-benches --bench kernels -- --quick`, or
 //! `LAZYADAM_BENCH_QUICK=1`: short warm-up and measurement and a 4M-element out-of-cache row.
@@ -40,7 +42,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use lazyadam_kernels::{
-    AdamCoeffs, DType, Element, GradTransform, Isa, Kernels, LongRowLoop, bf16, f16,
+    AdamCoeffs, DType, Element, GradTransform, Isa, Kernels, LongRowLoop, SquareSum, bf16, f16,
 };
 
 const IN_CACHE: [usize; 5] = [16, 64, 256, 1024, 4096];
@@ -306,6 +308,28 @@ fn bench_sum_squares<G: Element>(c: &mut Criterion, name: &str) {
                     |b, _| b.iter(|| k.sum_squares_exact(black_box(&g), &scaled)),
                 );
             }
+            // A non-finite check before a clipping norm: two passes, or one.
+            group.bench_with_input(
+                BenchmarkId::new(format!("exact-then-max/{isa}"), n),
+                &n,
+                |b, _| {
+                    b.iter(|| {
+                        let s = k.sum_squares_exact(black_box(&g), &id);
+                        (s, k.max_abs(black_box(&g)))
+                    })
+                },
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("exact-and-max/{isa}"), n),
+                &n,
+                |b, _| {
+                    b.iter(|| {
+                        let mut s = SquareSum::new();
+                        let m = k.accumulate_squares_max_abs(&mut s, black_box(&g), &id);
+                        (s, m)
+                    })
+                },
+            );
             group.bench_with_input(BenchmarkId::new(format!("f64/{isa}"), n), &n, |b, _| {
                 b.iter(|| k.sum_squares(black_box(&g), &id))
             });

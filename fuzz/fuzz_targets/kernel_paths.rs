@@ -430,6 +430,29 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
     };
     let same_f32 = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
     assert!(same_f32(r_max, want_max), "max_abs {r_max} vs {want_max}");
+    // The squares and the raw largest magnitude from one pass: the two calls' results, whole
+    // and over the split (the larger of the pieces' magnitudes).
+    let check_fused = |k: &Kernels| {
+        let mut f = SquareSum::new();
+        let m = k.accumulate_squares_max_abs(&mut f, &input.g, &c.grad);
+        assert_eq!(f, r_ex, "{:?} accumulate_squares_max_abs squares", k.isa());
+        assert!(
+            same_f32(m, r_max),
+            "{:?} accumulate_squares_max_abs {m}",
+            k.isa()
+        );
+        let mut f = SquareSum::new();
+        let mb = k.accumulate_squares_max_abs(&mut f, gb, &c.grad);
+        let ma = k.accumulate_squares_max_abs(&mut f, ga, &c.grad);
+        assert_eq!(f, r_ex, "{:?} split accumulate_squares_max_abs", k.isa());
+        let m = if ma.is_nan() || mb.is_nan() {
+            f32::NAN
+        } else {
+            ma.max(mb)
+        };
+        assert!(same_f32(m, r_max), "{:?} split max {m}", k.isa());
+    };
+    check_fused(&scalar);
     let store_len = if mismatched { input.p.len() } else { n };
     let mut r_store = vec![P::from_f32(7.0); store_len];
     let e_store = scalar.store_row(&mut r_store, &store_src, c.rounding);
@@ -476,6 +499,7 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
         check_split(&k);
         assert_eq!(k.all_finite(&input.g), r_fin, "{isa:?} all_finite");
         assert!(same_f32(k.max_abs(&input.g), r_max), "{isa:?} max_abs");
+        check_fused(&k);
         let mut d = vec![P::from_f32(7.0); store_len];
         assert_eq!(k.store_row(&mut d, &store_src, c.rounding), e_store);
         assert!(same(&d, &r_store), "{isa:?} store_row");

@@ -27,6 +27,7 @@
 //! Whatever the strategy, what reaches the limbs is the exact sum, so every path gives the
 //! same [`SquareSum`].
 use crate::Element;
+use crate::scalar;
 
 /// Limbs of the integer (640 bits).
 const LIMBS: usize = 10;
@@ -539,16 +540,24 @@ fn add_small(acc: &mut SquareSum, xs: &[f32]) {
 
 /// Adds the squares of `transform(src)` to `acc`, `load` applying the transform (with
 /// `identity`, f32 values are summed as they are) and providing the path's [`Squares`].
+///
+/// With `MAX`, also returns the largest magnitude's bits among the raw values of `src`
+/// (`scalar::max_abs_bits`, block by block while the block is in L1: one pass over memory
+/// for both); without, 0.
 #[inline(always)]
-pub(crate) fn accumulate<G: Element, L: Load<G>>(
+pub(crate) fn accumulate<G: Element, L: Load<G>, const MAX: bool>(
     acc: &mut SquareSum,
     src: &[G],
     identity: bool,
     load: &L,
-) {
+) -> u32 {
     let n = src.len();
     let direct = if identity { G::as_f32s(src) } else { None };
+    let mut max = 0;
     if n < L::Sq::SMALL {
+        if MAX {
+            max = scalar::max_abs_bits(src);
+        }
         let mut buf = [0.0f32; SMALL];
         let xs = match direct {
             Some(d) => d,
@@ -559,7 +568,7 @@ pub(crate) fn accumulate<G: Element, L: Load<G>>(
             }
         };
         add_small(acc, xs);
-        return;
+        return max;
     }
     let mut sq = load.squares();
     let mut buf = [0.0f32; BLOCK];
@@ -577,6 +586,9 @@ pub(crate) fn accumulate<G: Element, L: Load<G>>(
             }
         };
         flags |= sq.add_block(acc, xs);
+        if MAX {
+            max = max.max(scalar::max_abs_bits(&src[start..end]));
+        }
         since += end - start;
         if since >= FLUSH {
             sq.flush(acc);
@@ -586,4 +598,5 @@ pub(crate) fn accumulate<G: Element, L: Load<G>>(
     }
     sq.flush(acc);
     acc.add_flags(flags);
+    max
 }

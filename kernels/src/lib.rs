@@ -689,6 +689,16 @@ fn check_rows<I: Iterator<Item = usize> + Clone>(
     }
 }
 
+/// A magnitude's bits (as `max_abs_bits` returns them) as the f32 it widens to.
+#[inline]
+fn abs_from_bits<G: Element>(bits: u32) -> f32 {
+    match G::DTYPE {
+        DType::F32 => f32::from_bits(bits),
+        // 16-bit magnitudes: `bits` fits in 15 bits.
+        DType::F16 | DType::BF16 => G::from_bits16(bits as u16).to_f32(),
+    }
+}
+
 #[inline]
 fn check(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
     if expected == got {
@@ -1049,12 +1059,34 @@ impl Kernels {
     /// assert_eq!(k.max_abs::<f32>(&[]), 0.0);
     /// ```
     pub fn max_abs<G: Element>(&self, src: &[G]) -> f32 {
-        let bits = arch::max_abs_bits(self.isa, src);
-        match G::DTYPE {
-            DType::F32 => f32::from_bits(bits),
-            // 16-bit magnitudes: `bits` fits in 15 bits.
-            DType::F16 | DType::BF16 => G::from_bits16(bits as u16).to_f32(),
-        }
+        abs_from_bits::<G>(arch::max_abs_bits(self.isa, src))
+    }
+
+    /// [`Kernels::accumulate_squares`] and [`Kernels::max_abs`] in one pass over `src`: adds
+    /// the exact squares of `transform(src[i])` into `acc`, and returns the largest magnitude
+    /// among the *raw* elements (before the transform). Both results are the same as the two
+    /// calls' on every path; what changes is that `src` is read from memory once, each block
+    /// being checked while it is in L1 for the squares (for a non-finite check before a
+    /// clipping norm).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels, SquareSum};
+    /// let k = Kernels::best();
+    /// let t = GradTransform { scale: 0.5, clip: Some(1.0), negate: false };
+    /// let g = [3.0f32, -4.0, 1.0];
+    /// let mut acc = SquareSum::new();
+    /// let m = k.accumulate_squares_max_abs(&mut acc, &g, &t);
+    /// assert_eq!(m, 4.0); // raw: |-4|
+    /// assert_eq!(acc.to_f64(), 1.0 + 1.0 + 0.25); // clipped: 1, -1, 0.5
+    /// assert_eq!(acc, k.sum_squares_exact(&g, &t));
+    /// ```
+    pub fn accumulate_squares_max_abs<G: Element>(
+        &self,
+        acc: &mut SquareSum,
+        src: &[G],
+        t: &GradTransform,
+    ) -> f32 {
+        abs_from_bits::<G>(arch::accumulate_squares_max_abs_bits(self.isa, acc, src, t))
     }
 
     /// `dst[i] = round(src[i])` with the given rounding. Lengths must match (else `Err`,

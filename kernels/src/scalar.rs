@@ -391,7 +391,17 @@ pub(crate) fn is_identity(t: &GradTransform) -> bool {
 /// Adds the exact squares of `transform(src)` into `acc`.
 #[inline(always)]
 pub(crate) fn accumulate_squares<G: Element>(acc: &mut SquareSum, src: &[G], t: &GradTransform) {
-    exact::accumulate(acc, src, is_identity(t), &ScalarLoad(t));
+    exact::accumulate::<_, _, false>(acc, src, is_identity(t), &ScalarLoad(t));
+}
+
+/// [`accumulate_squares`], returning also [`max_abs_bits`] of `src` (from the same pass).
+#[inline(always)]
+pub(crate) fn accumulate_squares_max_abs_bits<G: Element>(
+    acc: &mut SquareSum,
+    src: &[G],
+    t: &GradTransform,
+) -> u32 {
+    exact::accumulate::<_, _, true>(acc, src, is_identity(t), &ScalarLoad(t))
 }
 
 /// The scalar transform for [`exact::accumulate`].

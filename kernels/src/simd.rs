@@ -972,7 +972,23 @@ pub(crate) fn accumulate_squares<S: Simd, G: Element>(
         s,
         t: Transform::new(s, t),
     };
-    exact::accumulate(acc, src, scalar::is_identity(t), &load);
+    exact::accumulate::<_, _, false>(acc, src, scalar::is_identity(t), &load);
+}
+
+/// [`accumulate_squares`], returning also the largest magnitude's bits among the raw values
+/// (`scalar::max_abs_bits`, compiled with this path's features), from the same pass.
+#[inline(always)]
+pub(crate) fn accumulate_squares_max_abs_bits<S: Simd, G: Element>(
+    s: S,
+    acc: &mut SquareSum,
+    src: &[G],
+    t: &GradTransform,
+) -> u32 {
+    let load = VecLoad {
+        s,
+        t: Transform::new(s, t),
+    };
+    exact::accumulate::<_, _, true>(acc, src, scalar::is_identity(t), &load)
 }
 
 /// The path's transform for [`exact::accumulate`].

@@ -144,6 +144,20 @@ macro_rules! entry_points {
             ///
             /// The CPU must support this path's features.
             #[target_feature(enable = $features)]
+            pub(crate) unsafe fn accumulate_squares_max_abs_bits<G: Element>(
+                acc: &mut SquareSum,
+                src: &[G],
+                t: &GradTransform,
+            ) -> u32 {
+                // SAFETY: the caller guarantees the features.
+                let s = unsafe { token() };
+                simd::accumulate_squares_max_abs_bits::<_, G>(s, acc, src, t)
+            }
+
+            /// # Safety
+            ///
+            /// The CPU must support this path's features.
+            #[target_feature(enable = $features)]
             pub(crate) unsafe fn all_finite<G: Element>(src: &[G]) -> bool {
                 simd::all_finite(src)
             }
@@ -330,6 +344,22 @@ pub(crate) fn accumulate_squares<G: Element>(
         simd::accumulate_squares::<_, G>(portable::Portable, acc, src, t),
         avx2::accumulate_squares::<G>(acc, src, t),
         avx512::accumulate_squares::<G>(acc, src, t)
+    )
+}
+
+#[inline]
+pub(crate) fn accumulate_squares_max_abs_bits<G: Element>(
+    isa: Isa,
+    acc: &mut SquareSum,
+    src: &[G],
+    t: &GradTransform,
+) -> u32 {
+    dispatch!(
+        isa,
+        scalar::accumulate_squares_max_abs_bits(acc, src, t),
+        simd::accumulate_squares_max_abs_bits::<_, G>(portable::Portable, acc, src, t),
+        avx2::accumulate_squares_max_abs_bits::<G>(acc, src, t),
+        avx512::accumulate_squares_max_abs_bits::<G>(acc, src, t)
     )
 }
 

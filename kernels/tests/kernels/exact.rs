@@ -296,8 +296,85 @@ fn check_paths<G: Element>(xs: &[f32], t: &GradTransform) -> Result<(), TestCase
         k.accumulate_squares(&mut acc, b, t);
         k.accumulate_squares(&mut acc, a, t);
         prop_assert_eq!(acc, want, "{} split", k.isa());
+        // One pass for the squares and the raw values' largest magnitude: the same squares,
+        // the same bits as `max_abs`, and the value a plain fold gives.
+        let mut fused = SquareSum::new();
+        let m = k.accumulate_squares_max_abs(&mut fused, &g, t);
+        prop_assert_eq!(fused, want, "{} fused", k.isa());
+        prop_assert_eq!(
+            m.to_bits(),
+            k.max_abs(&g).to_bits(),
+            "{} fused max",
+            k.isa()
+        );
+        let widened: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
+        if widened.iter().any(|x| x.is_nan()) {
+            prop_assert!(m.is_nan());
+        } else {
+            prop_assert_eq!(m, widened.iter().fold(0.0f32, |a, x| a.max(x.abs())));
+        }
     }
     Ok(())
+}
+
+/// The one-pass squares and largest magnitude: a value larger than the rest, an infinity or
+/// a NaN, planted at the start, at either side of each block edge (512 values) and of the
+/// small-row limit (256), and at the end, in rows up to past a flush (2^16 values), is the
+/// magnitude returned, on every path and for every gradient type, with the squares equal to
+/// `sum_squares_exact`'s.
+#[test]
+fn squares_and_max_abs_see_every_block() {
+    let t = GradTransform {
+        scale: 0.5,
+        clip: Some(3.0),
+        negate: false,
+    };
+    for n in [1usize, 255, 256, 257, 511, 512, 513, 1500, (1 << 16) + 1000] {
+        let xs: Vec<f32> = (0..n)
+            .map(|i| {
+                let r = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                // Magnitudes below 2: the planted 96 is the largest.
+                f32::from_bits(
+                    0x3F00_0000 | ((r >> 41) as u32 & 0x007F_FFFF) | (r as u32 & 1) << 31,
+                )
+            })
+            .collect();
+        let mut spots = vec![0, n - 1, n / 2];
+        for edge in [256usize, 512, 1024, 1 << 16] {
+            spots.extend([edge - 1, edge].into_iter().filter(|&p| p < n));
+        }
+        for p in spots {
+            for planted in [-96.0f32, f32::INFINITY, f32::NAN] {
+                let mut ys = xs.clone();
+                ys[p] = planted;
+                check_squares_and_max::<f32>(&ys, &t, planted, p);
+                check_squares_and_max::<f16>(&ys, &t, planted, p);
+                check_squares_and_max::<bf16>(&ys, &t, planted, p);
+            }
+        }
+    }
+    // Nothing: no squares, magnitude 0.
+    for k in paths() {
+        let mut acc = SquareSum::new();
+        assert_eq!(k.accumulate_squares_max_abs::<f16>(&mut acc, &[], &t), 0.0);
+        assert_eq!(acc, SquareSum::new());
+    }
+}
+
+fn check_squares_and_max<G: Element>(xs: &[f32], t: &GradTransform, planted: f32, at: usize) {
+    let g = conv::<G>(xs);
+    let want = scalar().sum_squares_exact(&g, t);
+    for k in paths() {
+        let mut acc = SquareSum::new();
+        let m = k.accumulate_squares_max_abs(&mut acc, &g, t);
+        let what = format!("{} {:?} n={} at {at}", k.isa(), G::DTYPE, xs.len());
+        assert_eq!(acc, want, "{what}");
+        if planted.is_nan() {
+            assert!(m.is_nan(), "{what}: {m}");
+        } else {
+            assert_eq!(m, planted.abs(), "{what}");
+        }
+    }
 }
 
 /// `2^k` as an f32, built from its bits (`powi` goes through overflow for small `k`); `k` in
