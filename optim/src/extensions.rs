@@ -221,7 +221,9 @@ pub enum NonFinitePolicy {
     /// added in f32 in occurrence order, so `[3e38, -3e38, 3e38]` passes and
     /// `[3e38, 3e38, -3e38]` does not. Every gradient takes one pass over
     /// its values, which finds their largest magnitude (and so whether one
-    /// is NaN or infinite); a gradient of at least 4 x
+    /// is NaN or infinite); with `clipnorm` or `global_clipnorm` it is the
+    /// pass that sums their squares for the norm, so the check reads no
+    /// value twice. A gradient of at least 4 x
     /// [`Extensions::parallel_min_elements`] values is split over the rayon
     /// pool for it, with the same verdict on any thread count. For a sparse
     /// gradient that magnitude bounds every sum, and only one with a value

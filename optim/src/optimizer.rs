@@ -59,6 +59,10 @@ pub(crate) struct Scratch {
     /// duplicate rows' sums need the exact check
     /// ([`LazyAdam::non_finite_sum`]).
     pub check_sums: Vec<Option<f32>>,
+    /// Per update of a step: the exact sum of squares of its values under
+    /// the base transform, when the non-finite check computed it in its pass
+    /// for a clipping norm ([`LazyAdam::check_values_and_squares`]).
+    pub squares: Vec<SquareSum>,
 }
 
 /// LazyAdam: Adam that updates, for sparse gradients, only the rows present
@@ -250,6 +254,56 @@ fn squares_of<G: lazyadam_kernels::Element + Sync>(
     }
     let _ = min_parallel;
     k.accumulate_squares(acc, src, t);
+}
+
+/// [`squares_of`] and [`max_abs`] in one pass over `values`: adds the exact
+/// squares of `transform(values)` into `acc` and returns the raw values'
+/// largest magnitude. Split over rayon tasks as both are, with the same
+/// results for any split (an exact sum; a maximum of bits).
+pub(crate) fn squares_and_max_abs(
+    k: &Kernels,
+    acc: &mut SquareSum,
+    values: &TensorRef<'_>,
+    t: &GradTransform,
+    min_parallel: usize,
+) -> f32 {
+    fn of<G: lazyadam_kernels::Element + Sync>(
+        k: &Kernels,
+        acc: &mut SquareSum,
+        src: &[G],
+        t: &GradTransform,
+        min_parallel: usize,
+    ) -> f32 {
+        #[cfg(feature = "rayon")]
+        if splits_values(src.len(), min_parallel) {
+            use rayon::prelude::*;
+            let (total, bits) = src
+                .par_chunks(VALUE_CHUNK)
+                .map(|c| {
+                    let mut s = SquareSum::ZERO;
+                    let m = k.accumulate_squares_max_abs(&mut s, c, t);
+                    (s, m.to_bits())
+                })
+                .reduce(
+                    || (SquareSum::ZERO, 0),
+                    |(mut a, x), (b, y)| {
+                        a.merge(&b);
+                        (a, x.max(y))
+                    },
+                );
+            acc.merge(&total);
+            return f32::from_bits(bits);
+        }
+        let _ = min_parallel;
+        k.accumulate_squares_max_abs(acc, src, t)
+    }
+    let m = match values {
+        TensorRef::F32(s) => of(k, acc, s, t, min_parallel),
+        TensorRef::F16(s) => of(k, acc, s, t, min_parallel),
+        TensorRef::BF16(s) => of(k, acc, s, t, min_parallel),
+    };
+    // As `max_abs`: one NaN whatever the payload.
+    if m.is_nan() { f32::NAN } else { m }
 }
 
 /// `clipnorm` of one gradient from the exact sum of squares of its
@@ -731,10 +785,25 @@ impl LazyAdam {
         // the rates are known to be valid, as every step's are).
         let mut check_sums = std::mem::take(&mut self.scratch.check_sums);
         check_sums.clear();
+        // With a clipping norm, the check's pass also sums the squares of the
+        // values under the base transform, which is what the norm needs
+        // (`clipnorm` and `global_clipnorm` exclude each other): the values
+        // are read once for both.
+        let base = self.base_transform(inv_scale);
+        let mut squares = std::mem::take(&mut self.scratch.squares);
+        squares.clear();
+        let fuse = self.config.clipnorm.is_some() || self.config.global_clipnorm.is_some();
         let mut non_finite = false;
         if self.checks_non_finite() {
             for u in updates.iter() {
-                let (m, skip) = self.check_values(u.var.index, &u.grad, inv_scale)?;
+                let (m, skip) = if fuse {
+                    let (m, skip, s) =
+                        self.check_values_and_squares(u.var.index, &u.grad, inv_scale, &base)?;
+                    squares.push(s);
+                    (m, skip)
+                } else {
+                    self.check_values(u.var.index, &u.grad, inv_scale)?
+                };
                 if skip {
                     non_finite = true;
                     break;
@@ -753,6 +822,7 @@ impl LazyAdam {
         // Non-finite gradients under SkipStep: skip, back off the loss scale.
         if non_finite {
             self.scratch.check_sums = check_sums;
+            self.scratch.squares = squares;
             self.skip_step();
             timer.finish();
             return Ok(StepOutcome::Skipped);
@@ -761,22 +831,29 @@ impl LazyAdam {
         // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm.
         let mut transforms = std::mem::take(&mut self.scratch.transforms);
         transforms.clear();
-        let base = self.base_transform(inv_scale);
-        for u in updates.iter() {
+        // (`squares[i]`, when the check summed it, is the sum under `base`.)
+        for (i, u) in updates.iter().enumerate() {
             let mut t = base;
             if let Some(c) = self.config.clipnorm {
-                let squares = self.square_sum(&u.grad.values(), &t);
-                clip_by_norm(&mut t, &squares, c);
+                let s = match squares.get(i) {
+                    Some(s) => *s,
+                    None => self.square_sum(&u.grad.values(), &t),
+                };
+                clip_by_norm(&mut t, &s, c);
             }
             transforms.push(t);
         }
         if let Some(c) = self.config.global_clipnorm {
             let mut total = SquareSum::ZERO;
-            for (u, t) in updates.iter().zip(transforms.iter()) {
-                self.accumulate_squares(&mut total, &u.grad.values(), t);
+            for (i, (u, t)) in updates.iter().zip(transforms.iter()).enumerate() {
+                match squares.get(i) {
+                    Some(s) if *t == base => total.merge(s),
+                    _ => self.accumulate_squares(&mut total, &u.grad.values(), t),
+                }
             }
             clip_by_global_norm(&mut transforms, &total, c);
         }
+        self.scratch.squares = squares;
         // The sums of duplicate rows that the bound could not clear, exactly.
         // The last update whose ids that check grouped keeps its grouping for
         // the step.
@@ -835,11 +912,38 @@ impl LazyAdam {
         inv_scale: f32,
     ) -> Result<(f32, bool), Error> {
         let m = self.largest_magnitude(&grad.values());
+        self.judge_values(index, grad, inv_scale, m)
+    }
+
+    /// [`LazyAdam::check_values`] given the values' largest magnitude `m`.
+    fn judge_values(
+        &self,
+        index: usize,
+        grad: &Gradient<'_>,
+        inv_scale: f32,
+        m: f32,
+    ) -> Result<(f32, bool), Error> {
         let bad = !(m * inv_scale).is_finite();
         if bad && !self.skips_non_finite() {
             self.check_finite(index, grad)?;
         }
         Ok((m, bad && self.skips_non_finite()))
+    }
+
+    /// [`LazyAdam::check_values`], and the exact sum of squares of the values
+    /// transformed by `t`, from one pass over them ([`squares_and_max_abs`]).
+    pub(crate) fn check_values_and_squares(
+        &self,
+        index: usize,
+        grad: &Gradient<'_>,
+        inv_scale: f32,
+        t: &GradTransform,
+    ) -> Result<(f32, bool, SquareSum), Error> {
+        let mut s = SquareSum::ZERO;
+        let min_parallel = self.ext.parallel_min_elements.max(1);
+        let m = squares_and_max_abs(&self.kernels, &mut s, &grad.values(), t, min_parallel);
+        let (m, skip) = self.judge_values(index, grad, inv_scale, m)?;
+        Ok((m, skip, s))
     }
 
     /// The largest magnitude among `values` (`f32::NAN` if one is NaN), over

@@ -668,11 +668,18 @@ impl<C: Collective> ShardedLazyAdam<C> {
             if let Some(g) = &dense[i] {
                 let values = TensorRef::F32(g);
                 // (Under SkipStep, once one value is known to skip, no more.)
-                if checks && !(skips && non_finite) {
-                    let grad = Gradient::Dense(values);
+                let grad = Gradient::Dense(values);
+                let check = checks && !(skips && non_finite);
+                if check && need_sums {
+                    // One pass for both.
+                    let (_, skip, s) = self
+                        .inner
+                        .check_values_and_squares(i, &grad, inv_scale, &base)?;
+                    non_finite |= skip;
+                    sums[i] = s;
+                } else if check {
                     non_finite |= self.inner.check_values(i, &grad, inv_scale)?.1;
-                }
-                if need_sums {
+                } else if need_sums {
                     sums[i] = self.inner.square_sum(&values, &base);
                 }
             }
@@ -828,16 +835,31 @@ impl<C: Collective> ShardedLazyAdam<C> {
             w.u8(1);
             match (&self.vars[i].kind, g) {
                 (Kind::Table { .. }, Gradient::Sparse { ids, values }) => {
-                    if checks {
-                        // The largest magnitude (non-negative, or NaN) and
-                        // the id count bound every rank's duplicate sums.
-                        let (m, skip) = self.inner.check_values(i, g, inv_scale)?;
-                        non_finite |= skip;
+                    // The largest magnitude (non-negative, or NaN) and the
+                    // id count bound every rank's duplicate sums; with the
+                    // sum of squares, from one pass.
+                    let (m, sum) = match (checks, need_sums) {
+                        (true, true) => {
+                            let (m, skip, s) = self
+                                .inner
+                                .check_values_and_squares(i, g, inv_scale, &base)?;
+                            non_finite |= skip;
+                            (Some(m), Some(s))
+                        }
+                        (true, false) => {
+                            let (m, skip) = self.inner.check_values(i, g, inv_scale)?;
+                            non_finite |= skip;
+                            (Some(m), None)
+                        }
+                        (false, true) => (None, Some(self.inner.square_sum(values, &base))),
+                        (false, false) => (None, None),
+                    };
+                    if let Some(m) = m {
                         w.u64(m.to_bits() as u64);
                         w.u64(ids.len() as u64);
                     }
-                    if need_sums {
-                        w.bytes(&self.inner.square_sum(values, &base).to_bytes());
+                    if let Some(s) = sum {
+                        w.bytes(&s.to_bytes());
                     }
                 }
                 (Kind::Dense { .. }, Gradient::Dense(values)) => {

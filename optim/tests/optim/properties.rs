@@ -726,3 +726,74 @@ fn huge_one_thread_steps_agree_with_the_other_paths() {
         "hashed, sequential"
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The non-finite check does not change a finite step's bits when a
+    /// clipping norm is on (the check's pass then also sums the squares the
+    /// norm needs): Propagate, Error and SkipStep give the same parameters and
+    /// slots; so does SkipStep with a loss scale of 2^k on gradients scaled by
+    /// 2^k (exactly), whose unscaled values are the same. Sparse f32 and dense
+    /// f16 gradients in one step, on one and two threads, with the parallel
+    /// passes forced on.
+    #[test]
+    fn the_non_finite_check_leaves_clipped_steps_alone(
+        rows in 1usize..40,
+        rl in prop::sample::select(vec![1usize, 3, 16]),
+        ids in prop::collection::vec(0usize..10_000, 0..80),
+        norm in prop::sample::select(vec![0.05f32, 0.5, 4.0, 1e4]),
+        global in any::<bool>(),
+        clipvalue in prop::option::of(prop::sample::select(vec![0.01f32, 0.3])),
+        k in 0i32..12,
+        threads in prop::sample::select(vec![1usize, 2]),
+    ) {
+        use lazyadam::{DynamicLossScale, NonFinitePolicy, f16};
+        let ids: Vec<u32> = ids.iter().map(|&i| (i % rows) as u32).collect();
+        let values: Vec<f32> =
+            (0..ids.len() * rl).map(|i| ((i * 13) as f32 * 0.01).sin() * 3.0).collect();
+        let dense: Vec<f32> = (0..rows * rl).map(|i| ((i * 7) as f32 * 0.02).cos()).collect();
+        let config = LazyAdamConfig {
+            clipnorm: (!global).then_some(norm),
+            global_clipnorm: global.then_some(norm),
+            clipvalue,
+            ..LazyAdamConfig::default()
+        };
+        let run = |policy: NonFinitePolicy, scale: f32| {
+            crate::on_threads(threads, || {
+                let ext = Extensions {
+                    parallel_min_elements: 1,
+                    non_finite: policy,
+                    ..Extensions::default()
+                };
+                let mut opt = LazyAdam::with_extensions(config.clone(), ext).unwrap();
+                let s = opt.add_variable("s", &[rows, rl], DType::F32, DType::F32).unwrap();
+                let d = opt.add_variable("d", &[rows, rl], DType::F32, DType::BF16).unwrap();
+                let sv: Vec<f32> = values.iter().map(|x| x * scale).collect();
+                let dv: Vec<f16> = dense.iter().map(|x| f16::from_f32(x * scale)).collect();
+                let mut ps = vec![0.5f32; rows * rl];
+                let mut pd = vec![0.25f32; rows * rl];
+                for _ in 0..3 {
+                    let outcome = opt.apply_gradients(&mut [
+                        Update::new(s, &mut ps, Gradient::sparse(&ids, &sv)),
+                        Update::new(d, &mut pd, Gradient::dense(&dv)),
+                    ]);
+                    assert_eq!(outcome.unwrap(), lazyadam::StepOutcome::Applied);
+                }
+                (f32_bits(&ps), f32_bits(&pd), slot_bits(&opt, s), slot_bits(&opt, d))
+            })
+        };
+        let want = run(NonFinitePolicy::Propagate, 1.0);
+        prop_assert_eq!(&run(NonFinitePolicy::Error, 1.0), &want);
+        prop_assert_eq!(&run(NonFinitePolicy::SkipStep { loss_scale: None }, 1.0), &want);
+        let scale = 2f32.powi(k);
+        let scaled = NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale {
+                scale,
+                growth_interval: 1000,
+                ..DynamicLossScale::default()
+            }),
+        };
+        prop_assert_eq!(&run(scaled, scale), &want);
+    }
+}
