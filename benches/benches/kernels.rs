@@ -32,7 +32,10 @@
 //! the transform-into-a-buffer route) against the f64 one (`f64/<path>`) on rows of 64, 4096
 //! and 1,048,576 gradient values; run just these with `-- sum_squares`. `exact-then-max/<path>`
 //! is a non-finite check's largest magnitude (`Kernels::max_abs`) after the exact sum, two
-//! passes; `exact-and-max/<path>` both from one pass (`Kernels::accumulate_squares_max_abs`).
+//! passes; `exact-and-max/<path>` both from one pass (`Kernels::accumulate_squares_max_abs`);
+//! `f64-and-max/<path>` the f64 sum and the magnitude from one pass
+//! (`Kernels::sum_squares_max_abs`, the step's usual route: the f64 sum is an estimate that
+//! decides the clipping factor unless it is too close to call).
 //!
 //! Quick mode (CI): `cargo bench -p lazyadam-benches --bench kernels -- --quick`, or
 //! `LAZYADAM_BENCH_QUICK=1`: short warm-up and measurement and a 4M-element out-of-cache row.
@@ -333,6 +336,11 @@ fn bench_sum_squares<G: Element>(c: &mut Criterion, name: &str) {
             group.bench_with_input(BenchmarkId::new(format!("f64/{isa}"), n), &n, |b, _| {
                 b.iter(|| k.sum_squares(black_box(&g), &id))
             });
+            group.bench_with_input(
+                BenchmarkId::new(format!("f64-and-max/{isa}"), n),
+                &n,
+                |b, _| b.iter(|| k.sum_squares_max_abs(black_box(&g), &id)),
+            );
         }
     }
     group.finish();

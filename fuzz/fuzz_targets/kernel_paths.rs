@@ -451,6 +451,14 @@ fn run<P: Val, G: Val, M: Val>(u: &mut Unstructured<'_>) -> Result<()> {
             ma.max(mb)
         };
         assert!(same_f32(m, r_max), "{:?} split max {m}", k.isa());
+        let (ss, m) = k.sum_squares_max_abs(&input.g, &c.grad);
+        let ss_want = k.sum_squares(&input.g, &c.grad);
+        assert!(
+            ss.to_bits() == ss_want.to_bits() || (ss.is_nan() && ss_want.is_nan()),
+            "{:?} sum_squares_max_abs {ss} vs {ss_want}",
+            k.isa()
+        );
+        assert!(same_f32(m, r_max), "{:?} sum_squares_max_abs {m}", k.isa());
     };
     check_fused(&scalar);
     let store_len = if mismatched { input.p.len() } else { n };

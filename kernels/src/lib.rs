@@ -1062,6 +1062,24 @@ impl Kernels {
         abs_from_bits::<G>(arch::max_abs_bits(self.isa, src))
     }
 
+    /// [`Kernels::sum_squares`] and [`Kernels::max_abs`] in one pass over `src`: the f64 sum of
+    /// the squares of `transform(src[i])` (the same f64 as `sum_squares`), and the largest
+    /// magnitude among the *raw* elements (the same as `max_abs`). `src` is read from memory
+    /// once, each block being checked while it is in L1 (for a non-finite check before a
+    /// clipping norm whose f64 estimate usually decides it).
+    ///
+    /// ```
+    /// use lazyadam_kernels::{GradTransform, Kernels};
+    /// let k = Kernels::best();
+    /// let t = GradTransform { scale: 0.5, clip: None, negate: false };
+    /// let (sum, max) = k.sum_squares_max_abs(&[6.0f32, -8.0], &t);
+    /// assert_eq!((sum, max), (25.0, 8.0));
+    /// ```
+    pub fn sum_squares_max_abs<G: Element>(&self, src: &[G], t: &GradTransform) -> (f64, f32) {
+        let (sum, bits) = arch::sum_squares_max_abs_bits(self.isa, src, t);
+        (sum, abs_from_bits::<G>(bits))
+    }
+
     /// [`Kernels::accumulate_squares`] and [`Kernels::max_abs`] in one pass over `src`: adds
     /// the exact squares of `transform(src[i])` into `acc`, and returns the largest magnitude
     /// among the *raw* elements (before the transform). Both results are the same as the two

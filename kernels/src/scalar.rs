@@ -382,6 +382,12 @@ pub(crate) fn sum_squares<G: Element>(src: &[G], t: &GradTransform) -> f64 {
     reduce8(&acc)
 }
 
+/// [`sum_squares`] and [`max_abs_bits`] (two passes: this is the reference).
+#[inline(always)]
+pub(crate) fn sum_squares_max_abs_bits<G: Element>(src: &[G], t: &GradTransform) -> (f64, u32) {
+    (sum_squares(src, t), max_abs_bits(src))
+}
+
 /// Whether the transform is the identity (so f32 values can be binned as they are).
 #[inline(always)]
 pub(crate) fn is_identity(t: &GradTransform) -> bool {

@@ -959,6 +959,42 @@ pub(crate) fn sum_squares<S: Simd, G: Element>(s: S, src: &[G], t: &GradTransfor
     scalar::reduce8(&a)
 }
 
+/// [`sum_squares`] (the same f64, the same operations in the same order) and the largest
+/// magnitude's bits among the raw values (`scalar::max_abs_bits`, compiled with this path's
+/// features), from one pass: the magnitudes of each block of [`exact::BLOCK`] values are
+/// taken right after the block's squares, while it is in L1.
+#[inline(always)]
+pub(crate) fn sum_squares_max_abs_bits<S: Simd, G: Element>(
+    s: S,
+    src: &[G],
+    t: &GradTransform,
+) -> (f64, u32) {
+    let n = src.len();
+    let w = S::LANES;
+    let tr = Transform::new(s, t);
+    let body = n - n % w;
+    let mut acc = s.acc_zero();
+    let mut max = 0;
+    let mut i = 0;
+    while i < body {
+        // BLOCK is a multiple of LANES: every block but the last is whole vectors.
+        let start = i;
+        let end = body.min(start + exact::BLOCK);
+        while i < end {
+            // SAFETY: i + LANES <= body <= n.
+            let x = unsafe { load::<S, G>(s, src.as_ptr().add(i)) };
+            acc = s.acc_add_squares(acc, tr.apply(s, x));
+            i += w;
+        }
+        max = max.max(scalar::max_abs_bits(&src[start..end]));
+    }
+    max = max.max(scalar::max_abs_bits(&src[i..]));
+    let mut a = s.acc_to_array(acc);
+    // As in `sum_squares`: lane (i % 8) continues in the scalar tail.
+    scalar::sum_squares_into(&mut a, &src[i..], t, i);
+    (scalar::reduce8(&a), max)
+}
+
 /// Adds the exact squares of `transform(src)` into `acc`: the transform by this path's
 /// vector code into a stack buffer, then binning on the bits (`exact::accumulate`).
 #[inline(always)]

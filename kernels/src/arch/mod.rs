@@ -144,6 +144,19 @@ macro_rules! entry_points {
             ///
             /// The CPU must support this path's features.
             #[target_feature(enable = $features)]
+            pub(crate) unsafe fn sum_squares_max_abs_bits<G: Element>(
+                src: &[G],
+                t: &GradTransform,
+            ) -> (f64, u32) {
+                // SAFETY: the caller guarantees the features.
+                let s = unsafe { token() };
+                simd::sum_squares_max_abs_bits::<_, G>(s, src, t)
+            }
+
+            /// # Safety
+            ///
+            /// The CPU must support this path's features.
+            #[target_feature(enable = $features)]
             pub(crate) unsafe fn accumulate_squares_max_abs_bits<G: Element>(
                 acc: &mut SquareSum,
                 src: &[G],
@@ -344,6 +357,21 @@ pub(crate) fn accumulate_squares<G: Element>(
         simd::accumulate_squares::<_, G>(portable::Portable, acc, src, t),
         avx2::accumulate_squares::<G>(acc, src, t),
         avx512::accumulate_squares::<G>(acc, src, t)
+    )
+}
+
+#[inline]
+pub(crate) fn sum_squares_max_abs_bits<G: Element>(
+    isa: Isa,
+    src: &[G],
+    t: &GradTransform,
+) -> (f64, u32) {
+    dispatch!(
+        isa,
+        scalar::sum_squares_max_abs_bits(src, t),
+        simd::sum_squares_max_abs_bits::<_, G>(portable::Portable, src, t),
+        avx2::sum_squares_max_abs_bits::<G>(src, t),
+        avx512::sum_squares_max_abs_bits::<G>(src, t)
     )
 }
 

@@ -307,6 +307,22 @@ fn check_paths<G: Element>(xs: &[f32], t: &GradTransform) -> Result<(), TestCase
             "{} fused max",
             k.isa()
         );
+        // The f64 sum with the magnitude, from one pass: the bits of the two calls.
+        let (f, m64) = k.sum_squares_max_abs(&g, t);
+        let f_want = k.sum_squares(&g, t);
+        prop_assert!(
+            f.to_bits() == f_want.to_bits() || (f.is_nan() && f_want.is_nan()),
+            "{} sum_squares_max_abs {} vs {}",
+            k.isa(),
+            f,
+            f_want
+        );
+        prop_assert_eq!(
+            m64.to_bits(),
+            m.to_bits(),
+            "{} sum_squares_max_abs max",
+            k.isa()
+        );
         let widened: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
         if widened.iter().any(|x| x.is_nan()) {
             prop_assert!(m.is_nan());
@@ -317,7 +333,7 @@ fn check_paths<G: Element>(xs: &[f32], t: &GradTransform) -> Result<(), TestCase
     Ok(())
 }
 
-/// The one-pass squares and largest magnitude: a value larger than the rest, an infinity or
+/// The one-pass squares (exact, and f64) and largest magnitude: a value larger than the rest, an infinity or
 /// a NaN, planted at the start, at either side of each block edge (512 values) and of the
 /// small-row limit (256), and at the end, in rows up to past a flush (2^16 values), is the
 /// magnitude returned, on every path and for every gradient type, with the squares equal to
@@ -369,10 +385,18 @@ fn check_squares_and_max<G: Element>(xs: &[f32], t: &GradTransform, planted: f32
         let m = k.accumulate_squares_max_abs(&mut acc, &g, t);
         let what = format!("{} {:?} n={} at {at}", k.isa(), G::DTYPE, xs.len());
         assert_eq!(acc, want, "{what}");
-        if planted.is_nan() {
-            assert!(m.is_nan(), "{what}: {m}");
-        } else {
-            assert_eq!(m, planted.abs(), "{what}");
+        let (f, m64) = k.sum_squares_max_abs(&g, t);
+        let f_want = k.sum_squares(&g, t);
+        assert!(
+            f.to_bits() == f_want.to_bits() || (f.is_nan() && f_want.is_nan()),
+            "{what}: f64 sum {f} vs {f_want}"
+        );
+        for m in [m, m64] {
+            if planted.is_nan() {
+                assert!(m.is_nan(), "{what}: {m}");
+            } else {
+                assert_eq!(m, planted.abs(), "{what}");
+            }
         }
     }
 }
