@@ -59,10 +59,11 @@ pub(crate) struct Scratch {
     /// duplicate rows' sums need the exact check
     /// ([`LazyAdam::non_finite_sum`]).
     pub check_sums: Vec<Option<f32>>,
-    /// Per update of a step: the exact sum of squares of its values under
-    /// the base transform, when the non-finite check computed it in its pass
-    /// for a clipping norm ([`LazyAdam::check_values_and_squares`]).
-    pub squares: Vec<SquareSum>,
+    /// Per update of a step: the f64 estimate of the sum of squares of its
+    /// values under the base transform and its chain depth, when the
+    /// non-finite check took it in its pass for a clipping norm
+    /// ([`LazyAdam::check_values_and_estimate`]).
+    pub estimates: Vec<(f64, usize)>,
 }
 
 /// LazyAdam: Adam that updates, for sparse gradients, only the rows present
@@ -306,15 +307,134 @@ pub(crate) fn squares_and_max_abs(
     if m.is_nan() { f32::NAN } else { m }
 }
 
+/// The factor a clipping norm `c` gives for the sum of squares `x` of the
+/// transformed values (the exact sum rounded to f64): `None` for no clipping
+/// (a norm of at most `c`), else `c / norm` rounded to f32, or NaN for a NaN
+/// norm, and with `global` for any non-finite one (`tf.clip_by_norm`,
+/// `tf.clip_by_global_norm`). Non-decreasing in `x` up to NaN: for `x` in
+/// `[a, b]` it takes the values between its values at `a` and `b`.
+pub(crate) fn clip_factor(x: f64, c: f32, global: bool) -> Option<f32> {
+    let norm = x.sqrt();
+    if norm.is_nan() || (global && !norm.is_finite()) {
+        Some(f32::NAN)
+    } else if norm > c as f64 {
+        Some((c as f64 / norm) as f32)
+    } else {
+        None
+    }
+}
+
+/// [`clip_factor`] of the exact sum of squares, known from an f64 estimate
+/// when it can be: `est` is a sum of the exact f64 squares of the transformed
+/// values, each addition rounded to nearest, along chains of at most `depth`
+/// additions ([`squares_estimate`]). For such a sum of non-negative terms the
+/// exact sum `S` satisfies `|est - S| <= depth * u * S / (1 - depth * u)`,
+/// `u = 2^-53`; the bounds below are wider by more than a factor of two,
+/// which also covers their own roundings. When [`clip_factor`] is the same at
+/// both bounds, it is the same at the rounded exact sum, which lies between
+/// them: `Some(factor)`, the exact path's factor to the bit. Otherwise
+/// (a non-finite estimate, a norm within the error of a factor's rounding
+/// boundary or of `c`) `None`: the exact sum decides.
+pub(crate) fn clip_factor_from_estimate(
+    est: f64,
+    depth: usize,
+    c: f32,
+    global: bool,
+) -> Option<Option<f32>> {
+    if !est.is_finite() || depth > 1 << 40 {
+        return None;
+    }
+    // f64::EPSILON = 2u: e >= 2 * (depth + 4) * u.
+    let e = (depth as f64 + 4.0) * f64::EPSILON;
+    let (lo, hi) = (est * (1.0 - e), est * (1.0 + e));
+    let (a, b) = (clip_factor(lo, c, global), clip_factor(hi, c, global));
+    (a.map(f32::to_bits) == b.map(f32::to_bits)).then_some(a)
+}
+
+/// An f64 estimate of the sum of squares of `transform(values)` for
+/// [`clip_factor_from_estimate`], and the longest chain of additions behind
+/// it: [`Kernels::sum_squares`] (exact squares, eight accumulators, so at
+/// most `len / 8 + 3` additions a chain), over rayon chunks for long slices
+/// (at most one more addition a chunk). The value may depend on the split;
+/// the factor [`clip_factor_from_estimate`] draws from it does not.
+pub(crate) fn squares_estimate(
+    k: &Kernels,
+    values: &TensorRef<'_>,
+    t: &GradTransform,
+    min_parallel: usize,
+) -> (f64, usize) {
+    let (est, depth, _) = estimate_of::<false>(k, values, t, min_parallel);
+    (est, depth)
+}
+
+/// [`squares_estimate`] and [`max_abs`] from one pass
+/// ([`Kernels::sum_squares_max_abs`]): the estimate, its depth, and the raw
+/// values' largest magnitude (the same as `max_abs`'s for any split).
+pub(crate) fn estimate_and_max_abs(
+    k: &Kernels,
+    values: &TensorRef<'_>,
+    t: &GradTransform,
+    min_parallel: usize,
+) -> (f64, usize, f32) {
+    let (est, depth, m) = estimate_of::<true>(k, values, t, min_parallel);
+    // As `max_abs`: one NaN whatever the payload.
+    (est, depth, if m.is_nan() { f32::NAN } else { m })
+}
+
+/// The pass behind [`squares_estimate`] (the magnitude 0) and, with `MAX`,
+/// [`estimate_and_max_abs`].
+fn estimate_of<const MAX: bool>(
+    k: &Kernels,
+    values: &TensorRef<'_>,
+    t: &GradTransform,
+    min_parallel: usize,
+) -> (f64, usize, f32) {
+    fn one<G: lazyadam_kernels::Element, const MAX: bool>(
+        k: &Kernels,
+        src: &[G],
+        t: &GradTransform,
+    ) -> (f64, u32) {
+        if MAX {
+            let (s, m) = k.sum_squares_max_abs(src, t);
+            (s, m.to_bits())
+        } else {
+            (k.sum_squares(src, t), 0)
+        }
+    }
+    fn of<G: lazyadam_kernels::Element + Sync, const MAX: bool>(
+        k: &Kernels,
+        src: &[G],
+        t: &GradTransform,
+        min_parallel: usize,
+    ) -> (f64, u32) {
+        #[cfg(feature = "rayon")]
+        if splits_values(src.len(), min_parallel) {
+            use rayon::prelude::*;
+            // Magnitudes compare as their bits (a NaN's above the rest).
+            return src
+                .par_chunks(VALUE_CHUNK)
+                .map(|c| one::<G, MAX>(k, c, t))
+                .reduce(|| (0.0, 0), |(a, x), (b, y)| (a + b, x.max(y)));
+        }
+        let _ = min_parallel;
+        one::<G, MAX>(k, src, t)
+    }
+    let n = values.len();
+    let (est, bits) = match values {
+        TensorRef::F32(s) => of::<_, MAX>(k, s, t, min_parallel),
+        TensorRef::F16(s) => of::<_, MAX>(k, s, t, min_parallel),
+        TensorRef::BF16(s) => of::<_, MAX>(k, s, t, min_parallel),
+    };
+    // Generous: every chunk boundary and the final reduction counted.
+    (est, n / 8 + n / 4096 + 16, f32::from_bits(bits))
+}
+
 /// `clipnorm` of one gradient from the exact sum of squares of its
 /// transformed values: as `tf.clip_by_norm`, a NaN norm makes every value
 /// NaN, and a norm above `c` scales by `c / norm`.
 pub(crate) fn clip_by_norm(t: &mut GradTransform, squares: &SquareSum, c: f32) {
-    let norm = squares.to_f64().sqrt();
-    if norm.is_nan() {
-        scale_transform(t, f32::NAN);
-    } else if norm > c as f64 {
-        scale_transform(t, (c as f64 / norm) as f32);
+    if let Some(s) = clip_factor(squares.to_f64(), c, false) {
+        scale_transform(t, s);
     }
 }
 
@@ -322,11 +442,7 @@ pub(crate) fn clip_by_norm(t: &mut GradTransform, squares: &SquareSum, c: f32) {
 /// gradient of the step: as `tf.clip_by_global_norm`, a non-finite global
 /// norm makes every value NaN.
 pub(crate) fn clip_by_global_norm(ts: &mut [GradTransform], total: &SquareSum, c: f32) {
-    let norm = total.to_f64().sqrt();
-    if !norm.is_finite() {
-        ts.iter_mut().for_each(|t| scale_transform(t, f32::NAN));
-    } else if norm > c as f64 {
-        let s = (c as f64 / norm) as f32;
+    if let Some(s) = clip_factor(total.to_f64(), c, true) {
         ts.iter_mut().for_each(|t| scale_transform(t, s));
     }
 }
@@ -785,21 +901,21 @@ impl LazyAdam {
         // the rates are known to be valid, as every step's are).
         let mut check_sums = std::mem::take(&mut self.scratch.check_sums);
         check_sums.clear();
-        // With a clipping norm, the check's pass also sums the squares of the
-        // values under the base transform, which is what the norm needs
-        // (`clipnorm` and `global_clipnorm` exclude each other): the values
-        // are read once for both.
+        // With a clipping norm, the check's pass also takes the f64 estimate
+        // of the sum of squares of the values under the base transform, which
+        // is what the norm needs (`clipnorm` and `global_clipnorm` exclude
+        // each other): the values are read once for both.
         let base = self.base_transform(inv_scale);
-        let mut squares = std::mem::take(&mut self.scratch.squares);
-        squares.clear();
+        let mut estimates = std::mem::take(&mut self.scratch.estimates);
+        estimates.clear();
         let fuse = self.config.clipnorm.is_some() || self.config.global_clipnorm.is_some();
         let mut non_finite = false;
         if self.checks_non_finite() {
             for u in updates.iter() {
                 let (m, skip) = if fuse {
-                    let (m, skip, s) =
-                        self.check_values_and_squares(u.var.index, &u.grad, inv_scale, &base)?;
-                    squares.push(s);
+                    let (m, skip, e) =
+                        self.check_values_and_estimate(u.var.index, &u.grad, inv_scale, &base)?;
+                    estimates.push(e);
                     (m, skip)
                 } else {
                     self.check_values(u.var.index, &u.grad, inv_scale)?
@@ -822,38 +938,60 @@ impl LazyAdam {
         // Non-finite gradients under SkipStep: skip, back off the loss scale.
         if non_finite {
             self.scratch.check_sums = check_sums;
-            self.scratch.squares = squares;
+            self.scratch.estimates = estimates;
             self.skip_step();
             timer.finish();
             return Ok(StepOutcome::Skipped);
         }
 
         // Gradient transforms: unscale, clipvalue, clipnorm, global_clipnorm.
+        // A clipping norm's factor comes from the f64 estimate of the sum of
+        // squares when that decides it (`clip_factor_from_estimate`), else
+        // from the exact sum: the same factor either way.
         let mut transforms = std::mem::take(&mut self.scratch.transforms);
         transforms.clear();
-        // (`squares[i]`, when the check summed it, is the sum under `base`.)
+        let min_parallel = self.ext.parallel_min_elements.max(1);
+        // Update `i`'s estimate under `t`: the check's when it took it.
+        let estimate = |i: usize, values: &TensorRef<'_>, t: &GradTransform| match estimates.get(i)
+        {
+            Some(e) if *t == base => *e,
+            _ => squares_estimate(&self.kernels, values, t, min_parallel),
+        };
         for (i, u) in updates.iter().enumerate() {
             let mut t = base;
             if let Some(c) = self.config.clipnorm {
-                let s = match squares.get(i) {
-                    Some(s) => *s,
-                    None => self.square_sum(&u.grad.values(), &t),
-                };
-                clip_by_norm(&mut t, &s, c);
+                let values = u.grad.values();
+                let (est, depth) = estimate(i, &values, &t);
+                let factor = clip_factor_from_estimate(est, depth, c, false).unwrap_or_else(|| {
+                    clip_factor(self.square_sum(&values, &t).to_f64(), c, false)
+                });
+                if let Some(f) = factor {
+                    scale_transform(&mut t, f);
+                }
             }
             transforms.push(t);
         }
         if let Some(c) = self.config.global_clipnorm {
-            let mut total = SquareSum::ZERO;
+            // The updates' estimates added in f64: one more addition a chain
+            // per update (counted generously: the chains' lengths added).
+            let (mut est, mut depth) = (0.0f64, updates.len());
             for (i, (u, t)) in updates.iter().zip(transforms.iter()).enumerate() {
-                match squares.get(i) {
-                    Some(s) if *t == base => total.merge(s),
-                    _ => self.accumulate_squares(&mut total, &u.grad.values(), t),
-                }
+                let (e, d) = estimate(i, &u.grad.values(), t);
+                est += e;
+                depth = depth.saturating_add(d);
             }
-            clip_by_global_norm(&mut transforms, &total, c);
+            let factor = clip_factor_from_estimate(est, depth, c, true).unwrap_or_else(|| {
+                let mut total = SquareSum::ZERO;
+                for (u, t) in updates.iter().zip(transforms.iter()) {
+                    self.accumulate_squares(&mut total, &u.grad.values(), t);
+                }
+                clip_factor(total.to_f64(), c, true)
+            });
+            if let Some(f) = factor {
+                transforms.iter_mut().for_each(|t| scale_transform(t, f));
+            }
         }
-        self.scratch.squares = squares;
+        self.scratch.estimates = estimates;
         // The sums of duplicate rows that the bound could not clear, exactly.
         // The last update whose ids that check grouped keeps its grouping for
         // the step.
@@ -944,6 +1082,22 @@ impl LazyAdam {
         let m = squares_and_max_abs(&self.kernels, &mut s, &grad.values(), t, min_parallel);
         let (m, skip) = self.judge_values(index, grad, inv_scale, m)?;
         Ok((m, skip, s))
+    }
+
+    /// [`LazyAdam::check_values`], and the f64 estimate of the sum of squares
+    /// of the values transformed by `t` with its chain depth
+    /// ([`squares_estimate`]), from one pass over them.
+    pub(crate) fn check_values_and_estimate(
+        &self,
+        index: usize,
+        grad: &Gradient<'_>,
+        inv_scale: f32,
+        t: &GradTransform,
+    ) -> Result<(f32, bool, (f64, usize)), Error> {
+        let min_parallel = self.ext.parallel_min_elements.max(1);
+        let (est, depth, m) = estimate_and_max_abs(&self.kernels, &grad.values(), t, min_parallel);
+        let (m, skip) = self.judge_values(index, grad, inv_scale, m)?;
+        Ok((m, skip, (est, depth)))
     }
 
     /// The largest magnitude among `values` (`f32::NAN` if one is NaN), over
@@ -1348,6 +1502,103 @@ impl Job<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The widest error a sum of `depth`-long chains of rounded additions of
+    /// non-negative terms can have, relative to the exact sum: the estimate
+    /// an adversary may hand [`clip_factor_from_estimate`].
+    fn worst_error(depth: usize) -> f64 {
+        let du = depth as f64 * f64::EPSILON / 2.0;
+        du / (1.0 - du)
+    }
+
+    proptest! {
+        /// An estimate decides only what the exact sum decides: values whose
+        /// exact sum of squares is known, an estimate anywhere within the
+        /// error bound of the depth given (the kernel's own estimate too), a
+        /// norm `c` near the gradient's norm; whenever the estimate gives a
+        /// factor, it is the exact sum's, to the bit.
+        #[test]
+        fn estimates_decide_only_what_the_exact_sum_decides(
+            vals in proptest::collection::vec(-4.0f32..4.0, 1..600),
+            ulps in -4i32..=4,
+            ratio in prop_oneof![Just(1.0f64), 0.5f64..2.0],
+            off in -1.0f64..=1.0,
+            global in any::<bool>(),
+        ) {
+            let k = Kernels::new(lazyadam_kernels::Isa::Scalar).unwrap();
+            let t = GradTransform::default();
+            let exact = k.sum_squares_exact(&vals, &t).to_f64();
+            let norm = (exact.sqrt() * ratio) as f32;
+            let c = f32::from_bits((norm.to_bits() as i32 + ulps).max(0) as u32);
+            let want = clip_factor(exact, c, global).map(f32::to_bits);
+            let n = vals.len();
+            let depth = n / 8 + 4;
+            for est in [k.sum_squares(&vals, &t), exact * (1.0 + off * worst_error(depth))] {
+                if let Some(f) = clip_factor_from_estimate(est, depth, c, global) {
+                    prop_assert_eq!(f.map(f32::to_bits), want, "est {} exact {}", est, exact);
+                }
+            }
+        }
+
+        /// At the boundary between clipping and not: one value `c` (and
+        /// zeros), so the exact sum is `c^2` and the norm exactly `c` (no
+        /// clipping). An estimate off by the largest error its depth allows,
+        /// either way, must not decide.
+        #[test]
+        fn estimates_at_the_clipping_boundary_do_not_decide(
+            bits in 0x0080_0000u32..0x7F00_0000,
+            zeros in 0usize..5000,
+            global in any::<bool>(),
+        ) {
+            let c = f32::from_bits(bits);
+            let mut vals = vec![0.0f32; zeros + 1];
+            vals[zeros / 2] = c;
+            let k = Kernels::new(lazyadam_kernels::Isa::Scalar).unwrap();
+            let exact = k.sum_squares_exact(&vals, &GradTransform::default()).to_f64();
+            prop_assert_eq!(exact, c as f64 * c as f64);
+            prop_assert_eq!(clip_factor(exact, c, global), None);
+            let depth = vals.len() / 8 + 4;
+            for sign in [1.0, -1.0] {
+                let est = exact * (1.0 + sign * worst_error(depth));
+                let got = clip_factor_from_estimate(est, depth, c, global);
+                prop_assert!(got.is_none() || got == Some(None), "{:?}", got);
+            }
+        }
+    }
+
+    /// Away from the boundaries the estimate decides: of a thousand gradients
+    /// of 4,096 values with norms 0.5x to 2x the clipping norm, every one
+    /// below and all but a few above (a factor whose rounding the error
+    /// straddles) are decided without the exact sum.
+    #[test]
+    fn estimates_usually_decide() {
+        let k = Kernels::best();
+        let t = GradTransform::default();
+        let mut decided = 0;
+        for i in 0..1000u64 {
+            let vals: Vec<f32> = (0..4096u64)
+                .map(|j| ((i * 4096 + j).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as f32 * 1e-7)
+                .collect();
+            let exact = k.sum_squares_exact(&vals, &t).to_f64();
+            let c = (exact.sqrt() * (0.5 + 1.5 * (i as f64 / 1000.0))) as f32;
+            let got = clip_factor_from_estimate(k.sum_squares(&vals, &t), 4096 / 8 + 4, c, false);
+            if let Some(f) = got {
+                assert_eq!(
+                    f.map(f32::to_bits),
+                    clip_factor(exact, c, false).map(f32::to_bits)
+                );
+                decided += 1;
+            } else {
+                // Only a clipping norm can be straddled: below it, both bounds
+                // give no clipping.
+                assert!(
+                    c as f64 <= exact.sqrt() * 1.000_001,
+                    "c {c} was not decided"
+                );
+            }
+        }
+        assert!(decided >= 950, "{decided} of 1000 decided");
+    }
 
     proptest! {
         /// The bound is sufficient: with the largest magnitude it accepts for `n` values and

@@ -10,8 +10,12 @@
 //!
 //! ```text
 //! cargo run --release -p lazyadam-benches --bin sparse-probe -- [--rows N] [--steps N] [--storage f32|f16] [--isa PATH]
-//!     [--huge-table] [--rotate]
+//!     [--huge-table] [--rotate] [--clipnorm C | --global-clipnorm C] [--non-finite error|skip]
 //! ```
+//!
+//! `--clipnorm`/`--global-clipnorm` clip by norm (the `transforms` phase sums the squares), and
+//! `--non-finite` checks the values first (the `validate` phase; with a clipping norm, the
+//! same pass sums the squares).
 //!
 //! With a small `--rows` (4,096: the tables stay in cache) the step's instruction count is a
 //! repeatable figure on a noisy machine, for example the row updates' share:
@@ -30,7 +34,8 @@ use std::time::Instant;
 use lazyadam_benches::{median_min_ms, parse_isa};
 
 use lazyadam::{
-    Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, TensorMut, TensorRef, Update, f16,
+    Element, Extensions, Gradient, Isa, LazyAdam, LazyAdamConfig, NonFinitePolicy, TensorMut,
+    TensorRef, Update, f16,
 };
 
 const IDS_JSON: &str = include_str!("../../data/workload_ids.json");
@@ -45,10 +50,14 @@ struct Args {
     isa: Option<Isa>,
     huge: bool,
     rotate: bool,
+    clipnorm: Option<f32>,
+    global_clipnorm: Option<f32>,
+    non_finite: NonFinitePolicy,
 }
 
 const USAGE: &str = "usage: sparse-probe [--rows N] [--steps N] [--storage f32|f16] [--isa PATH] \
-                     [--huge-table] [--rotate]";
+                     [--huge-table] [--rotate] [--clipnorm C | --global-clipnorm C] \
+                     [--non-finite error|skip]";
 
 fn parse_args() -> BoxResult<Args> {
     let mut a = Args {
@@ -58,6 +67,9 @@ fn parse_args() -> BoxResult<Args> {
         isa: None,
         huge: false,
         rotate: false,
+        clipnorm: None,
+        global_clipnorm: None,
+        non_finite: NonFinitePolicy::Propagate,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -66,8 +78,8 @@ fn parse_args() -> BoxResult<Args> {
                 .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))
         };
         match arg.as_str() {
-            "--rows" => a.rows = value()?.parse()?,
-            "--steps" => a.steps = value()?.parse()?,
+            "--rows" => a.rows = value()?.parse().map_err(|e| format!("--rows: {e}"))?,
+            "--steps" => a.steps = value()?.parse().map_err(|e| format!("--steps: {e}"))?,
             "--storage" => {
                 a.f16 = match value()?.as_str() {
                     "f32" => false,
@@ -82,6 +94,22 @@ fn parse_args() -> BoxResult<Args> {
             }
             "--huge-table" => a.huge = true,
             "--rotate" => a.rotate = true,
+            "--clipnorm" => {
+                a.clipnorm = Some(value()?.parse().map_err(|e| format!("--clipnorm: {e}"))?)
+            }
+            "--global-clipnorm" => {
+                let c = value()?
+                    .parse()
+                    .map_err(|e| format!("--global-clipnorm: {e}"))?;
+                a.global_clipnorm = Some(c)
+            }
+            "--non-finite" => {
+                a.non_finite = match value()?.as_str() {
+                    "error" => NonFinitePolicy::Error,
+                    "skip" => NonFinitePolicy::SkipStep { loss_scale: None },
+                    other => return Err(format!("unknown policy {other:?}\n{USAGE}").into()),
+                }
+            }
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
@@ -98,8 +126,15 @@ where
     for<'x> &'x mut [T]: Into<TensorMut<'x>>,
     for<'x> &'x [T]: Into<TensorRef<'x>>,
 {
-    let ext = Extensions::default().with_kernel(a.isa);
-    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::default(), ext)?;
+    let ext = Extensions::default()
+        .with_kernel(a.isa)
+        .with_non_finite(a.non_finite.clone());
+    let config = LazyAdamConfig {
+        clipnorm: a.clipnorm,
+        global_clipnorm: a.global_clipnorm,
+        ..LazyAdamConfig::default()
+    };
+    let mut opt = LazyAdam::with_extensions(config, ext)?;
     let var = opt.add_variable("table", &[a.rows, DIM], T::DTYPE, T::DTYPE)?;
     let mut p = vec![T::from_f32(0.01); a.rows * DIM];
     if a.huge && !lazyadam::advise_huge_pages(&p) {
@@ -163,6 +198,8 @@ fn main() -> BoxResult<()> {
         serde_json::json!({
             "rows": a.rows, "dim": DIM, "ids": ids.len(), "steps": a.steps,
             "huge_table": a.huge, "rotate": a.rotate,
+            "clipnorm": a.clipnorm, "global_clipnorm": a.global_clipnorm,
+            "non_finite": format!("{:?}", a.non_finite),
             "storage": if a.f16 { "f16" } else { "f32" },
             "isa": a.isa.unwrap_or_else(Isa::best).name(),
             "threads": rayon::current_num_threads(),

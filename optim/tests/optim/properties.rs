@@ -797,3 +797,43 @@ proptest! {
         prop_assert_eq!(&run(scaled, scale), &want);
     }
 }
+
+/// Non-finite norms, which the f64 estimate cannot decide (the exact sum does,
+/// as `tf.clip_by_norm` and `tf.clip_by_global_norm` would): a NaN norm makes
+/// every value of the gradient NaN; an infinite one scales by 0 under
+/// `clipnorm` (the infinite value becomes NaN, the others 0, so their
+/// parameters do not move) and makes every value of every gradient NaN under
+/// `global_clipnorm`.
+#[test]
+fn non_finite_norms_clip_as_the_reference() {
+    let run = |config: LazyAdamConfig, a: &[f32], b: &[f32]| {
+        let mut opt = LazyAdam::new(config).unwrap();
+        let va = opt
+            .add_variable("a", &[a.len()], DType::F32, DType::F32)
+            .unwrap();
+        let vb = opt
+            .add_variable("b", &[b.len()], DType::F32, DType::F32)
+            .unwrap();
+        let (mut pa, mut pb) = (vec![1.0f32; a.len()], vec![1.0f32; b.len()]);
+        opt.apply_gradients(&mut [
+            Update::new(va, &mut pa, Gradient::dense(a)),
+            Update::new(vb, &mut pb, Gradient::dense(b)),
+        ])
+        .unwrap();
+        (pa, pb)
+    };
+    let clip = LazyAdamConfig::default().with_clipnorm(1.0);
+    let global = LazyAdamConfig::default().with_global_clipnorm(1.0);
+    // A NaN norm: every value of that gradient NaN; the other one clipped as usual.
+    let (pa, pb) = run(clip.clone(), &[f32::NAN, 0.5, 0.25], &[0.25]);
+    assert!(pa.iter().all(|x| x.is_nan()), "{pa:?}");
+    assert!(pb[0] < 1.0, "{pb:?}");
+    // An infinite norm under clipnorm: a factor of 0.
+    let (pa, pb) = run(clip, &[f32::INFINITY, 0.5, 0.25], &[0.25]);
+    assert!(pa[0].is_nan(), "{pa:?}");
+    assert_eq!(&pa[1..], &[1.0, 1.0]);
+    assert!(pb[0] < 1.0, "{pb:?}");
+    // Under global_clipnorm, one infinite value makes every value NaN.
+    let (pa, pb) = run(global, &[f32::INFINITY, 0.5, 0.25], &[0.25]);
+    assert!(pa.iter().chain(&pb).all(|x| x.is_nan()), "{pa:?} {pb:?}");
+}
