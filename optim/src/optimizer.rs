@@ -200,39 +200,73 @@ fn splits_values(len: usize, min_parallel: usize) -> bool {
     len >= min_parallel.saturating_mul(4) && pool_threads() > 1
 }
 
+/// A pass over `src` that yields one result: `f` of the whole slice or, for
+/// at least 4 x `min_parallel` values and more than one thread, `f` of each
+/// [`VALUE_CHUNK`]-value chunk in rayon tasks, the chunks' results combined
+/// by `merge` (from `empty()` when needed). A caller's result must not depend
+/// on the split (a maximum of bits, an exact sum), or must allow for it (the
+/// chain depth of an f64 estimate).
+fn fold_values<G: Sync, R: Send>(
+    src: &[G],
+    min_parallel: usize,
+    f: impl Fn(&[G]) -> R + Sync + Send,
+    empty: impl Fn() -> R + Sync + Send,
+    merge: impl Fn(R, R) -> R + Sync + Send,
+) -> R {
+    #[cfg(feature = "rayon")]
+    if splits_values(src.len(), min_parallel) {
+        use rayon::prelude::*;
+        return src.par_chunks(VALUE_CHUNK).map(f).reduce(empty, merge);
+    }
+    let _ = (min_parallel, empty, merge);
+    f(src)
+}
+
+/// Magnitudes compare as their bits: non-negative, or NaN with a clear sign
+/// bit above every other. So the largest of any split's chunk maxima is the
+/// same number.
+fn max_bits(a: u32, b: u32) -> u32 {
+    a.max(b)
+}
+
+/// Sums exactly (so in any split, and in any order).
+fn merge_squares(mut a: SquareSum, b: SquareSum) -> SquareSum {
+    a.merge(&b);
+    a
+}
+
+/// One NaN whatever the payload (which may depend on the split for 16-bit
+/// values, whose widening quiets it).
+fn one_nan(m: f32) -> f32 {
+    if m.is_nan() { f32::NAN } else { m }
+}
+
 /// The largest magnitude among `values`, widened to f32: `f32::NAN` if one is
 /// NaN, 0 for none ([`Kernels::max_abs`]). At least 4 x `min_parallel` values
-/// are split in chunks over rayon tasks: magnitudes compare as their bits (a
-/// NaN's above every other), so the largest of the chunks' maxima is the same
-/// number for any split, and the thread count changes nothing.
+/// are split in chunks over rayon tasks ([`fold_values`]); the largest of the
+/// chunks' maxima is the same number for any split, so the thread count
+/// changes nothing.
 pub(crate) fn max_abs(k: &Kernels, values: &TensorRef<'_>, min_parallel: usize) -> f32 {
-    fn of<G: lazyadam_kernels::Element + Sync>(k: &Kernels, src: &[G], min_parallel: usize) -> f32 {
-        #[cfg(feature = "rayon")]
-        if splits_values(src.len(), min_parallel) {
-            use rayon::prelude::*;
-            // Non-negative (or NaN with a clear sign bit), so the bits order them.
-            let bits = src
-                .par_chunks(VALUE_CHUNK)
-                .map(|c| k.max_abs(c).to_bits())
-                .max();
-            return f32::from_bits(bits.unwrap_or(0));
-        }
-        let _ = min_parallel;
-        k.max_abs(src)
+    fn of<G: lazyadam_kernels::Element + Sync>(k: &Kernels, src: &[G], min_parallel: usize) -> u32 {
+        fold_values(
+            src,
+            min_parallel,
+            |c| k.max_abs(c).to_bits(),
+            || 0,
+            max_bits,
+        )
     }
-    let m = match values {
+    let bits = match values {
         TensorRef::F32(s) => of(k, s, min_parallel),
         TensorRef::F16(s) => of(k, s, min_parallel),
         TensorRef::BF16(s) => of(k, s, min_parallel),
     };
-    // One NaN whatever the payload (which may depend on the split for 16-bit
-    // values, whose widening quiets it).
-    if m.is_nan() { f32::NAN } else { m }
+    one_nan(f32::from_bits(bits))
 }
 
 /// Adds the exact squares of `transform(src)` into `acc`; a long slice in
-/// chunks over rayon tasks. The sum is exact, so the chunks and the order of
-/// their merge do not change a bit of it.
+/// chunks over rayon tasks ([`fold_values`]). The sum is exact, so the chunks
+/// and the order of their merge do not change a bit of it.
 fn squares_of<G: lazyadam_kernels::Element + Sync>(
     k: &Kernels,
     acc: &mut SquareSum,
@@ -240,21 +274,14 @@ fn squares_of<G: lazyadam_kernels::Element + Sync>(
     t: &GradTransform,
     min_parallel: usize,
 ) {
-    #[cfg(feature = "rayon")]
-    if splits_values(src.len(), min_parallel) {
-        use rayon::prelude::*;
-        let total = src
-            .par_chunks(VALUE_CHUNK)
-            .map(|c| k.sum_squares_exact(c, t))
-            .reduce(SquareSum::default, |mut a, b| {
-                a.merge(&b);
-                a
-            });
-        acc.merge(&total);
-        return;
-    }
-    let _ = min_parallel;
-    k.accumulate_squares(acc, src, t);
+    let f = |c: &[G]| k.sum_squares_exact(c, t);
+    acc.merge(&fold_values(
+        src,
+        min_parallel,
+        f,
+        SquareSum::default,
+        merge_squares,
+    ));
 }
 
 /// [`squares_of`] and [`max_abs`] in one pass over `values`: adds the exact
@@ -270,41 +297,25 @@ pub(crate) fn squares_and_max_abs(
 ) -> f32 {
     fn of<G: lazyadam_kernels::Element + Sync>(
         k: &Kernels,
-        acc: &mut SquareSum,
         src: &[G],
         t: &GradTransform,
         min_parallel: usize,
-    ) -> f32 {
-        #[cfg(feature = "rayon")]
-        if splits_values(src.len(), min_parallel) {
-            use rayon::prelude::*;
-            let (total, bits) = src
-                .par_chunks(VALUE_CHUNK)
-                .map(|c| {
-                    let mut s = SquareSum::ZERO;
-                    let m = k.accumulate_squares_max_abs(&mut s, c, t);
-                    (s, m.to_bits())
-                })
-                .reduce(
-                    || (SquareSum::ZERO, 0),
-                    |(mut a, x), (b, y)| {
-                        a.merge(&b);
-                        (a, x.max(y))
-                    },
-                );
-            acc.merge(&total);
-            return f32::from_bits(bits);
-        }
-        let _ = min_parallel;
-        k.accumulate_squares_max_abs(acc, src, t)
+    ) -> (SquareSum, u32) {
+        let f = |c: &[G]| {
+            let mut s = SquareSum::ZERO;
+            let m = k.accumulate_squares_max_abs(&mut s, c, t);
+            (s, m.to_bits())
+        };
+        let merge = |(a, x), (b, y)| (merge_squares(a, b), max_bits(x, y));
+        fold_values(src, min_parallel, f, || (SquareSum::ZERO, 0), merge)
     }
-    let m = match values {
-        TensorRef::F32(s) => of(k, acc, s, t, min_parallel),
-        TensorRef::F16(s) => of(k, acc, s, t, min_parallel),
-        TensorRef::BF16(s) => of(k, acc, s, t, min_parallel),
+    let (total, bits) = match values {
+        TensorRef::F32(s) => of(k, s, t, min_parallel),
+        TensorRef::F16(s) => of(k, s, t, min_parallel),
+        TensorRef::BF16(s) => of(k, s, t, min_parallel),
     };
-    // As `max_abs`: one NaN whatever the payload.
-    if m.is_nan() { f32::NAN } else { m }
+    acc.merge(&total);
+    one_nan(f32::from_bits(bits))
 }
 
 /// The factor a clipping norm `c` gives for the sum of squares `x` of the
@@ -377,47 +388,33 @@ pub(crate) fn estimate_and_max_abs(
     min_parallel: usize,
 ) -> (f64, usize, f32) {
     let (est, depth, m) = estimate_of::<true>(k, values, t, min_parallel);
-    // As `max_abs`: one NaN whatever the payload.
-    (est, depth, if m.is_nan() { f32::NAN } else { m })
+    (est, depth, one_nan(m))
 }
 
 /// The pass behind [`squares_estimate`] (the magnitude 0) and, with `MAX`,
-/// [`estimate_and_max_abs`].
+/// [`estimate_and_max_abs`], over rayon chunks as [`fold_values`] splits it.
 fn estimate_of<const MAX: bool>(
     k: &Kernels,
     values: &TensorRef<'_>,
     t: &GradTransform,
     min_parallel: usize,
 ) -> (f64, usize, f32) {
-    fn one<G: lazyadam_kernels::Element, const MAX: bool>(
-        k: &Kernels,
-        src: &[G],
-        t: &GradTransform,
-    ) -> (f64, u32) {
-        if MAX {
-            let (s, m) = k.sum_squares_max_abs(src, t);
-            (s, m.to_bits())
-        } else {
-            (k.sum_squares(src, t), 0)
-        }
-    }
     fn of<G: lazyadam_kernels::Element + Sync, const MAX: bool>(
         k: &Kernels,
         src: &[G],
         t: &GradTransform,
         min_parallel: usize,
     ) -> (f64, u32) {
-        #[cfg(feature = "rayon")]
-        if splits_values(src.len(), min_parallel) {
-            use rayon::prelude::*;
-            // Magnitudes compare as their bits (a NaN's above the rest).
-            return src
-                .par_chunks(VALUE_CHUNK)
-                .map(|c| one::<G, MAX>(k, c, t))
-                .reduce(|| (0.0, 0), |(a, x), (b, y)| (a + b, x.max(y)));
-        }
-        let _ = min_parallel;
-        one::<G, MAX>(k, src, t)
+        let f = |c: &[G]| {
+            if MAX {
+                let (s, m) = k.sum_squares_max_abs(c, t);
+                (s, m.to_bits())
+            } else {
+                (k.sum_squares(c, t), 0)
+            }
+        };
+        let merge = |(a, x), (b, y)| (a + b, max_bits(x, y));
+        fold_values(src, min_parallel, f, || (0.0, 0), merge)
     }
     let n = values.len();
     let (est, bits) = match values {
