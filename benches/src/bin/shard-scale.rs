@@ -3,8 +3,13 @@
 //! `data/workload_ids.json`, split evenly across the ranks in contiguous parts).
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin shard-scale -- [--quick]
+//! cargo run --release -p lazyadam-benches --bin shard-scale -- [--quick] [--no-fetch]
+//!     [--clipnorm C | --global-clipnorm C]
 //! ```
+//!
+//! `--clipnorm` and `--global-clipnorm` set the optimizer's clipping norm (the ranks then agree
+//! on the norm of a gradient spread over them); `--no-fetch` leaves out the runs that fetch
+//! rows after each step.
 //!
 //! Ranks are threads ([`ThreadCollective`]) sharing the machine's cores and one rayon pool, so
 //! the times are those of one machine doing every rank's work (they show the cost the
@@ -70,8 +75,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The value after `flag` among the arguments, parsed as a clipping norm.
+fn norm_arg(args: &[String], flag: &str) -> Result<Option<f32>, String> {
+    match args.iter().position(|a| a == flag) {
+        None => Ok(None),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .map(Some)
+            .ok_or_else(|| format!("{flag} needs a number")),
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let fetches: &[bool] = if args.iter().any(|a| a == "--no-fetch") {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    let mut config = LazyAdamConfig::default();
+    let clipnorm = norm_arg(&args, "--clipnorm")?;
+    let global_clipnorm = norm_arg(&args, "--global-clipnorm")?;
+    if let Some(c) = clipnorm {
+        config = config.with_clipnorm(c);
+    }
+    if let Some(c) = global_clipnorm {
+        config = config.with_global_clipnorm(c);
+    }
+    config.validate()?;
     let reps = if quick { 5 } else { 40 };
     let table: std::collections::HashMap<String, Vec<u64>> = serde_json::from_str(IDS_JSON)?;
     let ids = table
@@ -80,15 +113,18 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .clone();
     let grads: Vec<f32> = (0..ids.len() * DIM).map(|i| unit(i as u64)).collect();
     println!(
-        "{{\"kind\":\"env\",\"threads\":{},\"reps\":{reps},\"ids\":{},\"rows\":{ROWS},\"dim\":{DIM}}}",
+        "{{\"kind\":\"env\",\"threads\":{},\"reps\":{reps},\"ids\":{},\"rows\":{ROWS},\"dim\":{DIM},\
+         \"clipnorm\":{},\"global_clipnorm\":{}}}",
         rayon::current_num_threads(),
-        ids.len()
+        ids.len(),
+        clipnorm.map_or("null".into(), |c| c.to_string()),
+        global_clipnorm.map_or("null".into(), |c| c.to_string()),
     );
     for ranks in [1usize, 2, 4] {
-        for fetch in [false, true] {
+        for &fetch in fetches {
             let gather = Arc::new(AtomicU64::new(0));
             let to_all = Arc::new(AtomicU64::new(0));
-            let (ids, grads) = (&ids, &grads);
+            let (ids, grads, config) = (&ids, &grads, &config);
             let times: Vec<Vec<f64>> = std::thread::scope(|s| {
                 let joins: Vec<_> = ThreadCollective::group(ranks)
                     .into_iter()
@@ -100,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                         };
                         s.spawn(move || -> Result<Vec<f64>, lazyadam::Error> {
                             let r = comm.rank();
-                            let mut opt = ShardedLazyAdam::new(LazyAdamConfig::default(), comm)?;
+                            let mut opt = ShardedLazyAdam::new(config.clone(), comm)?;
                             let t = opt.add_table("emb", ROWS, DIM, DType::F32, DType::F32)?;
                             let n = ids.len();
                             let (a, b) = (n * r / ranks, n * (r + 1) / ranks);
