@@ -188,9 +188,7 @@ pub(crate) fn pool_threads() -> usize {
     1
 }
 
-/// Values per rayon task of a pass over a gradient's values ([`max_abs`],
-/// the sums of squares).
-#[cfg(feature = "rayon")]
+/// Values per chunk of a pass over a gradient's values ([`fold_values`]).
 const VALUE_CHUNK: usize = 1 << 16;
 
 /// Whether a pass over `len` gradient values splits them over the pool: at
@@ -200,26 +198,27 @@ fn splits_values(len: usize, min_parallel: usize) -> bool {
     len >= min_parallel.saturating_mul(4) && pool_threads() > 1
 }
 
-/// A pass over `src` that yields one result: `f` of the whole slice or, for
-/// at least 4 x `min_parallel` values and more than one thread, `f` of each
-/// [`VALUE_CHUNK`]-value chunk in rayon tasks, the chunks' results combined
-/// by `merge` (from `empty()` when needed). A caller's result must not depend
-/// on the split (a maximum of bits, an exact sum), or must allow for it (the
-/// chain depth of an f64 estimate).
+/// A pass over `src` in [`VALUE_CHUNK`]-value chunks: `f` of each chunk, the
+/// results folded into `init` by `merge` in the chunks' order. For at least
+/// 4 x `min_parallel` values and more than one thread the chunks run in
+/// rayon tasks, else one after another; the fold is the same either way, so
+/// a result does not depend on the thread count, not even an f64 sum's (in
+/// a sharded step every rank decides alike from such a sum).
 fn fold_values<G: Sync, R: Send>(
     src: &[G],
     min_parallel: usize,
+    init: R,
     f: impl Fn(&[G]) -> R + Sync + Send,
-    empty: impl Fn() -> R + Sync + Send,
-    merge: impl Fn(R, R) -> R + Sync + Send,
+    merge: impl FnMut(R, R) -> R,
 ) -> R {
     #[cfg(feature = "rayon")]
     if splits_values(src.len(), min_parallel) {
         use rayon::prelude::*;
-        return src.par_chunks(VALUE_CHUNK).map(f).reduce(empty, merge);
+        let parts: Vec<R> = src.par_chunks(VALUE_CHUNK).map(f).collect();
+        return parts.into_iter().fold(init, merge);
     }
-    let _ = (min_parallel, empty, merge);
-    f(src)
+    let _ = min_parallel;
+    src.chunks(VALUE_CHUNK).map(f).fold(init, merge)
 }
 
 /// Magnitudes compare as their bits: non-negative, or NaN with a clear sign
@@ -248,13 +247,7 @@ fn one_nan(m: f32) -> f32 {
 /// changes nothing.
 pub(crate) fn max_abs(k: &Kernels, values: &TensorRef<'_>, min_parallel: usize) -> f32 {
     fn of<G: lazyadam_kernels::Element + Sync>(k: &Kernels, src: &[G], min_parallel: usize) -> u32 {
-        fold_values(
-            src,
-            min_parallel,
-            |c| k.max_abs(c).to_bits(),
-            || 0,
-            max_bits,
-        )
+        fold_values(src, min_parallel, 0, |c| k.max_abs(c).to_bits(), max_bits)
     }
     let bits = match values {
         TensorRef::F32(s) => of(k, s, min_parallel),
@@ -278,44 +271,10 @@ fn squares_of<G: lazyadam_kernels::Element + Sync>(
     acc.merge(&fold_values(
         src,
         min_parallel,
+        SquareSum::ZERO,
         f,
-        SquareSum::default,
         merge_squares,
     ));
-}
-
-/// [`squares_of`] and [`max_abs`] in one pass over `values`: adds the exact
-/// squares of `transform(values)` into `acc` and returns the raw values'
-/// largest magnitude. Split over rayon tasks as both are, with the same
-/// results for any split (an exact sum; a maximum of bits).
-pub(crate) fn squares_and_max_abs(
-    k: &Kernels,
-    acc: &mut SquareSum,
-    values: &TensorRef<'_>,
-    t: &GradTransform,
-    min_parallel: usize,
-) -> f32 {
-    fn of<G: lazyadam_kernels::Element + Sync>(
-        k: &Kernels,
-        src: &[G],
-        t: &GradTransform,
-        min_parallel: usize,
-    ) -> (SquareSum, u32) {
-        let f = |c: &[G]| {
-            let mut s = SquareSum::ZERO;
-            let m = k.accumulate_squares_max_abs(&mut s, c, t);
-            (s, m.to_bits())
-        };
-        let merge = |(a, x), (b, y)| (merge_squares(a, b), max_bits(x, y));
-        fold_values(src, min_parallel, f, || (SquareSum::ZERO, 0), merge)
-    }
-    let (total, bits) = match values {
-        TensorRef::F32(s) => of(k, s, t, min_parallel),
-        TensorRef::F16(s) => of(k, s, t, min_parallel),
-        TensorRef::BF16(s) => of(k, s, t, min_parallel),
-    };
-    acc.merge(&total);
-    one_nan(f32::from_bits(bits))
 }
 
 /// The factor a clipping norm `c` gives for the sum of squares `x` of the
@@ -365,9 +324,9 @@ pub(crate) fn clip_factor_from_estimate(
 /// An f64 estimate of the sum of squares of `transform(values)` for
 /// [`clip_factor_from_estimate`], and the longest chain of additions behind
 /// it: [`Kernels::sum_squares`] (exact squares, eight accumulators, so at
-/// most `len / 8 + 3` additions a chain), over rayon chunks for long slices
-/// (at most one more addition a chunk). The value may depend on the split;
-/// the factor [`clip_factor_from_estimate`] draws from it does not.
+/// most `len / 8 + 3` additions a chain) of each chunk of [`fold_values`],
+/// added in order (one more addition a chunk). The same f64 on every kernel
+/// path and thread count.
 pub(crate) fn squares_estimate(
     k: &Kernels,
     values: &TensorRef<'_>,
@@ -414,7 +373,7 @@ fn estimate_of<const MAX: bool>(
             }
         };
         let merge = |(a, x), (b, y)| (a + b, max_bits(x, y));
-        fold_values(src, min_parallel, f, || (0.0, 0), merge)
+        fold_values(src, min_parallel, (0.0, 0), f, merge)
     }
     let n = values.len();
     let (est, bits) = match values {
@@ -426,28 +385,10 @@ fn estimate_of<const MAX: bool>(
     (est, n / 8 + n / 4096 + 16, f32::from_bits(bits))
 }
 
-/// `clipnorm` of one gradient from the exact sum of squares of its
-/// transformed values: as `tf.clip_by_norm`, a NaN norm makes every value
-/// NaN, and a norm above `c` scales by `c / norm`.
-pub(crate) fn clip_by_norm(t: &mut GradTransform, squares: &SquareSum, c: f32) {
-    if let Some(s) = clip_factor(squares.to_f64(), c, false) {
-        scale_transform(t, s);
-    }
-}
-
-/// `global_clipnorm` from the exact sum of squares of every transformed
-/// gradient of the step: as `tf.clip_by_global_norm`, a non-finite global
-/// norm makes every value NaN.
-pub(crate) fn clip_by_global_norm(ts: &mut [GradTransform], total: &SquareSum, c: f32) {
-    if let Some(s) = clip_factor(total.to_f64(), c, true) {
-        ts.iter_mut().for_each(|t| scale_transform(t, s));
-    }
-}
-
 /// Scales a transform by a clipping factor `s` (0 <= s <= 1, or NaN):
 /// `clamp(g*a, c)*s` becomes `clamp(g*(a*s), c*s)` (the same values, since
 /// rounding is monotonic).
-fn scale_transform(t: &mut GradTransform, s: f32) {
+pub(crate) fn scale_transform(t: &mut GradTransform, s: f32) {
     if s != 1.0 {
         t.scale *= s;
         if let Some(c) = t.clip.as_mut() {
@@ -947,12 +888,11 @@ impl LazyAdam {
         // from the exact sum: the same factor either way.
         let mut transforms = std::mem::take(&mut self.scratch.transforms);
         transforms.clear();
-        let min_parallel = self.ext.parallel_min_elements.max(1);
         // Update `i`'s estimate under `t`: the check's when it took it.
         let estimate = |i: usize, values: &TensorRef<'_>, t: &GradTransform| match estimates.get(i)
         {
             Some(e) if *t == base => *e,
-            _ => squares_estimate(&self.kernels, values, t, min_parallel),
+            _ => self.square_estimate(values, t),
         };
         for (i, u) in updates.iter().enumerate() {
             let mut t = base;
@@ -1063,22 +1003,6 @@ impl LazyAdam {
             self.check_finite(index, grad)?;
         }
         Ok((m, bad && self.skips_non_finite()))
-    }
-
-    /// [`LazyAdam::check_values`], and the exact sum of squares of the values
-    /// transformed by `t`, from one pass over them ([`squares_and_max_abs`]).
-    pub(crate) fn check_values_and_squares(
-        &self,
-        index: usize,
-        grad: &Gradient<'_>,
-        inv_scale: f32,
-        t: &GradTransform,
-    ) -> Result<(f32, bool, SquareSum), Error> {
-        let mut s = SquareSum::ZERO;
-        let min_parallel = self.ext.parallel_min_elements.max(1);
-        let m = squares_and_max_abs(&self.kernels, &mut s, &grad.values(), t, min_parallel);
-        let (m, skip) = self.judge_values(index, grad, inv_scale, m)?;
-        Ok((m, skip, s))
     }
 
     /// [`LazyAdam::check_values`], and the f64 estimate of the sum of squares
@@ -1232,6 +1156,17 @@ impl LazyAdam {
         let mut s = SquareSum::ZERO;
         self.accumulate_squares(&mut s, values, t);
         s
+    }
+
+    /// The f64 estimate of the sum of squares of `transform(values)` and its
+    /// chain depth, for [`clip_factor_from_estimate`] ([`squares_estimate`]).
+    pub(crate) fn square_estimate(
+        &self,
+        values: &TensorRef<'_>,
+        t: &GradTransform,
+    ) -> (f64, usize) {
+        let min_parallel = self.ext.parallel_min_elements.max(1);
+        squares_estimate(&self.kernels, values, t, min_parallel)
     }
 
     /// Adds the exact squares of `transform(values)` into `acc`.
@@ -1595,6 +1530,53 @@ mod tests {
             }
         }
         assert!(decided >= 950, "{decided} of 1000 decided");
+    }
+
+    /// An estimate (and its magnitude) is the same f64 on any thread count and
+    /// any `min_parallel`: the chunks' sums are added in order whether they ran
+    /// over rayon tasks or not. A sharded step relies on it for the dense
+    /// gradients every rank sums (its ranks must agree on whether the exact
+    /// sums are needed). Lengths around the chunk size, every gradient type.
+    #[test]
+    fn estimates_do_not_depend_on_threads_or_the_split() {
+        let k = Kernels::best();
+        let t = GradTransform {
+            scale: 0.75,
+            clip: Some(1e6),
+            negate: false,
+        };
+        let chunk = VALUE_CHUNK;
+        for n in [0, 1, 7, chunk - 1, chunk + 9, 7 * chunk + 5] {
+            // Magnitudes over 2^-20..2^20, so that the chunks' sums carry
+            // every bit of their f64s and their order shows in the total.
+            let f: Vec<f32> = (0..n as u64)
+                .map(|j| {
+                    let h = j.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    (h >> 40) as f32 * 2f32.powi((h % 41) as i32 - 44)
+                })
+                .collect();
+            let h: Vec<f16> = f.iter().map(|&x| f16::from_f32(x)).collect();
+            let b: Vec<bf16> = f.iter().map(|&x| bf16::from_f32(x)).collect();
+            for v in [TensorRef::F32(&f), TensorRef::F16(&h), TensorRef::BF16(&b)] {
+                let want = estimate_of::<true>(&k, &v, &t, usize::MAX);
+                assert_eq!(want.0, estimate_of::<false>(&k, &v, &t, usize::MAX).0);
+                #[cfg(feature = "rayon")]
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    for min_parallel in [1, 1000, VALUE_CHUNK] {
+                        let got = pool.install(|| estimate_of::<true>(&k, &v, &t, min_parallel));
+                        assert_eq!(
+                            (got.0.to_bits(), got.1, got.2.to_bits()),
+                            (want.0.to_bits(), want.1, want.2.to_bits()),
+                            "{n} values, {threads} threads, min_parallel {min_parallel}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     proptest! {

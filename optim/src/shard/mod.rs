@@ -9,11 +9,12 @@
 //!
 //! 1. **Check and agree** (one all-gather): each rank validates its
 //!    gradients against the *whole* tables (ids below the table's row count,
-//!    lengths, the non-finite policy), and sends its verdict, the exact sums
-//!    of squares of its sparse gradients (for clipping), under `Error` or
-//!    `SkipStep` the largest magnitude and the id count of each table's
-//!    gradient, its dense gradients, and a fingerprint of its variables,
-//!    configuration, step counter and loss scale. If any rank rejects the step, every rank returns an error
+//!    lengths, the non-finite policy), and sends its verdict, f64 estimates
+//!    of the sums of squares of its sparse gradients with their error bounds
+//!    (for clipping), under `Error` or `SkipStep` the largest magnitude and
+//!    the id count of each table's gradient, its dense gradients, and a
+//!    fingerprint of its variables, configuration, step counter and loss
+//!    scale. If any rank rejects the step, every rank returns an error
 //!    ([`Error::PeerRejected`] on the others) and nothing is written
 //!    anywhere.
 //! 2. **Dense gradients** are summed over ranks in rank order, in f32
@@ -29,10 +30,15 @@
 //!    [`NonFinitePolicy::SkipStep`](crate::NonFinitePolicy::SkipStep) (any
 //!    non-finite value on any rank skips the step everywhere, and every rank
 //!    backs off the same loss scale), `clipnorm` (the norm of a table's
-//!    gradient spans ranks) and `global_clipnorm`. Norms come from exact
-//!    sums of squares ([`SquareSum`]), which do
-//!    not depend on how values are split: the single-process step uses the
-//!    same sums, so both give the same bits.
+//!    gradient spans ranks) and `global_clipnorm`. A clipping factor is the
+//!    one the exact sum of squares ([`SquareSum`]) gives, which does not
+//!    depend on how values are split, so the single-process step gives the
+//!    same bits. The ranks' estimates, added in rank order, usually decide
+//!    it: when the factor is the same across the whole error bound, it is
+//!    the exact sum's. When they do not (a non-finite value, a norm within
+//!    the bound of `clipnorm` or of a factor's rounding point), one more
+//!    all-gather exchanges the exact sums; every rank knows it is needed
+//!    from the agreed figures.
 //! 4. **Route** (one all-to-all): every id and its gradient row go to the
 //!    rank that owns the row. An owner receives from ranks in rank order,
 //!    each in its own order: exactly the concatenated batch restricted to its
@@ -66,13 +72,14 @@ mod wire;
 
 use std::ops::Range;
 
-use lazyadam_kernels::{DType, SquareSum, bf16, f16};
+use lazyadam_kernels::{DType, GradTransform, SquareSum, bf16, f16};
 
 use crate::config::LazyAdamConfig;
 use crate::error::Error;
 use crate::extensions::Extensions;
 use crate::optimizer::{
-    LazyAdam, StepRates, check_sparse, clip_by_global_norm, clip_by_norm, sums_need_check,
+    LazyAdam, StepRates, check_sparse, clip_factor, clip_factor_from_estimate, scale_transform,
+    sums_need_check,
 };
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
@@ -602,7 +609,9 @@ impl<C: Collective> ShardedLazyAdam<C> {
 
         // Read every rank's contribution: presence, sums, dense gradients.
         let mut present = vec![false; nv];
-        let mut sums = vec![SquareSum::ZERO; nv];
+        // Per variable: the f64 estimate of the sum of squares and its chain
+        // depth (`clip_factor_from_estimate`), the ranks' added in rank order.
+        let mut estimates = vec![(0.0f64, 0usize); nv];
         let mut dense: Vec<Option<Vec<f32>>> = vec![None; nv];
         let mut non_finite = false;
         // Per table: the largest magnitude's bits and the id count, over ranks.
@@ -631,10 +640,19 @@ impl<C: Collective> ShardedLazyAdam<C> {
                             id_count[i] = n;
                         }
                         if need_sums {
-                            let b = rd.take(SquareSum::BYTES, "sum of squares")?;
-                            let s = SquareSum::from_bytes(b)
-                                .ok_or_else(|| rd.malformed("sum of squares"))?;
-                            sums[i].merge(&s);
+                            // A sum of squares: not negative (NaN or +inf
+                            // from non-finite values).
+                            let e = f64::from_bits(rd.u64("sum of squares estimate")?);
+                            if e < 0.0 {
+                                return Err(rd.malformed("sum of squares estimate"));
+                            }
+                            // One more addition a rank.
+                            let (sum, depth) = estimates[i];
+                            let d = usize::try_from(rd.u64("chain depth")?)
+                                .ok()
+                                .and_then(|d| depth.checked_add(d)?.checked_add(1))
+                                .ok_or_else(|| rd.malformed("chain depth"))?;
+                            estimates[i] = (sum + e, d);
                         }
                     }
                     Kind::Dense { numel } => {
@@ -662,8 +680,9 @@ impl<C: Collective> ShardedLazyAdam<C> {
             rd.finish()?;
         }
 
-        // The summed dense gradients: the non-finite policy and sums of squares
-        // (identical on every rank).
+        // The summed dense gradients: the non-finite policy and estimates of
+        // the sums of squares (identical on every rank: the same sums, and an
+        // estimate is the same on every kernel path and thread count).
         for i in 0..nv {
             if let Some(g) = &dense[i] {
                 let values = TensorRef::F32(g);
@@ -672,15 +691,15 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 let check = checks && !(skips && non_finite);
                 if check && need_sums {
                     // One pass for both.
-                    let (_, skip, s) = self
+                    let (_, skip, e) = self
                         .inner
-                        .check_values_and_squares(i, &grad, inv_scale, &base)?;
+                        .check_values_and_estimate(i, &grad, inv_scale, &base)?;
                     non_finite |= skip;
-                    sums[i] = s;
+                    estimates[i] = e;
                 } else if check {
                     non_finite |= self.inner.check_values(i, &grad, inv_scale)?.1;
                 } else if need_sums {
-                    sums[i] = self.inner.square_sum(&values, &base);
+                    estimates[i] = self.inner.square_estimate(&values, &base);
                 }
             }
         }
@@ -689,22 +708,56 @@ impl<C: Collective> ShardedLazyAdam<C> {
             return Ok(StepOutcome::Skipped);
         }
 
-        // Clipping, decided from the global sums.
+        // Clipping, decided from the agreed estimates where they decide (the
+        // same figures on every rank, so the same decisions), else from exact
+        // sums: the single process's factors either way.
         let mut transforms = vec![base; nv];
-        if let Some(c) = self.inner.config.clipnorm {
+        let clipnorm = self.inner.config.clipnorm;
+        let global_clipnorm = self.inner.config.global_clipnorm;
+        // `Some(factor)` once decided; `None` until then.
+        let mut factors: Vec<Option<Option<f32>>> = vec![Some(None); nv];
+        let mut global = Some(None);
+        if let Some(c) = clipnorm {
             for i in (0..nv).filter(|&i| present[i]) {
-                clip_by_norm(&mut transforms[i], &sums[i], c);
+                let (e, d) = estimates[i];
+                factors[i] = clip_factor_from_estimate(e, d, c, false);
             }
         }
-        if let Some(c) = self.inner.config.global_clipnorm {
+        if let Some(c) = global_clipnorm {
             // `clipnorm` and `global_clipnorm` exclude each other (as in
-            // Keras; the configuration refuses both), so the sums of the
-            // agreement round are the sums of the transformed values.
-            let mut total = SquareSum::ZERO;
+            // Keras; the configuration refuses both), so the estimates of the
+            // agreement round are those of the transformed values. Added in
+            // variable order: one more addition a variable.
+            let (mut e, mut d) = (0.0f64, nv);
             for i in (0..nv).filter(|&i| present[i]) {
-                total.merge(&sums[i]);
+                e += estimates[i].0;
+                d = d.saturating_add(estimates[i].1);
             }
-            clip_by_global_norm(&mut transforms, &total, c);
+            global = clip_factor_from_estimate(e, d, c, true);
+        }
+        let exact: Vec<bool> = (0..nv)
+            .map(|i| present[i] && (factors[i].is_none() || global.is_none()))
+            .collect();
+        if exact.contains(&true) {
+            let sums = self.exact_sums(&exact, &by_var, &dense, &base)?;
+            if let Some(c) = clipnorm {
+                for i in (0..nv).filter(|&i| exact[i]) {
+                    factors[i] = Some(clip_factor(sums[i].to_f64(), c, false));
+                }
+            }
+            if let Some(c) = global_clipnorm.filter(|_| global.is_none()) {
+                let mut total = SquareSum::ZERO;
+                sums.iter().for_each(|s| total.merge(s));
+                global = Some(clip_factor(total.to_f64(), c, true));
+            }
+        }
+        for (t, f) in transforms.iter_mut().zip(&factors) {
+            if let Some(Some(f)) = *f {
+                scale_transform(t, f);
+            }
+        }
+        if let Some(Some(f)) = global {
+            transforms.iter_mut().for_each(|t| scale_transform(t, f));
         }
 
         // Route the table rows to their owners (with one rank, nothing to route).
@@ -805,11 +858,64 @@ impl<C: Collective> ShardedLazyAdam<C> {
         r
     }
 
+    /// The exact sums of squares of the transformed values of the variables
+    /// marked in `exact` (zero for the rest), for the clipping norms the
+    /// estimates did not decide. A dense variable's from the summed gradient
+    /// every rank holds; a table's from one more all-gather, in which each
+    /// rank sends the exact sums of its own values of every marked table,
+    /// merged over ranks (an exact sum, so in any order). Every rank calls
+    /// this or none does: `exact` comes from the agreed figures.
+    fn exact_sums(
+        &mut self,
+        exact: &[bool],
+        by_var: &[Option<Gradient<'_>>],
+        dense: &[Option<Vec<f32>>],
+        base: &GradTransform,
+    ) -> Result<Vec<SquareSum>, Error> {
+        let nv = self.vars.len();
+        let mut sums = vec![SquareSum::ZERO; nv];
+        let tables: Vec<usize> = (0..nv)
+            .filter(|&i| exact[i] && matches!(self.vars[i].kind, Kind::Table { .. }))
+            .collect();
+        for i in (0..nv).filter(|&i| exact[i]) {
+            if let Some(g) = &dense[i] {
+                sums[i] = self.inner.square_sum(&TensorRef::F32(g), base);
+            }
+        }
+        if tables.is_empty() {
+            return Ok(sums);
+        }
+        let mut w = Writer::default();
+        for &i in &tables {
+            let s = match by_var[i] {
+                Some(Gradient::Sparse { values, .. }) => self.inner.square_sum(&values, base),
+                _ => SquareSum::ZERO,
+            };
+            w.bytes(&s.to_bytes());
+        }
+        let (all, header, ()) = self.agree("step", Ok((w.0, ())))?;
+        for (r, msg) in all.iter().enumerate() {
+            let mut rd = Reader::new(msg, r);
+            rd.take(header, "header")?;
+            for &i in &tables {
+                let what = "exact sum of squares";
+                let b = rd.take(SquareSum::BYTES, what)?;
+                let s = SquareSum::from_bytes(b).ok_or_else(|| rd.malformed(what))?;
+                sums[i].merge(&s);
+            }
+            rd.finish()?;
+        }
+        Ok(sums)
+    }
+
     /// This rank's verdict on its gradients, and its message of the
-    /// agreement round: per variable a presence byte, then for a table the
-    /// exact sum of squares of its values (when clipping needs it), for a
-    /// dense variable its gradient; last, whether a value is non-finite
-    /// (under `SkipStep`). Fills `by_var` with the gradient of each variable.
+    /// agreement round: per variable a presence byte, then for a table,
+    /// under `Error` or `SkipStep`, the largest magnitude and the id count
+    /// of its gradient, and when clipping needs it the f64 estimate of the
+    /// sum of squares of its transformed values with its chain depth
+    /// ([`LazyAdam::square_estimate`]); for a dense variable its gradient;
+    /// last, whether a value is non-finite (under `SkipStep`). Fills
+    /// `by_var` with the gradient of each variable.
     fn contribution<'g>(
         &mut self,
         grads: &[ShardGradient<'g>],
@@ -837,29 +943,30 @@ impl<C: Collective> ShardedLazyAdam<C> {
                 (Kind::Table { .. }, Gradient::Sparse { ids, values }) => {
                     // The largest magnitude (non-negative, or NaN) and the
                     // id count bound every rank's duplicate sums; with the
-                    // sum of squares, from one pass.
-                    let (m, sum) = match (checks, need_sums) {
+                    // estimate of the sum of squares, from one pass.
+                    let (m, estimate) = match (checks, need_sums) {
                         (true, true) => {
-                            let (m, skip, s) = self
+                            let (m, skip, e) = self
                                 .inner
-                                .check_values_and_squares(i, g, inv_scale, &base)?;
+                                .check_values_and_estimate(i, g, inv_scale, &base)?;
                             non_finite |= skip;
-                            (Some(m), Some(s))
+                            (Some(m), Some(e))
                         }
                         (true, false) => {
                             let (m, skip) = self.inner.check_values(i, g, inv_scale)?;
                             non_finite |= skip;
                             (Some(m), None)
                         }
-                        (false, true) => (None, Some(self.inner.square_sum(values, &base))),
+                        (false, true) => (None, Some(self.inner.square_estimate(values, &base))),
                         (false, false) => (None, None),
                     };
                     if let Some(m) = m {
                         w.u64(m.to_bits() as u64);
                         w.u64(ids.len() as u64);
                     }
-                    if let Some(s) = sum {
-                        w.bytes(&s.to_bytes());
+                    if let Some((e, depth)) = estimate {
+                        w.u64(e.to_bits());
+                        w.u64(depth as u64);
                     }
                 }
                 (Kind::Dense { .. }, Gradient::Dense(values)) => {

@@ -425,11 +425,13 @@ fn clipping_of_all_three_kinds_is_bit_identical() {
 }
 
 /// Clipping norms of long gradients whose values span 2^-30..2^30, split in
-/// 2 to 4 ranks. The norms come from exact sums of squares, whose
+/// 2 to 4 ranks. The factors are the exact sums of squares' (whose
 /// independence of the split is tested value by value in the kernels'
-/// tests (`exact`); a floating-point sum's order changes the clipping factor
-/// only when the norm falls within an f64 ulp of an f32 rounding boundary,
-/// too rare to construct here, so this checks the plumbing end to end.
+/// tests, `exact`), taken from the ranks' f64 estimates when those decide;
+/// a sum close enough to a factor's rounding boundary for the estimate not
+/// to decide is too rare to construct here (the undecided case is reached
+/// with non-finite values, `undecided_clipping_norms_take_exact_sums_from_every_rank`),
+/// so this checks the plumbing end to end.
 #[test]
 fn clipping_norms_do_not_depend_on_how_values_are_split() {
     for seed in [100u64, 101, 102] {
@@ -960,6 +962,103 @@ fn forged_or_failed_messages_are_errors_and_write_nothing() {
         assert_eq!(before, bits(opt.params(t).unwrap()));
         assert_eq!(opt.iterations(), 0);
         assert!(opt.fetch_rows(t, &[1u32]).is_err());
+    }
+}
+
+/// A peer's agreement message for the step of [`forged_clipping_figures_are_errors_and_write_nothing`]:
+/// the table present with a clipping estimate `est` of chain depth `depth`, the dense variable
+/// absent, no non-finite value.
+fn clipping_message(est: f64, depth: u64) -> Vec<u8> {
+    [
+        vec![0u8; 8],
+        vec![0, 1],
+        est.to_bits().to_le_bytes().to_vec(),
+        depth.to_le_bytes().to_vec(),
+        vec![0, 0],
+    ]
+    .concat()
+}
+
+/// A peer's estimate of a sum of squares must be a possible one (not negative, a depth that
+/// adds up), and when the estimates leave a norm undecided (a NaN estimate) the exact sums'
+/// round reads the peer's message again: forged or short, each is an error that names what
+/// was wrong, and nothing is written.
+#[test]
+fn forged_clipping_figures_are_errors_and_write_nothing() {
+    // The well-formed message is accepted: 4 values of 1 against a local 4, norm sqrt(8).
+    let cases = [
+        (clipping_message(-1.0, 0), "sum of squares estimate"),
+        (
+            clipping_message(f64::NEG_INFINITY, 0),
+            "sum of squares estimate",
+        ),
+        (clipping_message(1.0, u64::MAX), "chain depth"),
+        (clipping_message(f64::NAN, 0), "exact sum of squares"),
+        (clipping_message(f64::INFINITY, 3), "exact sum of squares"),
+    ];
+    for global in [false, true] {
+        for (msg, what) in &cases {
+            let c = if global {
+                cfg().with_global_clipnorm(1.0)
+            } else {
+                cfg().with_clipnorm(1.0)
+            };
+            let forged = Forged {
+                gather: msg.clone(),
+                fail: false,
+            };
+            let mut opt = ShardedLazyAdam::new(c, forged).unwrap();
+            let t = opt.add_table("t", 10, 2, DType::F32, DType::F32).unwrap();
+            let d = opt.add_dense("d", &[3], DType::F32, DType::F32).unwrap();
+            let before = bits(opt.params(t).unwrap());
+            let e = opt
+                .step(&[
+                    ShardGradient::new(t, Gradient::sparse(&[0u32, 4], &[1.0f32; 4])),
+                    ShardGradient::new(d, Gradient::dense(&[1.0f32; 3])),
+                ])
+                .expect_err("a forged clipping figure must not be accepted");
+            match &e {
+                Error::Sharding { reason } => {
+                    assert!(reason.contains(&format!("({what} at byte")), "{reason}")
+                }
+                _ => panic!("{e}"),
+            }
+            assert_eq!(before, bits(opt.params(t).unwrap()));
+            assert_eq!(opt.iterations(), 0);
+        }
+    }
+    // The same message with a possible estimate is read past its clipping figures: the step
+    // fails later, in the routing (`Forged` answers the all-to-all with the same bytes).
+    for est in [0.0, 4.0, 1e300] {
+        let forged = Forged {
+            gather: clipping_message(est, 5),
+            fail: false,
+        };
+        let mut opt = ShardedLazyAdam::new(cfg().with_clipnorm(1.0), forged).unwrap();
+        let t = opt.add_table("t", 10, 2, DType::F32, DType::F32).unwrap();
+        opt.add_dense("d", &[3], DType::F32, DType::F32).unwrap();
+        let e = opt
+            .step(&[ShardGradient::new(
+                t,
+                Gradient::sparse(&[0u32, 4], &[1.0f32; 4]),
+            )])
+            .unwrap_err()
+            .to_string();
+        for what in ["sum of squares", "chain depth"] {
+            assert!(!e.contains(what), "estimate {est}: {e}");
+        }
+    }
+}
+
+/// A non-finite value under `Propagate` makes a clipping norm's estimate non-finite, which
+/// never decides a factor: every rank takes the exact sums (one more all-gather), and the
+/// factors are the single process's (`clipnorm`: 0 for an infinite norm; `global_clipnorm`:
+/// NaN for every value). The same for an infinity on one rank and on every rank.
+#[test]
+fn undecided_clipping_norms_take_exact_sums_from_every_rank() {
+    for c in [cfg().with_clipnorm(1.0), cfg().with_global_clipnorm(1.0)] {
+        check(c.clone(), Extensions::default(), Some((2, 0)));
+        check(c, Extensions::default(), Some((2, EVERY_RANK)));
     }
 }
 
