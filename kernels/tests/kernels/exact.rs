@@ -311,7 +311,7 @@ fn check_paths<G: Element>(xs: &[f32], t: &GradTransform) -> Result<(), TestCase
         let (f, m64) = k.sum_squares_max_abs(&g, t);
         let f_want = k.sum_squares(&g, t);
         prop_assert!(
-            f.to_bits() == f_want.to_bits() || (f.is_nan() && f_want.is_nan()),
+            same_f64(f, f_want),
             "{} sum_squares_max_abs {} vs {}",
             k.isa(),
             f,
@@ -333,11 +333,11 @@ fn check_paths<G: Element>(xs: &[f32], t: &GradTransform) -> Result<(), TestCase
     Ok(())
 }
 
-/// The one-pass squares (exact, and f64) and largest magnitude: a value larger than the rest, an infinity or
-/// a NaN, planted at the start, at either side of each block edge (512 values) and of the
-/// small-row limit (256), and at the end, in rows up to past a flush (2^16 values), is the
-/// magnitude returned, on every path and for every gradient type, with the squares equal to
-/// `sum_squares_exact`'s.
+/// The one-pass squares (exact, and f64) and largest magnitude: a value larger than the rest,
+/// an infinity or a NaN, planted at the start, at either side of each block edge (512 values)
+/// and of the small-row limit (256), and at the end, in rows up to past a flush (2^16 values),
+/// is the magnitude returned, on every path and for every gradient type, with the squares
+/// equal to `sum_squares_exact`'s.
 #[test]
 fn squares_and_max_abs_see_every_block() {
     let t = GradTransform {
@@ -387,10 +387,7 @@ fn check_squares_and_max<G: Element>(xs: &[f32], t: &GradTransform, planted: f32
         assert_eq!(acc, want, "{what}");
         let (f, m64) = k.sum_squares_max_abs(&g, t);
         let f_want = k.sum_squares(&g, t);
-        assert!(
-            f.to_bits() == f_want.to_bits() || (f.is_nan() && f_want.is_nan()),
-            "{what}: f64 sum {f} vs {f_want}"
-        );
+        assert!(same_f64(f, f_want), "{what}: f64 sum {f} vs {f_want}");
         for m in [m, m64] {
             if planted.is_nan() {
                 assert!(m.is_nan(), "{what}: {m}");
