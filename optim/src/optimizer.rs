@@ -385,6 +385,17 @@ fn estimate_of<const MAX: bool>(
     (est, n / 8 + n / 4096 + 16, f32::from_bits(bits))
 }
 
+/// The sum of f64 estimates (each with its chain depth, as
+/// [`squares_estimate`] gives them) added in the order given, and the chain
+/// depth of that sum: one more addition a part, counted generously (the
+/// parts' depths added), saturating (a depth past 2^40 leaves every norm to
+/// the exact sum, [`clip_factor_from_estimate`]).
+pub(crate) fn sum_of_estimates(parts: impl IntoIterator<Item = (f64, usize)>) -> (f64, usize) {
+    parts.into_iter().fold((0.0, 0), |(est, depth), (e, d)| {
+        (est + e, depth.saturating_add(d).saturating_add(1))
+    })
+}
+
 /// Scales a transform by a clipping factor `s` (0 <= s <= 1, or NaN):
 /// `clamp(g*a, c)*s` becomes `clamp(g*(a*s), c*s)` (the same values, since
 /// rounding is monotonic).
@@ -909,14 +920,11 @@ impl LazyAdam {
             transforms.push(t);
         }
         if let Some(c) = self.config.global_clipnorm {
-            // The updates' estimates added in f64: one more addition a chain
-            // per update (counted generously: the chains' lengths added).
-            let (mut est, mut depth) = (0.0f64, updates.len());
-            for (i, (u, t)) in updates.iter().zip(transforms.iter()).enumerate() {
-                let (e, d) = estimate(i, &u.grad.values(), t);
-                est += e;
-                depth = depth.saturating_add(d);
-            }
+            // The updates' estimates added in update order.
+            let (est, depth) = sum_of_estimates(
+                (updates.iter().zip(transforms.iter()).enumerate())
+                    .map(|(i, (u, t))| estimate(i, &u.grad.values(), t)),
+            );
             let factor = clip_factor_from_estimate(est, depth, c, true).unwrap_or_else(|| {
                 let mut total = SquareSum::ZERO;
                 for (u, t) in updates.iter().zip(transforms.iter()) {
@@ -1530,6 +1538,25 @@ mod tests {
             }
         }
         assert!(decided >= 950, "{decided} of 1000 decided");
+    }
+
+    /// Estimates added: the sum in the order given, one more addition a part
+    /// on top of the parts' depths, and a depth that cannot overflow (no
+    /// panic in a debug build) and then decides nothing.
+    #[test]
+    fn sums_of_estimates_count_every_addition() {
+        assert_eq!(sum_of_estimates([]), (0.0, 0));
+        assert_eq!(sum_of_estimates([(1.5, 3), (2.0, 5)]), (3.5, 10));
+        // In order: 1 + 1 + 2^53 is exact; 2^53 + 1 rounds to 2^53, twice.
+        let big = 2f64.powi(53);
+        assert_eq!(
+            sum_of_estimates([(1.0, 0), (1.0, 0), (big, 0)]).0,
+            big + 2.0
+        );
+        assert_eq!(sum_of_estimates([(big, 0), (1.0, 0), (1.0, 0)]).0, big);
+        let (e, d) = sum_of_estimates([(1.0, usize::MAX), (1.0, 7)]);
+        assert_eq!(d, usize::MAX);
+        assert_eq!(clip_factor_from_estimate(e, d, 1.0, true), None);
     }
 
     /// An estimate (and its magnitude) is the same f64 on any thread count and

@@ -79,7 +79,7 @@ use crate::error::Error;
 use crate::extensions::Extensions;
 use crate::optimizer::{
     LazyAdam, StepRates, check_sparse, clip_factor, clip_factor_from_estimate, scale_transform,
-    sums_need_check,
+    sum_of_estimates, sums_need_check,
 };
 use crate::profile::Timer;
 use crate::tensor::{Gradient, RawId, RowIds, StepOutcome, TensorMut, TensorRef, Update, VarId};
@@ -727,12 +727,9 @@ impl<C: Collective> ShardedLazyAdam<C> {
             // `clipnorm` and `global_clipnorm` exclude each other (as in
             // Keras; the configuration refuses both), so the estimates of the
             // agreement round are those of the transformed values. Added in
-            // variable order: one more addition a variable.
-            let (mut e, mut d) = (0.0f64, nv);
-            for i in (0..nv).filter(|&i| present[i]) {
-                e += estimates[i].0;
-                d = d.saturating_add(estimates[i].1);
-            }
+            // variable order, as one process adds its updates' (an absent
+            // variable's (0, 0) changes no sum).
+            let (e, d) = sum_of_estimates(estimates.iter().copied());
             global = clip_factor_from_estimate(e, d, c, true);
         }
         let exact: Vec<bool> = (0..nv)
