@@ -1065,8 +1065,8 @@ impl Kernels {
     /// [`Kernels::sum_squares`] and [`Kernels::max_abs`] in one pass over `src`: the f64 sum of
     /// the squares of `transform(src[i])` (the same f64 as `sum_squares`), and the largest
     /// magnitude among the *raw* elements (the same as `max_abs`). `src` is read from memory
-    /// once, each block being checked while it is in L1 (for a non-finite check before a
-    /// clipping norm whose f64 estimate usually decides it).
+    /// once, each vector's magnitudes being taken as it is loaded for its squares (for a
+    /// non-finite check before a clipping norm whose f64 estimate usually decides it).
     ///
     /// ```
     /// use lazyadam_kernels::{GradTransform, Kernels};

@@ -259,6 +259,18 @@ unsafe impl Simd for Portable {
         let (a, b) = (acc.0.to_array(), acc.1.to_array());
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     }
+
+    #[inline(always)]
+    fn max_abs_bits(self, m: f32x8, x: f32x8) -> f32x8 {
+        // Both sides' sign bits are clear, so the signed maximum is the unsigned one (SSE2
+        // has neither; the signed one takes fewer operations to emulate).
+        let bits = |v: f32x8| bytemuck::cast::<f32x8, i32x8>(v);
+        bytemuck::cast(bits(m).max(bits(x) & i32x8::splat(0x7FFF_FFFF)))
+    }
+    #[inline(always)]
+    fn max_lane_bits(self, m: f32x8) -> u32 {
+        bytemuck::cast::<f32x8, u32x8>(m).reduce_max()
+    }
 }
 
 #[cfg(test)]

@@ -606,6 +606,22 @@ unsafe impl Simd for Avx2 {
         }
         out
     }
+
+    #[inline(always)]
+    fn max_abs_bits(self, m: __m256, x: __m256) -> __m256 {
+        // SAFETY: AVX2 is available (token).
+        unsafe {
+            let a = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFF_FFFF));
+            _mm256_castsi256_ps(_mm256_max_epu32(_mm256_castps_si256(m), a))
+        }
+    }
+    #[inline(always)]
+    fn max_lane_bits(self, m: __m256) -> u32 {
+        let mut out = [0u32; 8];
+        // SAFETY: AVX is available (token); `out` holds 8 u32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().cast(), m) };
+        out.into_iter().fold(0, u32::max)
+    }
 }
 
 // SAFETY: an `Avx512` value only exists when the CPU supports AVX-512 F/BW/DQ/VL plus the AVX2
@@ -807,6 +823,22 @@ unsafe impl Simd for Avx512 {
         // SAFETY: AVX-512F is available (token); `out` holds 8 f64.
         unsafe { _mm512_storeu_pd(out.as_mut_ptr(), acc) };
         out
+    }
+
+    #[inline(always)]
+    fn max_abs_bits(self, m: __m512, x: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (token).
+        unsafe {
+            let a = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFF_FFFF));
+            _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(m), a))
+        }
+    }
+    #[inline(always)]
+    fn max_lane_bits(self, m: __m512) -> u32 {
+        let mut out = [0u32; 16];
+        // SAFETY: AVX-512F is available (token); `out` holds 16 u32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().cast(), m) };
+        out.into_iter().fold(0, u32::max)
     }
 }
 

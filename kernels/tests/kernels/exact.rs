@@ -333,6 +333,38 @@ fn check_paths<G: Element>(xs: &[f32], t: &GradTransform) -> Result<(), TestCase
     Ok(())
 }
 
+/// The largest magnitude of f16 values that hold NaNs of both kinds is the stored bits'
+/// largest, as `max_abs` and the scalar path give it, on every path. Widening orders them
+/// otherwise (it sets a signalling NaN's quiet bit: 0x7DFF widens above 0x7E00), so a path
+/// that took the maximum of the widened values and narrowed it back would return the other
+/// NaN. Both NaNs sit in the vector part of the row, in either order, and in the tail.
+#[test]
+fn f16_nan_payloads_give_the_stored_largest() {
+    let t = GradTransform::default();
+    let (signalling, quiet) = (f16::from_bits(0x7DFF), f16::from_bits(0x7E00));
+    for n in [40, 100] {
+        for (a, b) in [(3, 20), (20, 3), (n - 2, n - 1), (1, n - 1)] {
+            for (x, y) in [(signalling, quiet), (quiet, signalling)] {
+                let mut g = vec![f16::from_f32(0.5); n];
+                g[a] = x;
+                g[b] = y;
+                let want = scalar().max_abs(&g).to_bits();
+                // The stored largest (0x7E00) widened, not the signalling NaN's widening.
+                assert_eq!(want, f16::from_bits(0x7E00).to_f32().to_bits());
+                for k in paths() {
+                    let what = format!("{} n={n} at {a}, {b}", k.isa());
+                    assert_eq!(k.max_abs(&g).to_bits(), want, "{what} max_abs");
+                    let m = k.sum_squares_max_abs(&g, &t).1;
+                    assert_eq!(m.to_bits(), want, "{what} sum_squares_max_abs");
+                    let mut acc = SquareSum::new();
+                    let m = k.accumulate_squares_max_abs(&mut acc, &g, &t);
+                    assert_eq!(m.to_bits(), want, "{what} accumulate_squares_max_abs");
+                }
+            }
+        }
+    }
+}
+
 /// The one-pass squares (exact, and f64) and largest magnitude: a value larger than the rest,
 /// an infinity or a NaN, planted at the start, at either side of each block edge (512 values)
 /// and of the small-row limit (256), and at the end, in rows up to past a flush (2^16 values),
