@@ -1027,7 +1027,7 @@ fn squares_body<S: Simd, G: Element, const MAX: bool, const ID: bool>(
 /// plain fold over `src` decides (a second pass, only over gradients that hold a NaN).
 #[inline(always)]
 fn narrowed_max_abs_bits<G: Element>(b: u32, src: &[G]) -> u32 {
-    if b > 0x7F80_0000 {
+    if b > f32::INFINITY.to_bits() {
         scalar::max_abs_bits(src)
     } else {
         G::from_f32(f32::from_bits(b)).abs_bits()
