@@ -37,6 +37,10 @@
 //! (`Kernels::sum_squares_max_abs`, the step's usual route: the f64 sum is an estimate that
 //! decides the clipping factor unless it is too close to call).
 //!
+//! `adam-rows/{all-f32,all-f16}` updates 1,024 rows of 64 elements with one `adam_row` call
+//! each, as a sparse step's rows, with the identity gradient transform (`identity/<path>`) and
+//! with a scale (`scaled/<path>`, as under a clipping norm or a loss scale).
+//!
 //! Quick mode (CI): `cargo bench -p lazyadam-benches --bench kernels -- --quick`, or
 //! `LAZYADAM_BENCH_QUICK=1`: short warm-up and measurement and a 4M-element out-of-cache row.
 
@@ -351,6 +355,61 @@ fn sum_squares(c: &mut Criterion) {
     bench_sum_squares::<f16>(c, "f16");
 }
 
+/// Rows of a sparse step: [`SPARSE_ROWS`] rows of [`SPARSE_ROW_LEN`] elements, one `adam_row`
+/// call each, with the identity gradient transform and with a scale (a clipping factor or a
+/// loss scale's unscale), on every path. Each bench starts from the same rows, whose four
+/// streams lie in one allocation [`SPARSE_GAP`] bytes apart, so that where they lie relative
+/// to each other (which can change the time, see `adam-spacing`) does not depend on what the
+/// benches before it allocated.
+fn bench_sparse_rows<T: Element>(c: &mut Criterion, name: &str) {
+    let mut group = c.benchmark_group(format!("adam-rows/{name}"));
+    let n = SPARSE_ROWS * SPARSE_ROW_LEN;
+    group.throughput(Throughput::Elements(n as u64));
+    let mut scaled = coeffs();
+    scaled.grad.scale = 1.0 / 64.0;
+    let stride = n + SPARSE_GAP / std::mem::size_of::<T>();
+    for isa in Isa::supported() {
+        let k = Kernels::new(isa).expect("supported");
+        for (what, c) in [("identity", coeffs()), ("scaled", scaled)] {
+            let mut all = spaced_rows::<T>(n, SPARSE_GAP);
+            let (p, rest) = all.split_at_mut(stride);
+            let (m, rest) = rest.split_at_mut(stride);
+            let (v, g) = rest.split_at_mut(stride);
+            let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
+            group.bench_function(BenchmarkId::new(what, isa.name()), |b| {
+                b.iter(|| {
+                    // One barrier for the whole gradient, not one a row: a row's barrier stores
+                    // the slice as two halves and loads it as one, which waits for the previous
+                    // row's stores to drain (measured: about twice the time).
+                    let g = black_box(&*g);
+                    let rows = p.chunks_exact_mut(SPARSE_ROW_LEN).zip(
+                        (m.chunks_exact_mut(SPARSE_ROW_LEN))
+                            .zip(v.chunks_exact_mut(SPARSE_ROW_LEN)),
+                    );
+                    for ((p, (m, v)), g) in rows.zip(g.chunks_exact(SPARSE_ROW_LEN)) {
+                        k.adam_row(&c, p, m, v, g).expect("equal lengths");
+                    }
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Row length and row count of [`bench_sparse_rows`] (`sparse_1m_d64`'s rows; 768 KiB of
+/// f32 rows, in cache).
+const SPARSE_ROW_LEN: usize = 64;
+const SPARSE_ROWS: usize = 1024;
+/// Bytes between the streams of [`bench_sparse_rows`]: one page, so a row lies at the same
+/// offset modulo 4 KiB in every stream (as in page-aligned tables) and its loads come before
+/// its stores.
+const SPARSE_GAP: usize = 4096;
+
+fn sparse_rows(c: &mut Criterion) {
+    bench_sparse_rows::<f32>(c, "all-f32");
+    bench_sparse_rows::<f16>(c, "all-f16");
+}
+
 fn config() -> Criterion {
     let c = Criterion::default();
     if quick() {
@@ -367,6 +426,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = stream, adam, spacing, sum_squares
+    targets = stream, adam, sparse_rows, spacing, sum_squares
 }
 criterion_main!(benches);

@@ -220,11 +220,11 @@ struct Coeffs<F> {
 }
 
 impl<F: Copy> Coeffs<F> {
-    /// No optional part is active (the common case, compiled without them).
+    /// No optional part is active other than a gradient scale (a clipping factor, a loss
+    /// scale's unscale): the common cases, which the row loops compile without the others.
     #[inline(always)]
     fn is_plain(&self) -> bool {
-        self.t.scale.is_none()
-            && self.t.clip.is_none()
+        self.t.clip.is_none()
             && !self.t.negate
             && self.wd.is_none()
             && self.m_pre.is_none()
@@ -289,10 +289,12 @@ unsafe fn store_param<S: Simd, P: Element>(
 }
 
 /// The second-moment part of one vector step of Adam on `LANES` elements: returns the
-/// gradient (transformed, when not `PLAIN`), the new `v` (for the caller to store) and the
-/// denominator `sqrt(d) + eps`; with `AMS` it updates `vh` in place. With `PLAIN`, the
-/// optional parts (all neutral, checked by the caller) are compiled out; with `ALT` the root
-/// is [`Simd::sqrt_alt`] (same bits).
+/// gradient (transformed), the new `v` (for the caller to store) and the denominator
+/// `sqrt(d) + eps`; with `AMS` it updates `vh` in place. With `PLAIN`, the optional parts
+/// other than the gradient scale (all neutral, checked by the caller) are compiled out, and
+/// the scale is one multiply with `SCALE` and compiled out without it (it is then 1); with
+/// `ALT` the root is [`Simd::sqrt_alt`] (same bits). A plain scaled step multiplies as
+/// [`Transform::apply`] does, so it gives the same bits as the general one.
 ///
 /// # Safety
 ///
@@ -306,6 +308,7 @@ unsafe fn adam_v<
     M: Element,
     const AMS: bool,
     const PLAIN: bool,
+    const SCALE: bool,
     const ALT: bool,
 >(
     s: S,
@@ -318,7 +321,11 @@ unsafe fn adam_v<
     unsafe {
         let mut g = load::<S, G>(s, g);
         let mut v0 = load::<S, M>(s, v);
-        if !PLAIN {
+        if PLAIN {
+            if SCALE && let Some(scale) = k.t.scale {
+                g = s.mul(g, scale);
+            }
+        } else {
             g = k.t.apply(s, g);
             if let Some(d) = k.v_pre {
                 v0 = s.mul(v0, d);
@@ -409,6 +416,7 @@ unsafe fn adam_step<
     M: Element,
     const AMS: bool,
     const PLAIN: bool,
+    const SCALE: bool,
     const ALT: bool,
 >(
     s: S,
@@ -425,7 +433,7 @@ unsafe fn adam_step<
         // Every load before the stores: loading `p` after storing `m` and `v` measured 1.3x
         // slower on 4096-element f32 rows (1.59 against 1.20 us; likely loads waiting on
         // earlier stores to addresses equal modulo 4 KiB).
-        let (g, v1, den) = adam_v::<S, G, M, AMS, PLAIN, ALT>(s, k, v, vh, g);
+        let (g, v1, den) = adam_v::<S, G, M, AMS, PLAIN, SCALE, ALT>(s, k, v, vh, g);
         let m1 = adam_m::<S, M, PLAIN>(s, k, m, g);
         adam_apply::<S, P, PLAIN>(s, k, p, adam_quotient(s, k, m1, den), index);
         store::<S, M>(s, m, m1);
@@ -456,10 +464,16 @@ pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: b
     grad: &[G],
 ) {
     let k = Coeffs::new::<S, P>(s, c);
-    if k.is_plain() {
-        adam_body::<S, P, G, M, AMS, true>(s, split, &k, param, m, v, vhat, grad, 0)
-    } else {
-        adam_body::<S, P, G, M, AMS, false>(s, split, &k, param, m, v, vhat, grad, 0)
+    match (k.is_plain(), k.t.scale.is_some()) {
+        (true, false) => {
+            adam_body::<S, P, G, M, AMS, true, false>(s, split, &k, param, m, v, vhat, grad, 0)
+        }
+        (true, true) => {
+            adam_body::<S, P, G, M, AMS, true, true>(s, split, &k, param, m, v, vhat, grad, 0)
+        }
+        (false, _) => {
+            adam_body::<S, P, G, M, AMS, false, false>(s, split, &k, param, m, v, vhat, grad, 0)
+        }
     }
 }
 
@@ -482,10 +496,16 @@ pub(crate) fn adam_rows<S: Simd, P: Element, G: Element, M: Element>(
     grads: &[G],
 ) {
     let k = Coeffs::new::<S, P>(s, c);
-    if k.is_plain() {
-        rows_body::<S, P, G, M, true>(s, split, &k, param, m, v, row_len, rows, grads)
-    } else {
-        rows_body::<S, P, G, M, false>(s, split, &k, param, m, v, row_len, rows, grads)
+    match (k.is_plain(), k.t.scale.is_some()) {
+        (true, false) => {
+            rows_body::<S, P, G, M, true, false>(s, split, &k, param, m, v, row_len, rows, grads)
+        }
+        (true, true) => {
+            rows_body::<S, P, G, M, true, true>(s, split, &k, param, m, v, row_len, rows, grads)
+        }
+        (false, _) => {
+            rows_body::<S, P, G, M, false, false>(s, split, &k, param, m, v, row_len, rows, grads)
+        }
     }
 }
 
@@ -505,7 +525,7 @@ const ROWS_AHEAD: usize = 4;
 /// The loop of [`adam_rows`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool>(
+fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool, const SCALE: bool>(
     s: S,
     split: bool,
     k: &Coeffs<S::F>,
@@ -527,7 +547,7 @@ fn rows_body<S: Simd, P: Element, G: Element, M: Element, const PLAIN: bool>(
         }
         let range = r * row_len..(r + 1) * row_len;
         // The rounding index of the row's first element is its place in the table.
-        adam_body::<S, P, G, M, false, PLAIN>(
+        adam_body::<S, P, G, M, false, PLAIN, SCALE>(
             s,
             split,
             k,
@@ -650,7 +670,15 @@ fn adam_unroll<P: Element, M: Element>() -> (bool, usize) {
 /// `split`: rows of [`SPLIT_MIN`] elements or more take [`adam_split`] (`LongRowLoop::Split`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
+fn adam_body<
+    S: Simd,
+    P: Element,
+    G: Element,
+    M: Element,
+    const AMS: bool,
+    const PLAIN: bool,
+    const SCALE: bool,
+>(
     s: S,
     split: bool,
     k: &Coeffs<S::F>,
@@ -662,9 +690,9 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
     base: usize,
 ) {
     if split && param.len() >= SPLIT_MIN {
-        adam_split::<S, P, G, M, AMS, PLAIN>(s, k, param, m, v, vhat, grad, base)
+        adam_split::<S, P, G, M, AMS, PLAIN, SCALE>(s, k, param, m, v, vhat, grad, base)
     } else {
-        adam_direct::<S, P, G, M, AMS, PLAIN>(s, k, param, m, v, vhat, grad, base)
+        adam_direct::<S, P, G, M, AMS, PLAIN, SCALE>(s, k, param, m, v, vhat, grad, base)
     }
 }
 
@@ -691,7 +719,15 @@ fn adam_body<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const
 /// (`LongRowLoop::resolve`); both give the same bits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
+fn adam_split<
+    S: Simd,
+    P: Element,
+    G: Element,
+    M: Element,
+    const AMS: bool,
+    const PLAIN: bool,
+    const SCALE: bool,
+>(
     s: S,
     k: &Coeffs<S::F>,
     param: &mut [P],
@@ -726,9 +762,9 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
                         vhat.as_mut_ptr()
                     };
                     let (g, v1, den) = if alt && u == unroll - 1 {
-                        adam_v::<S, G, M, AMS, PLAIN, true>(s, k, vp, hp, gp)
+                        adam_v::<S, G, M, AMS, PLAIN, SCALE, true>(s, k, vp, hp, gp)
                     } else {
-                        adam_v::<S, G, M, AMS, PLAIN, false>(s, k, vp, hp, gp)
+                        adam_v::<S, G, M, AMS, PLAIN, SCALE, false>(s, k, vp, hp, gp)
                     };
                     store::<S, M>(s, vp, v1);
                     grads[b + u] = g;
@@ -752,7 +788,7 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
         }
         i += chunk;
     }
-    adam_direct::<S, P, G, M, AMS, PLAIN>(
+    adam_direct::<S, P, G, M, AMS, PLAIN, SCALE>(
         s,
         k,
         &mut param[i..],
@@ -768,7 +804,15 @@ fn adam_split<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, cons
 /// `param[0]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn adam_direct<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, const PLAIN: bool>(
+fn adam_direct<
+    S: Simd,
+    P: Element,
+    G: Element,
+    M: Element,
+    const AMS: bool,
+    const PLAIN: bool,
+    const SCALE: bool,
+>(
     s: S,
     k: &Coeffs<S::F>,
     param: &mut [P],
@@ -816,9 +860,27 @@ fn adam_direct<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, con
                     vhat.as_mut_ptr()
                 };
                 if alt && u == unroll - 1 {
-                    adam_step::<S, P, G, M, AMS, PLAIN, true>(s, k, pp, mp, vp, hp, gp, base + j);
+                    adam_step::<S, P, G, M, AMS, PLAIN, SCALE, true>(
+                        s,
+                        k,
+                        pp,
+                        mp,
+                        vp,
+                        hp,
+                        gp,
+                        base + j,
+                    );
                 } else {
-                    adam_step::<S, P, G, M, AMS, PLAIN, false>(s, k, pp, mp, vp, hp, gp, base + j);
+                    adam_step::<S, P, G, M, AMS, PLAIN, SCALE, false>(
+                        s,
+                        k,
+                        pp,
+                        mp,
+                        vp,
+                        hp,
+                        gp,
+                        base + j,
+                    );
                 }
             }
         }
@@ -829,7 +891,7 @@ fn adam_direct<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, con
         // SAFETY: i + LANES <= n, the length of every slice (asserted above); distinct
         // `&mut` slices do not alias. When !AMS `vhat` is never dereferenced.
         unsafe {
-            adam_step::<S, P, G, M, AMS, PLAIN, false>(
+            adam_step::<S, P, G, M, AMS, PLAIN, SCALE, false>(
                 s,
                 k,
                 param.as_mut_ptr().add(i),
@@ -859,7 +921,7 @@ fn adam_direct<S: Simd, P: Element, G: Element, M: Element, const AMS: bool, con
         let bg = pad(&grad[i..]);
         // SAFETY: the buffers hold MAX_LANES >= LANES elements each and are distinct locals.
         unsafe {
-            adam_step::<S, P, G, M, AMS, PLAIN, false>(
+            adam_step::<S, P, G, M, AMS, PLAIN, SCALE, false>(
                 s,
                 k,
                 bp.as_mut_ptr(),

@@ -183,6 +183,13 @@ proptest! {
     }
 
     #[test]
+    fn adam_rows_scaled_plain_coeffs_match(c in scaled_plain_coeffs(), case in case()) {
+        check_adam_rows::<f32, f32, f32>(&c, &case)?;
+        check_adam_rows::<f16, f16, f16>(&c, &case)?;
+        check_adam_rows::<bf16, f32, bf16>(&c, &case)?;
+    }
+
+    #[test]
     fn accumulate_rows_matches_row_by_row_reference(
         t in transform(),
         (rl, acc, slots, src) in (1usize..40, 1usize..8, 0usize..24).prop_flat_map(|(rl, n, k)| {

@@ -164,6 +164,12 @@ proptest! {
         adam_all_combos!(&c, (&r.0, &r.1, &r.2, &r.3, &r.4));
     }
 
+    /// A gradient scale the only optional part: the vector paths' plain loop with one multiply.
+    #[test]
+    fn adam_scaled_plain_coeffs_match_reference(c in scaled_plain_coeffs(), r in rows()) {
+        adam_all_combos!(&c, (&r.0, &r.1, &r.2, &r.3, &r.4));
+    }
+
     #[test]
     fn adam_matches_reference_typical(c in coeffs(), r in tame_rows()) {
         adam_all_combos!(&c, (&r.0, &r.1, &r.2, &r.3, &r.4));

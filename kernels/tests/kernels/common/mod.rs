@@ -115,13 +115,32 @@ pub fn same_f64(a: f64, b: f64) -> bool {
     (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
 }
 
-/// A gradient transform with every part exercised.
-pub fn transform() -> impl Strategy<Value = GradTransform> {
-    let scale = prop_oneof![
-        3 => Just(1.0f32),
+/// A gradient scale other than 1: ordinary ones, and zero, negative, infinite, NaN, tiny and
+/// huge ones.
+pub fn scale() -> impl Strategy<Value = f32> {
+    prop_oneof![
         3 => 0.01f32..4.0,
         1 => prop::sample::select(&[0.0f32, -1.0, f32::INFINITY, f32::NAN, 1e-30, 1e30][..]),
-    ];
+    ]
+}
+
+/// Coefficients whose only optional part is a gradient scale other than 1 (a clipping factor,
+/// a loss scale's unscale): the vector paths compile a specialized loop for this case.
+pub fn scaled_plain_coeffs() -> impl Strategy<Value = AdamCoeffs> {
+    (
+        (1e-5f32..1.0, 0.0f32..1.0, 0.0f32..1.0, 1e-9f32..1e-3),
+        scale(),
+    )
+        .prop_map(|((lr_t, b1, b2, eps), scale)| {
+            let mut c = AdamCoeffs::new(lr_t, b1, b2, eps);
+            c.grad.scale = scale;
+            c
+        })
+}
+
+/// A gradient transform with every part exercised.
+pub fn transform() -> impl Strategy<Value = GradTransform> {
+    let scale = prop_oneof![3 => Just(1.0f32), 4 => scale()];
     let clip = prop_oneof![
         3 => Just(None),
         3 => (0.001f32..2.0).prop_map(Some),
