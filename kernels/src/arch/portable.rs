@@ -2,12 +2,12 @@
 //!
 //! f16 conversions are integer/float bit manipulations (exact widening through a power-of-two
 //! multiply; narrowing with round-to-nearest-even through one float add), matching `half`'s
-//! results bit for bit. The lanes that need more (f16 infinities and NaNs when widening, f32
-//! NaNs when narrowing to f16 or bf16) are rare, so the extra work runs only for vectors that
-//! hold one: one test and a well-predicted branch instead of a select on every vector, which
-//! made in-cache all-f16 row updates 0.78x and all-bf16 0.79x the time (issue 14,
-//! `benches/README.md`). The bits are the same either way; the tests below mix such lanes
-//! with ordinary ones in one vector.
+//! results bit for bit. The lanes that need more (f16 zeros, subnormals, infinities and NaNs
+//! when widening, f32 NaNs when narrowing to f16 or bf16) are rare in most rows, so the extra
+//! work runs only for vectors that hold one: one test and a well-predicted branch instead of a
+//! select on every vector, which made in-cache all-f16 row updates 0.78x and all-bf16 0.79x the
+//! time (issue 14, `benches/README.md`). The bits are the same either way; the tests below mix
+//! such lanes with ordinary ones in one vector.
 
 use wide::{f32x8, f64x4, i16x8, i32x8, u16x8, u32x8};
 
@@ -52,35 +52,72 @@ fn u16x8_to_u32_high(x: u16x8) -> u32x8 {
     u32x8::from(x) << 16
 }
 
+/// Whether the target multiplies f32 subnormals slowly, so that [`widen_f16`] keeps them out
+/// of its multiply: x86 CPUs finish such a multiply in microcode (measured: widening 4,096 f16
+/// subnormals took 46x the time of normal values); Arm's vector units do not.
+const SLOW_SUBNORMALS: bool = cfg!(any(target_arch = "x86", target_arch = "x86_64"));
+
+/// f16 bits -> f32 bits (exact), NaN quieted as F16C and `half` do: [`widen_f16`] for this
+/// target.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16x8) -> f32x8 {
+    widen_f16::<SLOW_SUBNORMALS>(h)
+}
+
 /// f16 bits -> f32 bits (exact), NaN quieted as F16C and `half` do.
 ///
 /// Every finite value is the exponent/mantissa moved into f32 position and rescaled by 2^112
-/// (exact, also for f16 subnormals, which become f32 subnormals before the multiply). That
-/// product keeps an infinity's or NaN's mantissa and gives it the exponent of 2^16, so one OR
-/// of the f32 exponent field makes it an infinity or NaN, and one more sets a NaN's quiet bit.
-/// The sign and those two fixes are worked out on the 16-bit lanes, eight to a 128-bit
-/// register, and then moved to the high halves of the f32 lanes together: half the
-/// operations of doing them on 32-bit lanes. Compares are signed (SSE2 has no unsigned one);
-/// the magnitude is at most 0x7FFF.
+/// (exact; an f16 subnormal is an f32 subnormal before the multiply). That product keeps an
+/// infinity's or NaN's mantissa and gives it the exponent of 2^16, so one OR of the f32
+/// exponent field makes it an infinity or NaN, and one more sets a NaN's quiet bit. The sign
+/// and those two fixes are worked out on the 16-bit lanes, eight to a 128-bit register, and
+/// then moved to the high halves of the f32 lanes together: half the operations of doing them
+/// on 32-bit lanes. Compares are signed (SSE2 has no unsigned one); the magnitude is at most
+/// 0x7FFF.
+///
+/// With `SUBNORMALS`, zeros and subnormals (exponent field 0) do not go through the multiply
+/// as f32 subnormals: they get exponent field 1 instead, a normal f32 whose product is 2^-14
+/// plus the subnormal's value, and 2^-14 is then subtracted (exact, by Sterbenz's lemma; a
+/// zero comes out +0). The same bits either way.
+///
+/// Lanes with exponent field 31 (and with `SUBNORMALS` field 0) are rare in parameters and
+/// gradients, less so in f16 moments (a squared gradient underflows easily), so their fixes
+/// run only for vectors that hold one: one compare (with `SUBNORMALS` an add and a compare)
+/// finds them.
 #[inline(always)]
-fn f16_bits_to_f32(h: u16x8) -> f32x8 {
+fn widen_f16<const SUBNORMALS: bool>(h: u16x8) -> f32x8 {
     let h = bytemuck::cast::<u16x8, i16x8>(h);
     let mag = h & i16x8::splat(0x7FFF);
     let sign = h ^ mag;
-    // High halves of f32 bits: exponent all ones (f16 exponent all ones), quiet bit (NaN).
-    // Infinities and NaNs are rare: worked out only when there is one (same bits either way).
-    let special = mag.simd_gt(i16x8::splat(0x7BFF));
-    let high = if special.any() {
-        let quiet = mag.simd_gt(i16x8::splat(0x7C00)) & i16x8::splat(0x0040);
-        sign | (special & i16x8::splat(0x7F80)) | quiet
-    } else {
-        sign
+    // 16-bit lanes moved to the high halves of f32 lanes.
+    let high = |x: i16x8| u16x8_to_u32_high(bytemuck::cast::<i16x8, u16x8>(x));
+    // The magnitude << 13 (exponent and mantissa in f32 position) times 2^112.
+    let scaled = |mag: i16x8| {
+        f32x8::from_bits(high(mag) >> 3) * f32x8::splat(f32::from_bits((127 + 112) << 23))
     };
-    let fix = u16x8_to_u32_high(bytemuck::cast::<i16x8, u16x8>(high));
-    // The magnitude << 13: exponent and mantissa in f32 position.
-    let em = u16x8_to_u32_high(bytemuck::cast::<i16x8, u16x8>(mag)) >> 3;
-    let scaled = f32x8::from_bits(em) * f32x8::splat(f32::from_bits((127 + 112) << 23));
-    f32x8::from_bits(scaled.to_bits() | fix)
+    let special = |mag: i16x8| mag.simd_gt(i16x8::splat(0x7BFF));
+    let rare = if SUBNORMALS {
+        // Exponent field 31 wraps negative when 0x400 is added; field 0 stays below 0x800.
+        (mag + i16x8::splat(0x0400)).simd_lt(i16x8::splat(0x0800))
+    } else {
+        special(mag)
+    };
+    if rare.any() {
+        // High halves of f32 bits: exponent all ones (f16 exponent all ones), quiet bit (NaN).
+        let quiet = mag.simd_gt(i16x8::splat(0x7C00)) & i16x8::splat(0x0040);
+        let fix = sign | (special(mag) & i16x8::splat(0x7F80)) | quiet;
+        let x = if SUBNORMALS {
+            // Zeros and subnormals: exponent field 1, then 2^-14 (its bits' high half) off.
+            let low = mag.simd_lt(i16x8::splat(0x0400));
+            scaled(mag | (low & i16x8::splat(0x0400)))
+                - f32x8::from_bits(high(low & i16x8::splat(0x3880)))
+        } else {
+            scaled(mag)
+        };
+        f32x8::from_bits(x.to_bits() | high(fix))
+    } else {
+        f32x8::from_bits(scaled(mag).to_bits() | high(sign))
+    }
 }
 
 /// f32 -> f16 bits, round to nearest-even (as F16C and `half`), sign-extended to 32 bits (for
@@ -345,14 +382,17 @@ mod tests {
     /// both sides of the conversion's branch.
     #[test]
     fn widening_matches_half_exhaustive() {
-        for mul in [1u32, 40_503] {
-            for hi in 0..(1u32 << 13) {
-                let lanes: [u16; 8] =
-                    core::array::from_fn(|l| (hi * 8 + l as u32).wrapping_mul(mul) as u16);
-                let got = f16_bits_to_f32(u16x8::new(lanes)).to_array();
-                for (l, &h) in lanes.iter().enumerate() {
-                    let want = half::f16::from_bits(h).to_f32().to_bits();
-                    assert_eq!(got[l].to_bits(), want, "f16 {h:#06x}");
+        // Both forms, whichever this target uses.
+        for widen in [widen_f16::<false>, widen_f16::<true>] {
+            for mul in [1u32, 40_503] {
+                for hi in 0..(1u32 << 13) {
+                    let lanes: [u16; 8] =
+                        core::array::from_fn(|l| (hi * 8 + l as u32).wrapping_mul(mul) as u16);
+                    let got = widen(u16x8::new(lanes)).to_array();
+                    for (l, &h) in lanes.iter().enumerate() {
+                        let want = half::f16::from_bits(h).to_f32().to_bits();
+                        assert_eq!(got[l].to_bits(), want, "f16 {h:#06x}");
+                    }
                 }
             }
         }
