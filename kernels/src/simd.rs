@@ -449,6 +449,19 @@ fn pad<E: Element>(src: &[E]) -> [E; MAX_LANES] {
     buf
 }
 
+/// Calls the row loop `$body` compiled for the optional parts the coefficients `$k` use:
+/// `PLAIN` (the const parameter after `$body`'s own) when none but a gradient scale is active,
+/// and `SCALE` when that scale is there. The general loop (`PLAIN` false) tests every part.
+macro_rules! by_loop_variant {
+    ($k:expr, $body:ident::<$($g:ident),*>($($a:expr),* $(,)?)) => {
+        match ($k.is_plain(), $k.t.scale.is_some()) {
+            (true, false) => $body::<$($g,)* true, false>($($a),*),
+            (true, true) => $body::<$($g,)* true, true>($($a),*),
+            (false, _) => $body::<$($g,)* false, false>($($a),*),
+        }
+    };
+}
+
 /// Adam over a row. `vhat` is used iff `AMS`; every slice has `param.len()` elements (checked
 /// by the caller; `vhat` may be empty when `!AMS`).
 #[inline(always)]
@@ -464,17 +477,10 @@ pub(crate) fn adam_row<S: Simd, P: Element, G: Element, M: Element, const AMS: b
     grad: &[G],
 ) {
     let k = Coeffs::new::<S, P>(s, c);
-    match (k.is_plain(), k.t.scale.is_some()) {
-        (true, false) => {
-            adam_body::<S, P, G, M, AMS, true, false>(s, split, &k, param, m, v, vhat, grad, 0)
-        }
-        (true, true) => {
-            adam_body::<S, P, G, M, AMS, true, true>(s, split, &k, param, m, v, vhat, grad, 0)
-        }
-        (false, _) => {
-            adam_body::<S, P, G, M, AMS, false, false>(s, split, &k, param, m, v, vhat, grad, 0)
-        }
-    }
+    by_loop_variant!(
+        k,
+        adam_body::<S, P, G, M, AMS>(s, split, &k, param, m, v, vhat, grad, 0)
+    )
 }
 
 /// Adam over rows `rows[k]` of row-major tables (`row_len` elements per row) with the
@@ -496,17 +502,10 @@ pub(crate) fn adam_rows<S: Simd, P: Element, G: Element, M: Element>(
     grads: &[G],
 ) {
     let k = Coeffs::new::<S, P>(s, c);
-    match (k.is_plain(), k.t.scale.is_some()) {
-        (true, false) => {
-            rows_body::<S, P, G, M, true, false>(s, split, &k, param, m, v, row_len, rows, grads)
-        }
-        (true, true) => {
-            rows_body::<S, P, G, M, true, true>(s, split, &k, param, m, v, row_len, rows, grads)
-        }
-        (false, _) => {
-            rows_body::<S, P, G, M, false, false>(s, split, &k, param, m, v, row_len, rows, grads)
-        }
-    }
+    by_loop_variant!(
+        k,
+        rows_body::<S, P, G, M>(s, split, &k, param, m, v, row_len, rows, grads)
+    )
 }
 
 /// Hints the CPU to load the `len` elements from `p` (every 64-byte line they start in

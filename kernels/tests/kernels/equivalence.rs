@@ -157,10 +157,9 @@ proptest! {
     /// Neutral optional parts: the vector paths compile a specialized loop for this case.
     #[test]
     fn adam_plain_coeffs_match_reference(
-        (lr_t, b1, b2, eps) in (1e-5f32..1.0, 0.0f32..1.0, 0.0f32..1.0, 1e-9f32..1e-3),
+        c in plain_coeffs(),
         r in rows(),
     ) {
-        let c = AdamCoeffs::new(lr_t, b1, b2, eps);
         adam_all_combos!(&c, (&r.0, &r.1, &r.2, &r.3, &r.4));
     }
 

@@ -124,18 +124,20 @@ pub fn scale() -> impl Strategy<Value = f32> {
     ]
 }
 
+/// Adam coefficients with every optional part neutral: the vector paths compile a specialized
+/// loop for this case. The base of the other coefficient strategies.
+pub fn plain_coeffs() -> impl Strategy<Value = AdamCoeffs> {
+    (1e-5f32..1.0, 0.0f32..1.0, 0.0f32..1.0, 1e-9f32..1e-3)
+        .prop_map(|(lr_t, b1, b2, eps)| AdamCoeffs::new(lr_t, b1, b2, eps))
+}
+
 /// Coefficients whose only optional part is a gradient scale other than 1 (a clipping factor,
 /// a loss scale's unscale): the vector paths compile a specialized loop for this case.
 pub fn scaled_plain_coeffs() -> impl Strategy<Value = AdamCoeffs> {
-    (
-        (1e-5f32..1.0, 0.0f32..1.0, 0.0f32..1.0, 1e-9f32..1e-3),
-        scale(),
-    )
-        .prop_map(|((lr_t, b1, b2, eps), scale)| {
-            let mut c = AdamCoeffs::new(lr_t, b1, b2, eps);
-            c.grad.scale = scale;
-            c
-        })
+    (plain_coeffs(), scale()).prop_map(|(mut c, scale)| {
+        c.grad.scale = scale;
+        c
+    })
 }
 
 /// A gradient transform with every part exercised.
@@ -161,21 +163,14 @@ pub fn coeffs() -> impl Strategy<Value = AdamCoeffs> {
         2 => Just(Rounding::NearestEven),
         1 => (any::<u64>(), any::<u64>()).prop_map(|(seed, offset)| Rounding::Stochastic { seed, offset }),
     ];
-    (
-        (1e-5f32..1.0, 0.0f32..1.0, 0.0f32..1.0, 1e-9f32..1e-3),
-        wd,
-        pre.clone(),
-        pre,
-        transform(),
-        rounding,
-    )
-        .prop_map(|((lr_t, b1, b2, eps), wd, mp, vp, grad, rounding)| {
-            let mut c = AdamCoeffs::new(lr_t, b1, b2, eps);
+    (plain_coeffs(), wd, pre.clone(), pre, transform(), rounding).prop_map(
+        |(mut c, wd, mp, vp, grad, rounding)| {
             c.weight_decay = wd;
             c.m_pre_decay = mp;
             c.v_pre_decay = vp;
             c.grad = grad;
             c.rounding = rounding;
             c
-        })
+        },
+    )
 }
