@@ -13,6 +13,7 @@
 use std::time::Instant;
 
 use lazyadam::{DType, Extensions, Gradient, LazyAdam, LazyAdamConfig, Update};
+use lazyadam_benches::median;
 
 const ROWS: usize = 2_100_000;
 const ROW_LEN: usize = 4;
@@ -49,11 +50,6 @@ fn pattern(name: &str, n: usize) -> Vec<u32> {
         }
         _ => unreachable!("unknown pattern {name}"),
     }
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 fn main() {

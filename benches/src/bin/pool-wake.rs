@@ -15,18 +15,14 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use lazyadam_benches::quantile;
+
 /// Spins for `d` (a stand-in for work that needs no memory).
 fn spin(d: Duration) {
     let t = Instant::now();
     while t.elapsed() < d {
         std::hint::spin_loop();
     }
-}
-
-/// The `q`-quantile (0 to 1) of sorted values.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i]
 }
 
 fn main() -> Result<(), String> {

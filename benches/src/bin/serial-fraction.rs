@@ -27,6 +27,7 @@
 use std::time::Instant;
 
 use lazyadam::{DType, Gradient, LazyAdam, LazyAdamConfig, StepOutcome, Update};
+use lazyadam_benches::median;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -120,11 +121,6 @@ fn time_steps(w: &Workload, t: &mut Table) -> BoxResult<Timing> {
             .map(|(n, ns)| (n, ns as f64 / steps as f64 / 1e6))
             .collect(),
     })
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 fn round4(x: f64) -> f64 {

@@ -25,6 +25,7 @@ use lazyadam::{
     Collective, CollectiveError, DType, Gradient, LazyAdamConfig, ShardGradient, ShardedLazyAdam,
     ThreadCollective,
 };
+use lazyadam_benches::median;
 
 const IDS_JSON: &str = include_str!("../../data/workload_ids.json");
 const ROWS: usize = 1_000_000;
@@ -68,11 +69,6 @@ fn unit(mut z: u64) -> f32 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The value after `flag` among the arguments, parsed as a clipping norm.
