@@ -79,19 +79,19 @@
 //!
 //! A sparse step costs time in proportion to the ids in the step, never to
 //! the table. Small steps (under 4 x [`Extensions::parallel_min_elements`]
-//! gradient elements, or any one-thread step up to 2^20) map ids to distinct
-//! rows with a hash table sized by the id count, sum every gradient row into
-//! per-row f32 accumulators with one batched kernel call, and update all rows
-//! with another. Large multi-thread steps find duplicates with a radix sort of
-//! `(row, position)` keys, which puts the distinct rows in increasing row
-//! order; each row's occurrences are then summed, in occurrence order, in an
-//! accumulator row that stays in L1, right before the row is updated. Both
-//! give the same bits. Table rows are prefetched a few rows ahead. All
-//! scratch buffers live in the optimizer and are reused across steps. Steps
-//! that update fewer than [`Extensions::parallel_min_elements`] elements stay
-//! on the calling thread; larger ones split the distinct rows into disjoint
-//! row ranges (safe `split_at_mut`) and dense variables into chunks, as rayon
-//! tasks.
+//! gradient elements, or on one thread up to 2^20 of them when the rows are
+//! at most 16 elements long) map ids to distinct rows with a hash table sized
+//! by the id count, sum every gradient row into per-row f32 accumulators
+//! with one batched kernel call, and update all rows with another. Larger
+//! steps find duplicates with a radix sort of `(row, position)` keys, which
+//! puts the distinct rows in increasing row order; each row's occurrences are
+//! then summed, in occurrence order, in an accumulator row that stays in L1,
+//! right before the row is updated. Both give the same bits. Table rows are
+//! prefetched a few rows ahead. All scratch buffers live in the optimizer and
+//! are reused across steps. Steps that update fewer than
+//! [`Extensions::parallel_min_elements`] elements stay on the calling thread;
+//! larger ones split the distinct rows into disjoint row ranges (safe
+//! `split_at_mut`) and dense variables into chunks, as rayon tasks.
 //!
 //! Random rows of a very large table cost mostly cache and TLB misses. On
 //! Linux, the optimizer advises its own slot buffers of 4 MiB or more for

@@ -1242,14 +1242,18 @@ impl LazyAdam {
             let updated = if let Gradient::Sparse { ids, .. } = &u.grad {
                 // Small steps take the hash table; large ones the radix sort,
                 // whose parallel path also sums the duplicates in parallel
-                // (the hashed path sums them on one thread). The hash table
-                // gives up on ids that probe too long (crafted to collide),
-                // and the sort takes them: it costs the same for any ids.
+                // (the hashed path sums them on one thread). One-thread steps
+                // of short rows keep the hash table longer (see
+                // `HASHED_SHORT_ROW_LEN`). The hash table gives up on ids
+                // that probe too long (crafted to collide), and the sort
+                // takes them: it costs the same for any ids.
                 let n_elems = ids.len().saturating_mul(var.row_len);
                 let hashed = !reuse
                     && ids.len() <= RowHash::MAX_IDS
                     && (n_elems < min_parallel.saturating_mul(HASHED_PARALLEL_FACTOR)
-                        || (threads == 1 && n_elems <= HASHED_MAX_ELEMENTS))
+                        || (threads == 1
+                            && var.row_len <= HASHED_SHORT_ROW_LEN
+                            && n_elems <= HASHED_MAX_ELEMENTS))
                     && with_ids!(ids, |n, id| hash.build(n, id));
                 if hashed {
                     rows = Rows::Hashed(&*hash);
@@ -1323,16 +1327,30 @@ impl LazyAdam {
     }
 }
 
-/// One variable's work in a step, dispatched on the storage types.
 /// Above this many gradient elements (ids x row length), a one-thread step
 /// sorts its rows rather than hashing them: the hashed path keeps one f32
 /// accumulator row per distinct row, which then no longer fits in cache.
 const HASHED_MAX_ELEMENTS: usize = 1 << 20;
 
-/// With several threads, steps of fewer than this many times
-/// `parallel_min_elements` gradient elements take the hashed path (which sums
-/// duplicates on one thread, then updates in parallel if the distinct rows
-/// reach `parallel_min_elements`); larger ones the sorted path.
+/// Rows of at most this many elements keep the hash table on one thread up
+/// to [`HASHED_MAX_ELEMENTS`] gradient elements; longer rows take it only
+/// below `HASHED_PARALLEL_FACTOR` x `parallel_min_elements`, as on several
+/// threads. With longer rows the radix sort, which groups the ids in about
+/// half the hash table's time, wins; with short rows a step's cost is more
+/// per distinct row, and the hashed path makes two batched kernel calls
+/// where the sorted path makes two per distinct row. Measured with `step_timing` on one thread, 1,000,000-row tables, the
+/// sorted step over the hashed one: 0.87x-0.95x at 32 elements a row
+/// (8,192 and 32,768 ids), 0.83x-0.94x at 64 (2,048 to 16,384 ids),
+/// 0.88x-1.00x at 128 (2,048 and 8,192 ids), but 0.92x-1.13x at 16 (4,096
+/// to 65,536 ids); `benches/README.md`, "One-thread steps: hash table or
+/// sort".
+const HASHED_SHORT_ROW_LEN: usize = 16;
+
+/// Steps of fewer than this many times `parallel_min_elements` gradient
+/// elements take the hashed path (which sums duplicates on one thread, then
+/// updates in parallel if there are several threads and the distinct rows
+/// reach `parallel_min_elements`); larger ones the sorted path, but for
+/// one-thread steps of short rows ([`HASHED_SHORT_ROW_LEN`]).
 const HASHED_PARALLEL_FACTOR: usize = 4;
 
 /// The distinct rows of a variable's step.
@@ -1352,6 +1370,7 @@ struct Bufs<'a> {
     hashed: &'a mut HashedScratch,
 }
 
+/// One variable's work in a step, dispatched on the storage types.
 struct Job<'a> {
     ctx: &'a StepCtx,
     rows: Rows<'a>,
