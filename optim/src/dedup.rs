@@ -651,22 +651,18 @@ fn split_lengths<'a, T>(mut s: &'a mut [T], lengths: &[usize]) -> Vec<&'a mut [T
     out
 }
 
-/// One entry of the table of [`RowHash`].
-#[derive(Clone, Copy, Debug, Default)]
-struct Slot {
-    /// The build that wrote this entry (0: never written).
-    generation: u32,
-    /// Index of the row in [`RowHash::rows`].
-    index: u32,
-    /// The row id.
-    row: u64,
-}
-
 /// Maps each occurrence of a step's ids to the index of its distinct row, with
 /// an open-addressing hash table sized by the number of ids (so it stays in
 /// L1/L2 whatever the size of the embedding table). Distinct rows are listed
 /// in order of first occurrence. Everything is kept across steps; a
 /// generation stamp makes old entries empty, so the table is not cleared.
+///
+/// An entry is one `u64`: the generation in the high half, the row id in the
+/// low half (so the table takes ids below 2^32, every embedding table in
+/// practice; [`RowHash::build`] declines larger tables). The index of an
+/// entry's row sits in a separate array that the probing never reads: a build
+/// records each occurrence's entry and turns entries into indices in a second
+/// pass (see [`RowHash::build`] for why).
 ///
 /// Ids chosen to collide must not make a step quadratic: the hash is keyed
 /// with a random key of this table (the splitmix64 finalizer of `id ^ key`,
@@ -680,9 +676,12 @@ pub(crate) struct RowHash {
     pub rows: Vec<usize>,
     /// Per occurrence: the index of its row in `rows`.
     pub slot_of: Vec<u32>,
-    /// A power of two long, plus one write-only entry at the end (see
-    /// [`RowHash::build`]).
-    table: Vec<Slot>,
+    /// Entries (`generation << 32 | row`): a power of two long, plus one
+    /// write-only entry at the end (see [`RowHash::build`]).
+    table: Vec<u64>,
+    /// Per entry: the index in `rows` of the entry's row (same length as
+    /// `table`).
+    index_of: Vec<u32>,
     generation: u32,
     /// The hash key (0: not drawn yet).
     key: u64,
@@ -702,6 +701,10 @@ impl RowHash {
     /// Largest number of ids [`RowHash::build`] takes.
     pub(crate) const MAX_IDS: usize = 1 << 30;
 
+    /// Largest table (number of rows) [`RowHash::build`] takes: its ids fit
+    /// in the low half of an entry.
+    pub(crate) const MAX_ROWS: usize = 1 << 32;
+
     /// Most probes a build of `n` ids may take before it gives up: with the
     /// table at most half full and a random hash, a build takes about 1.5
     /// probes per id; four per id (plus slack for tiny steps) is never
@@ -710,25 +713,34 @@ impl RowHash {
         4 * n + 64
     }
 
-    /// Maps the `n` ids (`n <= MAX_IDS`) given by `id`; returns `false`
-    /// (and leaves `rows`/`slot_of` meaningless) if the ids took more than
+    /// Maps the `n` ids (`n <= MAX_IDS`) given by `id`, each below `rows`;
+    /// returns `false` (and leaves `rows`/`slot_of` meaningless) if `rows`
+    /// exceeds [`RowHash::MAX_ROWS`] or the ids took more than
     /// [`RowHash::probe_budget`] probes.
     ///
-    /// About one probe per id (the table is at most half full). A repeated
-    /// row writes its entry to a dummy slot instead of back to its own: a hot
-    /// row (one of the peer workloads has a row in 31% of the ids) would
-    /// otherwise chain every lookup of it through store-to-load forwarding.
-    /// (Measured: forcing branch-free selects here was slower than the
-    /// compiler's branches.)
+    /// About one probe per id (the table is at most half full). The loop has
+    /// no branch on whether a row is new, which is as unpredictable as the
+    /// ids: a new row's entry and index are written to its own slot, a
+    /// repeated row's to a dummy slot past the end (a hot row, in 31% of the
+    /// ids of one of the peer workloads, would otherwise chain every lookup of
+    /// it through store-to-load forwarding), and each occurrence records its
+    /// slot; a second pass turns slots into indices. With the index read in
+    /// the loop instead, the compiler branched on newness, and the build's
+    /// time moved by 1.25x with where the loop was placed in the binary
+    /// (`benches/README.md`).
     #[must_use]
-    pub(crate) fn build(&mut self, n: usize, id: impl Fn(usize) -> usize) -> bool {
+    pub(crate) fn build(&mut self, n: usize, rows: usize, id: impl Fn(usize) -> usize) -> bool {
+        if rows > Self::MAX_ROWS {
+            return false;
+        }
         if self.key == 0 {
             self.key = random_key();
         }
         self.build_keyed(n, id)
     }
 
-    /// [`RowHash::build`] with the current key.
+    /// [`RowHash::build`] with the current key, for ids below
+    /// [`RowHash::MAX_ROWS`].
     fn build_keyed(&mut self, n: usize, id: impl Fn(usize) -> usize) -> bool {
         debug_assert!(n <= Self::MAX_IDS);
         self.rows.clear();
@@ -741,11 +753,12 @@ impl RowHash {
         let cap = (2 * n).next_power_of_two().max(16);
         if self.table.len() != cap + 1 || self.generation == u32::MAX {
             self.table.clear();
-            self.table.resize(cap + 1, Slot::default());
+            self.table.resize(cap + 1, 0);
+            self.index_of.resize(cap + 1, 0);
             self.generation = 0;
         }
         self.generation += 1;
-        let generation = self.generation;
+        let stamp = u64::from(self.generation) << 32;
         let shift = u64::BITS - cap.trailing_zeros();
         let mask = cap - 1;
         let key = self.key;
@@ -755,17 +768,23 @@ impl RowHash {
         // branch (the entry past the end is overwritten until a row claims it).
         self.rows.resize(n, 0);
         self.slot_of.resize(n, 0);
-        let (table, rows) = (&mut self.table[..], &mut self.rows[..]);
+        let (table, index_of, rows) = (
+            &mut self.table[..],
+            &mut self.index_of[..],
+            &mut self.rows[..],
+        );
         let mut len = 0usize;
         for (i, so) in self.slot_of.iter_mut().enumerate() {
             let row = id(i);
-            let row_key = row as u64;
+            debug_assert!(row < Self::MAX_ROWS);
+            let want = stamp | row as u64;
             // The top bits of a keyed splitmix64 finalizer.
-            let mut h = (mix64(row_key ^ key) >> shift) as usize;
+            let mut h = (mix64(row as u64 ^ key) >> shift) as usize;
             let mut e = table[h];
-            // Stop at this row's entry or at an empty one.
-            let stop = |e: &Slot| (e.row == row_key) | (e.generation != generation);
-            while !stop(&e) {
+            // Stop at this row's entry or at an empty one (another
+            // generation's).
+            let stop = |e: u64| (e == want) | (e & !0xFFFF_FFFF != stamp);
+            while !stop(e) {
                 h = (h + 1) & mask;
                 e = table[h];
                 probes += 1;
@@ -774,18 +793,18 @@ impl RowHash {
                 self.probes = probes;
                 return false;
             }
-            let new = e.generation != generation;
-            let index = if new { len } else { e.index as usize };
-            table[if new { h } else { cap }] = Slot {
-                generation,
-                index: index as u32,
-                row: row_key,
-            };
+            let new = e != want;
+            let at = if new { h } else { cap };
+            table[at] = want;
+            index_of[at] = len as u32;
             if len < n {
                 rows[len] = row;
             }
             len += new as usize;
-            *so = index as u32;
+            *so = h as u32;
+        }
+        for so in &mut self.slot_of {
+            *so = index_of[*so as usize];
         }
         self.rows.truncate(len);
         self.probes = probes;
@@ -1105,13 +1124,27 @@ mod tests {
     #[test]
     fn row_hash_matches_reference() {
         let mut h = RowHash::default();
-        for rows in [1usize, 2, 7, 1237, 2048, 1 << 20, usize::MAX] {
+        for rows in [
+            1usize,
+            2,
+            7,
+            1237,
+            2048,
+            1 << 20,
+            RowHash::MAX_ROWS,
+            usize::MAX,
+        ] {
             for n in [0usize, 1, 2, 3, 100, 5000] {
                 let ids: Vec<usize> = (0..n)
                     .map(|i| ((i * 7919 + 13) % 1237).wrapping_mul(2_654_435_761) % rows)
                     .collect();
-                // The same state reused across sizes and generations.
-                assert!(h.build(ids.len(), |i| ids[i]));
+                // The same state reused across sizes and generations. Tables
+                // of more than 2^32 rows are declined (the sort takes them).
+                if rows > RowHash::MAX_ROWS {
+                    assert!(!h.build(ids.len(), rows, |i| ids[i]));
+                    continue;
+                }
+                assert!(h.build(ids.len(), rows, |i| ids[i]));
                 let g = hashed(&h);
                 let firsts: Vec<usize> = g.iter().map(|(_, p)| p[0]).collect();
                 assert!(firsts.windows(2).all(|w| w[0] < w[1]), "rows {rows}, n {n}");
@@ -1124,7 +1157,7 @@ mod tests {
         // entries.
         h.generation = u32::MAX - 1;
         for ids in [[5usize, 6, 5], [6, 6, 7], [7, 5, 5]] {
-            assert!(h.build(3, |i| ids[i]));
+            assert!(h.build(3, 8, |i| ids[i]));
             let mut g = hashed(&h);
             g.sort();
             assert_eq!(g, reference(&ids));
@@ -1176,7 +1209,7 @@ mod tests {
         // for it (the chance of ten of them sharing a home is nil).
         let mut fresh = RowHash::default();
         let ids = colliding_ids(0x1234_5678_9abc_def1, 4096, 2048);
-        assert!(fresh.build(ids.len(), |i| ids[i]));
+        assert!(fresh.build(ids.len(), RowHash::MAX_ROWS, |i| ids[i]));
         assert!(fresh.probes < 2048 * 2, "{}", fresh.probes);
     }
 

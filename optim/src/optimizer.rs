@@ -1254,7 +1254,7 @@ impl LazyAdam {
                         || (threads == 1
                             && var.row_len <= HASHED_SHORT_ROW_LEN
                             && n_elems <= HASHED_MAX_ELEMENTS))
-                    && with_ids!(ids, |n, id| hash.build(n, id));
+                    && with_ids!(ids, |n, id| hash.build(n, var.rows, id));
                 if hashed {
                     rows = Rows::Hashed(&*hash);
                     hash.rows.len() * var.row_len
