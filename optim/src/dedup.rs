@@ -702,8 +702,9 @@ impl RowHash {
     pub(crate) const MAX_IDS: usize = 1 << 30;
 
     /// Largest table (number of rows) [`RowHash::build`] takes: its ids fit
-    /// in the low half of an entry.
-    pub(crate) const MAX_ROWS: usize = 1 << 32;
+    /// in the low half of an entry. (A `u64`: 2^32 is not a `usize` on
+    /// 32-bit targets, where every table fits.)
+    pub(crate) const MAX_ROWS: u64 = 1 << 32;
 
     /// Most probes a build of `n` ids may take before it gives up: with the
     /// table at most half full and a random hash, a build takes about 1.5
@@ -730,7 +731,7 @@ impl RowHash {
     /// (`benches/README.md`).
     #[must_use]
     pub(crate) fn build(&mut self, n: usize, rows: usize, id: impl Fn(usize) -> usize) -> bool {
-        if rows > Self::MAX_ROWS {
+        if rows as u64 > Self::MAX_ROWS {
             return false;
         }
         if self.key == 0 {
@@ -776,7 +777,7 @@ impl RowHash {
         let mut len = 0usize;
         for (i, so) in self.slot_of.iter_mut().enumerate() {
             let row = id(i);
-            debug_assert!(row < Self::MAX_ROWS);
+            debug_assert!((row as u64) < Self::MAX_ROWS);
             let want = stamp | row as u64;
             // The top bits of a keyed splitmix64 finalizer.
             let mut h = (mix64(row as u64 ^ key) >> shift) as usize;
@@ -1131,7 +1132,9 @@ mod tests {
             1237,
             2048,
             1 << 20,
-            RowHash::MAX_ROWS,
+            // The largest table it takes (ids up to 2^32 - 1), and one more.
+            usize::try_from(RowHash::MAX_ROWS).unwrap_or(usize::MAX),
+            usize::try_from(RowHash::MAX_ROWS + 1).unwrap_or(usize::MAX),
             usize::MAX,
         ] {
             for n in [0usize, 1, 2, 3, 100, 5000] {
@@ -1140,7 +1143,7 @@ mod tests {
                     .collect();
                 // The same state reused across sizes and generations. Tables
                 // of more than 2^32 rows are declined (the sort takes them).
-                if rows > RowHash::MAX_ROWS {
+                if rows as u64 > RowHash::MAX_ROWS {
                     assert!(!h.build(ids.len(), rows, |i| ids[i]));
                     continue;
                 }
@@ -1209,7 +1212,7 @@ mod tests {
         // for it (the chance of ten of them sharing a home is nil).
         let mut fresh = RowHash::default();
         let ids = colliding_ids(0x1234_5678_9abc_def1, 4096, 2048);
-        assert!(fresh.build(ids.len(), RowHash::MAX_ROWS, |i| ids[i]));
+        assert!(fresh.build(ids.len(), usize::MAX >> 32, |i| ids[i]));
         assert!(fresh.probes < 2048 * 2, "{}", fresh.probes);
     }
 
