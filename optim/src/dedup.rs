@@ -661,7 +661,7 @@ fn split_lengths<'a, T>(mut s: &'a mut [T], lengths: &[usize]) -> Vec<&'a mut [T
 /// low half (so the table takes ids below 2^32, every embedding table in
 /// practice; [`RowHash::build`] declines larger tables). The index of an
 /// entry's row sits in a separate array that the probing never reads: a build
-/// records each occurrence's entry and turns entries into indices in a second
+/// records each occurrence's slot and turns slots into indices in a second
 /// pass (see [`RowHash::build`] for why).
 ///
 /// Ids chosen to collide must not make a step quadratic: the hash is keyed

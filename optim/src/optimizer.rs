@@ -1245,8 +1245,9 @@ impl LazyAdam {
                 // (the hashed path sums them on one thread). One-thread steps
                 // of short rows keep the hash table longer (see
                 // `HASHED_SHORT_ROW_LEN`). The hash table gives up on ids
-                // that probe too long (crafted to collide), and the sort
-                // takes them: it costs the same for any ids.
+                // that probe too long (crafted to collide) and declines
+                // tables of more than 2^32 rows; the sort takes them: it
+                // costs the same for any ids.
                 let n_elems = ids.len().saturating_mul(var.row_len);
                 let hashed = !reuse
                     && ids.len() <= RowHash::MAX_IDS
