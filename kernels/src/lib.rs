@@ -678,15 +678,17 @@ fn check_rows<I: Iterator<Item = usize> + Clone>(
     list: I,
     rows: usize,
 ) -> Result<(), KernelError> {
-    // One pass for the maximum: no early exit, so no branch per index on the valid path.
-    match list.clone().max() {
-        Some(max) if max >= rows => Err(KernelError::RowOutOfRange {
+    // One pass that ORs the comparisons: no early exit and no branch per index on the valid
+    // path. (A running maximum branched on every new maximum, and the slot lists of
+    // `accumulate_rows`, numbered in order of first occurrence, make one at every new row.)
+    if list.clone().fold(false, |bad, r| bad | (r >= rows)) {
+        return Err(KernelError::RowOutOfRange {
             what,
-            row: list.into_iter().find(|&r| r >= rows).unwrap_or(max),
+            row: list.into_iter().find(|&r| r >= rows).unwrap_or(rows),
             rows,
-        }),
-        _ => Ok(()),
+        });
     }
+    Ok(())
 }
 
 /// A magnitude's bits (as `max_abs_bits` returns them) as the f32 it widens to.
