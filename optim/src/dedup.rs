@@ -782,10 +782,14 @@ impl RowHash {
             // The top bits of a keyed splitmix64 finalizer.
             let mut h = (mix64(row as u64 ^ key) >> shift) as usize;
             let mut e = table[h];
-            // Stop at this row's entry or at an empty one (another
-            // generation's).
-            let stop = |e: u64| (e == want) | (e & !0xFFFF_FFFF != stamp);
-            while !stop(e) {
+            // Go on past entries of this generation that hold another row;
+            // stop at this row's entry or at an empty one (another
+            // generation's). One comparison: `e ^ want` is 0 at this row's
+            // entry, at least 2^32 at an empty one. (Two, `e == want` and a
+            // generation test, compiled to a branch on `e == want`, that is,
+            // on whether the row is new.)
+            let occupied = |e: u64| (e ^ want).wrapping_sub(1) < 0xFFFF_FFFF;
+            while occupied(e) {
                 h = (h + 1) & mask;
                 e = table[h];
                 probes += 1;
