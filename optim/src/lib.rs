@@ -81,10 +81,11 @@
 //! the table. Small steps (under 4 x [`Extensions::parallel_min_elements`]
 //! gradient elements, or on one thread up to 2^20 of them when the rows are
 //! at most 16 elements long) map ids to distinct rows with a hash table sized
-//! by the id count (for tables of at most 2^32 rows), sum every gradient row into per-row f32 accumulators
-//! with one batched kernel call, and update all rows with another. Larger
-//! steps find duplicates with a radix sort of `(row, position)` keys, which
-//! puts the distinct rows in increasing row order; each row's occurrences are
+//! by the id count (for tables of at most 2^32 rows), sum every gradient row
+//! into per-row f32 accumulators with one batched kernel call, and update all
+//! rows with another. Larger steps find duplicates with a radix sort of
+//! `(row, position)` keys, which puts the distinct rows in increasing row
+//! order; each row's occurrences are
 //! then summed, in occurrence order, in an accumulator row that stays in L1,
 //! right before the row is updated. Both give the same bits. Table rows are
 //! prefetched a few rows ahead. All scratch buffers live in the optimizer and
