@@ -949,8 +949,9 @@ impl Kernels {
     /// of `src` is `src[p * n..(p + 1) * n]`; `dst` gets the transform of the first picked row
     /// (as [`Kernels::load_row`]), then each later one is added in order (as
     /// [`Kernels::accumulate_row`]), with the bits of those calls. One call sums all the
-    /// occurrences of a duplicated id of a sparse gradient, prefetching the rows ahead, where
-    /// a call per occurrence would pay the dispatch and checks each time.
+    /// occurrences of a duplicated id of a sparse gradient, in vector registers and prefetching
+    /// the rows ahead, where a call per occurrence would pay the dispatch and checks each time
+    /// and keep the running sum in `dst`.
     ///
     /// With no positions nothing is written. Errors, with nothing written: `src` not a whole
     /// number of rows (or `dst` empty while positions are given), a position not below the

@@ -85,9 +85,9 @@
 //! into per-row f32 accumulators with one batched kernel call, and update all
 //! rows with another. Larger steps find duplicates with a radix sort of
 //! `(row, position)` keys, which puts the distinct rows in increasing row
-//! order; each row's occurrences are
-//! then summed, in occurrence order, in an accumulator row that stays in L1,
-//! right before the row is updated. Both give the same bits. Table rows are
+//! order; each row's occurrences are then summed, in occurrence order, in
+//! vector registers (into an accumulator row that stays in L1), right before
+//! the row is updated. Both give the same bits. Table rows are
 //! prefetched a few rows ahead. All scratch buffers live in the optimizer and
 //! are reused across steps. Steps that update fewer than
 //! [`Extensions::parallel_min_elements`] elements stay on the calling thread;
