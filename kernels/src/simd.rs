@@ -646,11 +646,7 @@ fn sum_rows_body<S: Simd, G: Element, const ID: bool>(
     // The rest of the row (shorter than a vector), accumulated in `dst`.
     let dst = &mut dst[c..];
     for (j, &p) in positions.iter().enumerate() {
-        if let Some(&ahead) = positions.get(j + SUM_AHEAD) {
-            // Hints only (the occurrences of a row lie anywhere in `src`).
-            let at = ahead.wrapping_mul(n).wrapping_add(c);
-            prefetch_elements(s, src.as_ptr().wrapping_add(at), n - c);
-        }
+        prefetch_position(s, src, positions, j + SUM_AHEAD, n, c, n - c);
         let g = &src[p * n + c..(p + 1) * n];
         if j == 0 {
             load_body::<S, G, false, ID>(s, t, dst, g);
@@ -676,16 +672,11 @@ fn sum_block<S: Simd, G: Element, const ID: bool, const V: usize>(
     let len = V * S::LANES;
     let mut acc = [s.splat(0.0); V];
     for (j, &p) in positions.iter().enumerate() {
-        if let Some(&ahead) = positions.get(j + SUM_AHEAD) {
-            // Hints only (the occurrences of a row lie anywhere in `src`).
-            let at = ahead.wrapping_mul(n).wrapping_add(c);
-            prefetch_elements(s, src.as_ptr().wrapping_add(at), len);
-        }
+        prefetch_position(s, src, positions, j + SUM_AHEAD, n, c, len);
         let g = &src[p * n + c..p * n + c + len];
         for (k, a) in acc.iter_mut().enumerate() {
             // SAFETY: `g` holds `V * LANES` elements.
-            let x = unsafe { load::<S, G>(s, g.as_ptr().add(k * S::LANES)) };
-            let x = if ID { x } else { t.apply(s, x) };
+            let x = unsafe { load_grad::<S, G, ID>(s, t, g.as_ptr().add(k * S::LANES)) };
             *a = if j == 0 { x } else { s.add(*a, x) };
         }
     }
@@ -696,6 +687,25 @@ fn sum_block<S: Simd, G: Element, const ID: bool, const V: usize>(
     for (k, a) in acc.iter().enumerate() {
         // SAFETY: `d` holds `V * LANES` f32.
         unsafe { s.store_f32(d.as_mut_ptr().add(k * S::LANES), *a) };
+    }
+}
+
+/// Hints elements `c..c + len` of the gradient row at `positions[i]` (rows of `n` elements
+/// in `src`), if there is such a position. A hint only: the occurrences of a row lie anywhere
+/// in `src`, and nothing is read.
+#[inline(always)]
+fn prefetch_position<S: Simd, G>(
+    s: S,
+    src: &[G],
+    positions: &[usize],
+    i: usize,
+    n: usize,
+    c: usize,
+    len: usize,
+) {
+    if let Some(&p) = positions.get(i) {
+        let at = p.wrapping_mul(n).wrapping_add(c);
+        prefetch_elements(s, src.as_ptr().wrapping_add(at), len);
     }
 }
 
@@ -1073,11 +1083,28 @@ unsafe fn load_step<S: Simd, G: Element, const ACC: bool, const ID: bool>(
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let x = load::<S, G>(s, x);
-        let g = if ID { x } else { t.apply(s, x) };
+        let g = load_grad::<S, G, ID>(s, t, x);
         let r = if ACC { s.add(s.load_f32(d), g) } else { g };
         s.store_f32(d, r);
     }
+}
+
+/// One vector of gradient values as `load_row` reads them: loaded (widened to f32) and
+/// transformed, unless `ID`. [`sum_rows_at`]'s register blocks read through it too, so they
+/// give `load_row`'s bits.
+///
+/// # Safety
+///
+/// `x` must be valid for reading `S::LANES` elements.
+#[inline(always)]
+unsafe fn load_grad<S: Simd, G: Element, const ID: bool>(
+    s: S,
+    t: &Transform<S::F>,
+    x: *const G,
+) -> S::F {
+    // SAFETY: forwarded from the caller.
+    let x = unsafe { load::<S, G>(s, x) };
+    if ID { x } else { t.apply(s, x) }
 }
 
 /// Sum of squares with the contract's lane assignment.
