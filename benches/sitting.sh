@@ -31,45 +31,27 @@ bin=${CARGO_TARGET_DIR:-$root/target}/release
 quick=()
 if [ "${QUICK:-0}" = "1" ]; then quick=(--quick); fi
 
-# Runs a command; copies its JSON lines to $out tagged with the round and the source.
-tagged() {
-  local round=$1 source=$2
-  shift 2
-  "$@" 2> >(tee -a "$out.stderr" >&2) | python3 -c '
-import json, sys
-r, s = int(sys.argv[1]), sys.argv[2]
-for line in sys.stdin:
-    line = line.strip()
-    if line.startswith("{"):
-        d = json.loads(line); d["round"] = r; d["source"] = s
-        print(json.dumps(d, sort_keys=True), flush=True)
-' "$round" "$source" | tee -a "$out"
-}
-
-have() {
-  if [ -x "$1" ] && "$1" -c "import $2" 2>/dev/null; then return 0; fi
-  echo "sitting: $3 skipped ($1 cannot import $2)" >&2
-  return 1
-}
+# shellcheck source=benches/lib.sh
+. "$root/benches/lib.sh"
 
 : >"$out"
 : >"$out.stderr"
-echo "{\"kind\":\"sitting\",\"date\":\"$(date -u +%FT%TZ)\",\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\",\"cores\":$(nproc),\"rounds\":$rounds,\"commit\":\"$(git -C "$root" rev-parse --short HEAD)\"}" >>"$out"
+sitting_header "$out" "$rounds" "$root"
 for r in $(seq 1 "$rounds"); do
   echo "sitting: round $r of $rounds" >&2
   if have "$torch_py" torch torch; then
-    tagged "$r" torch "$torch_py" "$peers/bench_peers.py" torch
+    tagged "$out" "$r" torch "$torch_py" "$peers/bench_peers.py" torch
   fi
   if have "$tf_py" tensorflow_addons tf; then
-    tagged "$r" tf "$tf_py" "$peers/bench_peers.py" tf
+    tagged "$out" "$r" tf "$tf_py" "$peers/bench_peers.py" tf
   fi
   if have "$anchors_py" deepspeed deepspeed; then
-    tagged "$r" deepspeed "$anchors_py" "$peers/bench_anchors.py" deepspeed dense_16m
+    tagged "$out" "$r" deepspeed "$anchors_py" "$peers/bench_anchors.py" deepspeed dense_16m
   fi
   if have "$anchors_py" fbgemm_gpu fbgemm; then
-    tagged "$r" fbgemm "$anchors_py" "$peers/bench_anchors.py" fbgemm sparse_1m_d64 sparse_100k_d16
+    tagged "$out" "$r" fbgemm "$anchors_py" "$peers/bench_anchors.py" fbgemm sparse_1m_d64 sparse_100k_d16
   fi
-  tagged "$r" lazyadam "$bin/peer-workloads" "${quick[@]}"
-  tagged "$r" serial-fraction "$bin/serial-fraction" --rounds 1 "${quick[@]}"
+  tagged "$out" "$r" lazyadam "$bin/peer-workloads" "${quick[@]}"
+  tagged "$out" "$r" serial-fraction "$bin/serial-fraction" --rounds 1 "${quick[@]}"
 done
 echo "sitting: lines in $out, peers' stderr (their correctness checks) in $out.stderr" >&2

@@ -1,7 +1,8 @@
-"""Summarize a sitting written by benches/sitting.sh: per workload and implementation, the median
-step time of every round, and each peer's time over lazyadam's taken within the same round
-(above 1: lazyadam is faster), against the configuration with the same storage (DeepSpeed's
-16-bit variants) or lazyadam-f32.
+"""Summarize a sitting written by benches/sitting.sh (or benches/dense_vs_deepspeed.sh): per
+workload and implementation, the median step time of every round, and each peer's time over
+lazyadam's taken within the same round (above 1: lazyadam is faster), against the configuration
+with the same storage (DeepSpeed's 16-bit variants) or lazyadam-f32: its range over the rounds,
+its median, and the number of rounds in which lazyadam was behind.
 
   python3 benches/summarize_sitting.py benches/results/SITTING.jsonl
 
@@ -9,6 +10,7 @@ Only the standard library; prints Markdown tables.
 """
 import collections
 import json
+import statistics
 import sys
 
 
@@ -49,7 +51,10 @@ def main():
             ours = times.get((workload, config), {})
             ratios = [by_round[r] / ours[r] for r in rounds if r in ours and r in by_round]
             if ratios:
-                print(f"- {impl} / {config}, round by round: {min(ratios):.2f}x-{max(ratios):.2f}x")
+                behind = sum(x < 1 for x in ratios)
+                print(f"- {impl} / {config}, round by round: {min(ratios):.2f}x-{max(ratios):.2f}x,"
+                      f" median {statistics.median(ratios):.2f}x, lazyadam behind in {behind} of"
+                      f" {len(ratios)}")
     for d in lines:
         if d.get("kind") in ("serial_fraction", "stream_triad"):
             print(json.dumps(d, sort_keys=True))
