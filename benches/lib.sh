@@ -34,7 +34,7 @@ import json, os, subprocess, sys, time
 rounds, root, extra = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 d = {"kind": "sitting", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu,
-     "cores": os.cpu_count(), "rounds": rounds,
+     "cores": len(os.sched_getaffinity(0)), "rounds": rounds,
      "commit": subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True).stdout.strip()}
 d.update(zip(extra[::2], extra[1::2]))
