@@ -19,28 +19,20 @@ import argparse
 import os
 import sys
 
-# The tag bench_anchors.py gives each configuration, by the name used here.
-CONFIGS = {
-    "f32": "f32",
-    "bf16-f32states": "bf16 params+grads, f32 states",
-    "bf16": "bf16 params+grads+states",
-    "f16-f32states": "f16 params+grads, f32 states",
-    "f16": "f16 params+grads+states",
-}
+import deepspeed_configs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(deepspeed_configs.NAMES))
     args = ap.parse_args()
     if args.threads < 1:
         ap.error("--threads must be at least 1")
-    wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in wanted if c not in CONFIGS]
-    if unknown or not wanted:
-        ap.error(f"--configs: unknown {unknown or 'empty'}; known: {', '.join(CONFIGS)}")
-    tags = {CONFIGS[c] for c in wanted}
+    wanted, err = deepspeed_configs.parse_names(args.configs)
+    if err:
+        ap.error(f"--configs: {err}")
+    tags = {deepspeed_configs.TAG[c] for c in wanted}
 
     # Before the import: bench_anchors.py only sets OMP_NUM_THREADS when it is unset.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -53,9 +45,7 @@ def main():
     emit = bench_anchors.emit
 
     def emit_wanted(name, impl, med, best):
-        # impl: "deepspeed V DeepSpeedCPUAdam(adamw_mode=False) TAG [SIMD]"
-        tag = impl.split(") ", 1)[-1].rsplit(" [", 1)[0]
-        if tag in tags:
+        if deepspeed_configs.tag_of(impl) in tags:
             emit(name, impl + f" threads={args.threads}", med, best)
 
     bench_anchors.emit = emit_wanted

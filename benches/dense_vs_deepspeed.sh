@@ -10,9 +10,9 @@
 # (lazyadam or deepspeed) added, DeepSpeed's check lines to OUT.stderr. Variables:
 #   ROUNDS      (or the second argument, default 10)
 #   THREADS     default 2
-#   CONFIGS     peer-workloads configurations (default: lazyadam-f32 lazyadam-f16-f32moments
-#               lazyadam-f16)
 #   DS_CONFIGS  deepspeed_dense.py --configs (default: f32,f16-f32states,f16)
+#   CONFIGS     peer-workloads configurations (default: those with DS_CONFIGS' storage, from
+#               benches/deepspeed_configs.py, the table the summarizer pairs them by)
 #   ANCHORS_PY  python of setup_anchors.sh (default: $HOME/.venvs/lazyadam-anchors/bin/python)
 #   PEERS       the shared peers' directory (default: ../shared/peers beside the repository)
 #
@@ -20,15 +20,21 @@
 #   THREADS=1 DS_CONFIGS=f32,bf16-f32states,bf16,f16-f32states,f16 \
 #     bash benches/dense_vs_deepspeed.sh one-thread.jsonl 3
 #   bash benches/dense_vs_deepspeed.sh dense-deepspeed.jsonl 10
-# (then through edited copies of bench_anchors.py; this script replaces them).
+# (then through edited copies of bench_anchors.py; this script replaces them). The first now
+# also times lazyadam's two bf16 configurations, which that trial left out.
 # Summarize with: python3 benches/summarize_sitting.py OUT.jsonl
 set -euo pipefail
 out=${1:?usage: dense_vs_deepspeed.sh OUT.jsonl [ROUNDS]}
 rounds=${2:-${ROUNDS:-10}}
 threads=${THREADS:-2}
-read -r -a configs <<<"${CONFIGS:-lazyadam-f32 lazyadam-f16-f32moments lazyadam-f16}"
 ds_configs=${DS_CONFIGS:-f32,f16-f32states,f16}
 root=$(cd "$(dirname "$0")/.." && pwd)
+if [ -n "${CONFIGS:-}" ]; then
+    read -r -a configs <<<"$CONFIGS"
+else
+    mapfile -t configs < <(python3 "$root/benches/deepspeed_configs.py" lazyadam "$ds_configs")
+    [ "${#configs[@]}" -gt 0 ] || exit 1
+fi
 peers=${PEERS:-$root/../shared/peers}
 anchors_py=${ANCHORS_PY:-$HOME/.venvs/lazyadam-anchors/bin/python}
 

@@ -14,18 +14,7 @@ import statistics
 import sys
 
 
-# DeepSpeed's 16-bit variants (bench_anchors.py's labels) and the peer-workloads
-# configuration with the same storage; every other peer is compared with lazyadam-f32.
-COUNTERPARTS = [
-    ("bf16 params+grads+states", "lazyadam-bf16"),
-    ("bf16 params+grads, f32 states", "lazyadam-bf16-f32moments"),
-    ("f16 params+grads+states", "lazyadam-f16"),
-    ("f16 params+grads, f32 states", "lazyadam-f16-f32moments"),
-]
-
-
-def counterpart(impl):
-    return next((ours for tag, ours in COUNTERPARTS if tag in impl), "lazyadam-f32")
+from deepspeed_configs import lazyadam_counterpart
 
 
 def main():
@@ -47,7 +36,7 @@ def main():
         for (w, impl), by_round in sorted(times.items()):
             if w != workload or impl.startswith("lazyadam"):
                 continue
-            config = counterpart(impl)
+            config = lazyadam_counterpart(impl)
             ours = times.get((workload, config), {})
             ratios = [by_round[r] / ours[r] for r in rounds if r in ours and r in by_round]
             if ratios:
