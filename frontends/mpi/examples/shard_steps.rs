@@ -15,8 +15,9 @@
 //! Every step starts after a barrier; its time is the slowest rank's (an `MPI_Allreduce`
 //! of the ranks' times, step by step, after the last step). Rank 0 prints one JSON line: the
 //! median, the fastest and the slowest step of `--reps` (default 40) after one warm-up step,
-//! and the median over steps of the time the slowest rank spent inside the collective's calls
-//! (`all_gather` and `all_to_all`, waiting for the other ranks included).
+//! and the median over steps of the most time any rank spent inside the collective's calls
+//! in that step (`all_gather` and `all_to_all`, waiting for the other ranks included; that
+//! rank need not be the slowest one).
 
 use std::process::ExitCode;
 use std::time::Instant;
