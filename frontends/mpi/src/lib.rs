@@ -249,11 +249,20 @@ fn err(e: MpiCollectiveError) -> CollectiveError {
 /// `MPI_Alltoallv`); `all_to_all` adds an `MPI_Allreduce` of one `u64` so that
 /// a size error on any rank fails the call on every rank. See the
 /// [crate docs](crate) for the lifetime rules and the size limit.
+///
+/// `all_to_all` keeps its packed send and receive buffers from call to call
+/// (each given back when a call needs less than half of it), and returns what
+/// it received in the buffers it was given, so that a step whose messages are
+/// about the size of the last one's allocates nothing for them.
 pub struct MpiCollective<C: Communicator = SimpleCommunicator> {
     /// Never dropped after `MPI_Finalize` (see [`Drop`]).
     comm: ManuallyDrop<C>,
     rank: usize,
     size: usize,
+    /// `all_to_all`'s packed send and receive buffers, kept between calls so
+    /// that a step does not allocate (and fault in) them anew.
+    sbuf: Vec<u8>,
+    rbuf: Vec<u8>,
 }
 
 impl MpiCollective<SimpleCommunicator> {
@@ -280,6 +289,8 @@ impl<C: Communicator> MpiCollective<C> {
             comm: ManuallyDrop::new(comm),
             rank,
             size,
+            sbuf: Vec::new(),
+            rbuf: Vec::new(),
         })
     }
 
@@ -352,6 +363,17 @@ fn largest(counts: &[u64]) -> (u64, usize) {
         (0, 0),
         |(m, r), (i, &n)| if n > m { (n, i) } else { (m, r) },
     )
+}
+
+/// Empties `buf` for a message of `need` bytes, keeping its memory unless it
+/// holds more than twice that (one large message does not hold its memory
+/// for good).
+fn fit(buf: &mut Vec<u8>, need: usize) {
+    buf.clear();
+    if buf.capacity() / 2 > need {
+        buf.shrink_to(need);
+    }
+    buf.reserve(need);
 }
 
 /// Splits `buf` into one `Vec` per count.
@@ -460,22 +482,42 @@ impl<C: Communicator> Collective for MpiCollective<C> {
         };
 
         // Both buffers at least one byte long, so that they have real
-        // addresses (see `real`); the counts say what is sent.
-        let mut sbuf = Vec::with_capacity(stotal.max(1));
+        // addresses (see `real`); the counts say what is sent. Their memory
+        // is kept from call to call (see `fit`).
+        let sbuf = &mut self.sbuf;
+        fit(sbuf, stotal.max(1));
         for b in &send {
             sbuf.extend_from_slice(b);
         }
-        drop(send);
         if sbuf.is_empty() {
             sbuf.push(0);
         }
-        let mut rbuf = vec![0u8; rtotal.max(1)];
+        // Receive into the first `rtotal` bytes (every one written by MPI:
+        // the displacements are contiguous), zeroing only when it grows.
+        let need = rtotal.max(1);
+        if self.rbuf.capacity() / 2 > need {
+            self.rbuf.truncate(need);
+            self.rbuf.shrink_to(need);
+        }
+        if self.rbuf.len() < need {
+            self.rbuf.resize(need, 0);
+        }
+        let rbuf = &mut self.rbuf[..need];
         {
             let spart = Partition::new(&sbuf[..], &sc[..], &sd[..]);
             let mut rpart = PartitionMut::new(&mut rbuf[..], &rc[..], &rd[..]);
             comm.all_to_all_varcount_into(&spart, &mut rpart);
         }
-        Ok(split(&rbuf, &rc, &rd))
+        // What rank `r` sent goes back in the buffer this rank sent to `r`
+        // (the caller's memory, already about the right size).
+        let mut recv = send;
+        for ((b, &c), &d) in recv.iter_mut().zip(&rc).zip(&rd) {
+            b.clear();
+            // Both are non-negative and `d + c <= rbuf.len()` (checked by `layout`).
+            let (c, d) = (c as usize, d as usize);
+            b.extend_from_slice(rbuf.get(d..d + c).unwrap_or_default());
+        }
+        Ok(recv)
     }
 }
 
@@ -507,6 +549,18 @@ mod tests {
             split(&buf, &[0, 3, 0, 2], &[0, 0, 3, 3]),
             vec![vec![], vec![1, 2, 3], vec![], vec![4, 5]]
         );
+    }
+
+    #[test]
+    fn fit_keeps_memory_unless_far_too_large() {
+        let mut b = vec![7u8; 1000];
+        fit(&mut b, 600);
+        assert!(b.is_empty() && b.capacity() >= 1000, "{}", b.capacity());
+        fit(&mut b, 1500);
+        assert!(b.is_empty() && b.capacity() >= 1500);
+        let kept = b.capacity();
+        fit(&mut b, 10);
+        assert!(b.is_empty() && b.capacity() >= 10 && b.capacity() < kept / 2);
     }
 
     #[test]

@@ -43,7 +43,12 @@
 //!    rank that owns the row. An owner receives from ranks in rank order,
 //!    each in its own order: exactly the concatenated batch restricted to its
 //!    rows, so duplicates are summed in the single process's
-//!    first-occurrence order.
+//!    first-occurrence order. The optimizer keeps the buffers it received
+//!    (emptied; each given back when a step's messages to and from that
+//!    rank need less than half of it) and writes the next step's messages
+//!    into them, each reserved at its exact size: a step like the last one
+//!    allocates no exchange buffers, which would otherwise be faulted in
+//!    afresh every step once the allocator returned them to the system.
 //! 5. **Duplicate sums** (one more all-gather, only when needed): under
 //!    `Error` or `SkipStep`, when the global largest magnitude and id count
 //!    of a table cannot rule out a duplicate row's sum overflowing (see
@@ -261,6 +266,11 @@ pub struct ShardedLazyAdam<C: Collective> {
     vars: Vec<ShardVar>,
     /// Fingerprint of the registered variables and the configuration.
     layout: Fnv,
+    /// The last step's exchange buffers, emptied, kept for the next step's
+    /// messages: reusing their memory spares a sharded step the allocation
+    /// (and, once the allocator returns it to the system, the page faults)
+    /// of a few MB of fresh buffers every step.
+    spare: Vec<Vec<u8>>,
 }
 
 /// Sends bytes and maps the engine's error.
@@ -287,6 +297,15 @@ fn one_per_rank(
         });
     }
     Ok(out)
+}
+
+/// Empties `b`, keeping its memory unless that is more than twice `used`
+/// bytes (the most it held this step).
+fn emptied(b: &mut Vec<u8>, used: usize) {
+    b.clear();
+    if b.capacity() / 2 > used {
+        b.shrink_to(used);
+    }
 }
 
 /// Status byte of an agreement message.
@@ -330,6 +349,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
             inner,
             vars: Vec::new(),
             layout,
+            spare: Vec::new(),
         })
     }
 
@@ -999,7 +1019,12 @@ impl<C: Collective> ShardedLazyAdam<C> {
             return Ok(out);
         }
         let me = self.rank();
-        let mut send: Vec<Writer> = (0..size).map(|_| Writer::default()).collect();
+        // Each destination's message in the buffer of the last message from
+        // that rank (about its size, if batches are alike).
+        let mut spare = std::mem::take(&mut self.spare).into_iter();
+        let mut send: Vec<Writer> = (0..size)
+            .map(|_| Writer(spare.next().unwrap_or_default()))
+            .collect();
         // This rank's own part of each table's gradient (positions in its id
         // list): it does not go through the collective.
         let mut mine: Vec<Vec<usize>> = vec![Vec::new(); nv];
@@ -1039,6 +1064,14 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     continue;
                 }
                 let group = &order[counts[d]..counts[d + 1]];
+                // The message's exact size, so that it grows at most once.
+                let row_bytes = dim.saturating_mul(values.dtype().size_bytes());
+                w.0.reserve(
+                    group
+                        .len()
+                        .saturating_mul(row_bytes.saturating_add(8))
+                        .saturating_add(9),
+                );
                 w.u64(group.len() as u64);
                 if group.is_empty() {
                     continue;
@@ -1050,6 +1083,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     .for_each(|&j| w.values(&values, j * dim..(j + 1) * dim));
             }
         }
+        let sent: Vec<usize> = send.iter().map(|w| w.0.len()).collect();
         let recv = exchanged(&mut self.comm, send.into_iter().map(|w| w.0).collect())?;
         let mut readers: Vec<Reader<'_>> = recv
             .iter()
@@ -1083,6 +1117,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     continue;
                 }
                 let d = rd.dtype("dtype")?;
+                // `n` ids are in the message (checked by `count`); the rows
+                // are reserved by `values_f32` once their bytes are checked.
                 ids.reserve(n);
                 for _ in 0..n {
                     let id = rd.u64("id")?;
@@ -1101,7 +1137,22 @@ impl<C: Collective> ShardedLazyAdam<C> {
         for rd in &readers {
             rd.finish()?;
         }
+        drop(readers);
+        self.keep_spare(recv, &sent);
         Ok(out)
+    }
+
+    /// Keeps `buffers` (emptied) for the next step's messages, the buffer
+    /// of rank `r`'s message to this one for this rank's message to `r`. A
+    /// buffer more than twice as large as both messages (`sent[r]` bytes to
+    /// `r`, its length from `r`) gives back the excess, so that one large
+    /// step does not hold its memory for good.
+    fn keep_spare(&mut self, mut buffers: Vec<Vec<u8>>, sent: &[usize]) {
+        for (r, b) in buffers.iter_mut().enumerate() {
+            let used = b.len().max(sent.get(r).copied().unwrap_or(0));
+            emptied(b, used);
+        }
+        self.spare = buffers;
     }
 
     /// The current values of rows `ids` of table `var` (any rows, owned by
@@ -1247,5 +1298,25 @@ impl<C: Collective> ShardedLazyAdam<C> {
             next[o] += 1;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::emptied;
+
+    #[test]
+    fn emptied_keeps_memory_unless_far_too_large() {
+        let mut b = Vec::with_capacity(1000);
+        b.resize(600, 1u8);
+        emptied(&mut b, 600);
+        assert!(b.is_empty() && b.capacity() >= 1000, "{}", b.capacity());
+        // Held little, but the other direction used most of it: kept.
+        b.resize(100, 1);
+        emptied(&mut b, 900);
+        assert!(b.is_empty() && b.capacity() >= 1000, "{}", b.capacity());
+        b.resize(100, 1);
+        emptied(&mut b, 100);
+        assert!(b.is_empty() && b.capacity() < 500, "{}", b.capacity());
     }
 }

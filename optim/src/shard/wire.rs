@@ -133,6 +133,8 @@ impl<'a> Reader<'a> {
         let width = d.size_bytes();
         let bytes = n.checked_mul(width).ok_or_else(|| self.malformed(what))?;
         let b = self.take(bytes, what)?;
+        // `n` values are in the message: one growth at most.
+        out.reserve(n);
         match d {
             DType::F32 => out.extend(
                 b.chunks_exact(4)

@@ -66,6 +66,10 @@ fn a2a_len(k: u64, src: usize, dst: usize, n: usize) -> usize {
         5 if src == 0 => 0,
         6 if dst == 0 => 0,
         5 | 6 => src + dst + 1,
+        // A few MiB after tiny rounds, then a little less: the collective's
+        // kept buffers must not leak the earlier round's bytes.
+        7 => 2 * MIB + src * 3 + dst,
+        8 => 2 * MIB - 5 + src + dst,
         _ => (src * 13 + dst * 7 + k as usize) % 9,
     }
 }
@@ -191,7 +195,7 @@ fn main() -> ExitCode {
     }
 
     // Data rounds, interleaved.
-    let rounds = 7u64;
+    let rounds = 10u64;
     for k in 0..rounds {
         gather_round(&mut coll, &mut c, k);
         a2a_round(&mut coll, &mut c, k);
