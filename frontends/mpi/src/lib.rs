@@ -365,14 +365,21 @@ fn largest(counts: &[u64]) -> (u64, usize) {
     )
 }
 
-/// Empties `buf` for a message of `need` bytes, keeping its memory unless it
-/// holds more than twice that (one large message does not hold its memory
-/// for good).
-fn fit(buf: &mut Vec<u8>, need: usize) {
-    buf.clear();
+/// Gives back `buf`'s memory when it holds more than twice `need` bytes
+/// (one large message does not hold its memory for good), cutting it to at
+/// most `need` bytes first; otherwise leaves it as it is.
+fn give_back(buf: &mut Vec<u8>, need: usize) {
     if buf.capacity() / 2 > need {
+        buf.truncate(need);
         buf.shrink_to(need);
     }
+}
+
+/// Empties `buf` for a message of `need` bytes, keeping its memory unless it
+/// holds more than twice that (see `give_back`).
+fn fit(buf: &mut Vec<u8>, need: usize) {
+    buf.clear();
+    give_back(buf, need);
     buf.reserve(need);
 }
 
@@ -495,10 +502,7 @@ impl<C: Communicator> Collective for MpiCollective<C> {
         // Receive into the first `rtotal` bytes (every one written by MPI:
         // the displacements are contiguous), zeroing only when it grows.
         let need = rtotal.max(1);
-        if self.rbuf.capacity() / 2 > need {
-            self.rbuf.truncate(need);
-            self.rbuf.shrink_to(need);
-        }
+        give_back(&mut self.rbuf, need);
         if self.rbuf.len() < need {
             self.rbuf.resize(need, 0);
         }
@@ -561,6 +565,25 @@ mod tests {
         let kept = b.capacity();
         fit(&mut b, 10);
         assert!(b.is_empty() && b.capacity() >= 10 && b.capacity() < kept / 2);
+    }
+
+    #[test]
+    fn give_back_keeps_contents_it_does_not_cut() {
+        // Within twice the need: nothing changes, length and bytes included
+        // (the receive buffer relies on it to zero only on growth).
+        let mut b = vec![7u8; 1000];
+        give_back(&mut b, 600);
+        assert_eq!((b.len(), b.capacity()), (1000, 1000));
+        assert!(b.iter().all(|&x| x == 7));
+        // Far too large: cut to the need and its memory given back.
+        give_back(&mut b, 100);
+        assert_eq!(b.len(), 100);
+        assert!(
+            b.capacity() >= 100 && b.capacity() < 500,
+            "{}",
+            b.capacity()
+        );
+        assert!(b.iter().all(|&x| x == 7));
     }
 
     #[test]
