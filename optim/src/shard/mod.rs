@@ -1100,15 +1100,27 @@ impl<C: Collective> ShardedLazyAdam<C> {
             if !present[i] {
                 continue;
             }
-            let (mut ids, mut vals) = (Vec::new(), Vec::new());
+            // Every rank's ids first (this rank's own among them, in rank
+            // order), then the rows in the same order, so that the rows'
+            // vector is reserved once at its full size: growing it would
+            // copy the rows read so far.
+            let own = match by_var[i] {
+                Some(Gradient::Sparse { ids: src, values }) => Some((src, values)),
+                _ => None,
+            };
+            let mut ids = Vec::new();
+            // Per rank: the rows' storage type and value count (none for this
+            // rank or an empty part).
+            let mut parts: Vec<Option<(DType, usize)>> = vec![None; size];
+            let own_values = mine[i].len().saturating_mul(dim);
+            let mut values = own_values;
             for (r, rd) in readers.iter_mut().enumerate() {
                 if r == me {
-                    if let Some(Gradient::Sparse { ids: src, values }) = by_var[i] {
-                        for &j in &mine[i] {
+                    if let Some((src, _)) = own {
+                        ids.extend(mine[i].iter().map(|&j| {
                             let id = src.get(j).and_then(|x| x.ok()).unwrap_or(0);
-                            ids.push(id.wrapping_sub(start as u64));
-                            extend_f32(&mut vals, &values, j * dim..(j + 1) * dim);
-                        }
+                            id.wrapping_sub(start as u64)
+                        }));
                     }
                     continue;
                 }
@@ -1117,8 +1129,7 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     continue;
                 }
                 let d = rd.dtype("dtype")?;
-                // `n` ids are in the message (checked by `count`); the rows
-                // are reserved by `values_f32` once their bytes are checked.
+                // `n` ids are in the message (checked by `count`).
                 ids.reserve(n);
                 for _ in 0..n {
                     let id = rd.u64("id")?;
@@ -1127,10 +1138,29 @@ impl<C: Collective> ShardedLazyAdam<C> {
                     }
                     ids.push(id - start as u64);
                 }
+                // The rows follow in the message (checked by `values_f32`
+                // before it reserves or reads anything).
                 let m = n
                     .checked_mul(dim)
                     .ok_or_else(|| rd.malformed("row count"))?;
-                rd.values_f32(d, m, &mut vals, "rows")?;
+                parts[r] = Some((d, m));
+                values = values.saturating_add(m);
+            }
+            // At most what the messages and this rank's own rows hold: each
+            // received value takes at least two bytes of a message that
+            // arrived, so this is not a size an attacker can inflate.
+            let received: usize = recv.iter().map(Vec::len).sum();
+            let mut vals = Vec::with_capacity(values.min(own_values.saturating_add(received / 2)));
+            for (r, rd) in readers.iter_mut().enumerate() {
+                if r == me {
+                    if let Some((_, src)) = own {
+                        for &j in &mine[i] {
+                            extend_f32(&mut vals, &src, j * dim..(j + 1) * dim);
+                        }
+                    }
+                } else if let Some((d, m)) = parts[r] {
+                    rd.values_f32(d, m, &mut vals, "rows")?;
+                }
             }
             out[i] = Some((ids, vals));
         }
