@@ -15,12 +15,14 @@
 # timed per run, default 40), EXE (a `shard_steps` already built, used as it is; by default
 # the release build, built first; CI passes its debug build so that this script cannot rot),
 # GLIBC_TUNABLES (passed on to the ranks when set, and written in the header line: see
-# frontends/mpi/README.md on glibc's allocation threshold under Open MPI).
+# frontends/mpi/README.md on glibc's allocation threshold under Open MPI), ARGS (more options
+# for every run, such as --scatter; written in the header line).
 set -euo pipefail
 out=${1:?usage: mpi_shard_steps.sh OUT.jsonl [ROUNDS]}
 rounds=${2:-${ROUNDS:-5}}
 threads=${THREADS:-2}
 reps=${REPS:-40}
+read -r -a extra <<<"${ARGS:-}"
 root=$(cd "$(dirname "$0")/.." && pwd)
 manifest=$root/frontends/mpi/Cargo.toml
 
@@ -47,7 +49,7 @@ done
 : >"$out"
 : >"$out.stderr"
 sitting_header "$out" "$rounds" "$root" experiment mpi-shard-steps reps "$reps" \
-  glibc_tunables "${GLIBC_TUNABLES:-}"
+  glibc_tunables "${GLIBC_TUNABLES:-}" args "${ARGS:-}"
 pass=(-x RAYON_NUM_THREADS)
 if [ -n "${GLIBC_TUNABLES:-}" ]; then pass+=(-x GLIBC_TUNABLES); fi
 for r in $(seq 1 "$rounds"); do
@@ -64,7 +66,7 @@ for r in $(seq 1 "$rounds"); do
     # put the one rank's threads on one core.
     tagged "$out" "$r" mpi env RAYON_NUM_THREADS="$th" mpirun -np "$np" --oversubscribe \
       --bind-to none --allow-run-as-root "${pass[@]}" "$exe" --reps "$reps" "${opt[@]}" \
-      >/dev/null
+      "${extra[@]}" >/dev/null
   done
 done
 

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo build --release --example shard_steps
 //! mpirun -np 2 --allow-run-as-root target/release/examples/shard_steps \
-//!     [--reps N] [--clipnorm C | --global-clipnorm C] [--ids PATH]
+//!     [--reps N] [--clipnorm C | --global-clipnorm C] [--ids PATH] [--scatter]
 //! ```
 //!
 //! The shape is `sparse_1m_d64`'s: an f32 table of 1,000,000 x 64, and each step the 16,384
@@ -18,6 +18,12 @@
 //! and the median over steps of the most time any rank spent inside the collective's calls
 //! in that step (`all_gather` and `all_to_all`, waiting for the other ranks included; that
 //! rank need not be the slowest one).
+//!
+//! Each rank owns a contiguous range of the table's rows, and the workload's frequent ids are
+//! low numbers: on 2 ranks, rank 0 owns 4,169 of the step's 4,436 distinct rows and receives
+//! 12,250 of its 16,384 ids. `--scatter` maps every id through a fixed bijection of the rows
+//! (`id * 618,033 mod 1,000,000`) that spreads them (2,235 of the distinct rows on rank 0),
+//! to show what that imbalance costs; the line's `scatter` field says which ids were used.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -30,16 +36,19 @@ use lazyadam_mpi::mpi::collective::SystemOperation;
 use lazyadam_mpi::mpi::traits::*;
 
 const USAGE: &str =
-    "usage: shard_steps [--reps N] [--clipnorm C | --global-clipnorm C] [--ids PATH]";
+    "usage: shard_steps [--reps N] [--clipnorm C | --global-clipnorm C] [--ids PATH] [--scatter]";
 const ROWS: usize = 1_000_000;
 const DIM: usize = 64;
 const WORKLOAD: &str = "sparse_1m_d64";
+/// `--scatter`'s multiplier (about 0.618 x `ROWS`).
+const SCATTER: u64 = 618_033;
 
 struct Args {
     reps: usize,
     clipnorm: Option<f32>,
     global_clipnorm: Option<f32>,
     ids: String,
+    scatter: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,11 +61,16 @@ fn parse_args() -> Result<Args, String> {
             "/../../benches/data/workload_ids.json"
         )
         .into(),
+        scatter: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             return Err(USAGE.to_string());
+        }
+        if flag == "--scatter" {
+            a.scatter = true;
+            continue;
         }
         let value = it
             .next()
@@ -164,7 +178,13 @@ fn run(a: &Args, universe: &lazyadam_mpi::mpi::environment::Universe) -> Result<
         config = config.with_global_clipnorm(c);
     }
     config.validate().map_err(|e| e.to_string())?;
-    let ids = read_ids(&a.ids)?;
+    let mut ids = read_ids(&a.ids)?;
+    if a.scatter {
+        // A bijection of the rows (618,033 is prime to 10^6) that spreads the low, frequent
+        // ids over the whole table, so that each rank owns about as many of the step's rows.
+        ids.iter_mut()
+            .for_each(|id| *id = *id * SCATTER % ROWS as u64);
+    }
     let n = ids.len();
     let (lo, hi) = (n * rank / ranks, n * (rank + 1) / ranks);
     let my_ids = &ids[lo..hi];
@@ -209,9 +229,10 @@ fn run(a: &Args, universe: &lazyadam_mpi::mpi::environment::Universe) -> Result<
         let m = slowest.len();
         println!(
             "{{\"kind\":\"mpi_shard_step\",\"workload\":\"{WORKLOAD}\",\"ranks\":{ranks},\
-             \"threads_per_rank\":{},\"reps\":{},\"clipnorm\":{},\"global_clipnorm\":{},\
+             \"scatter\":{},\"threads_per_rank\":{},\"reps\":{},\"clipnorm\":{},\"global_clipnorm\":{},\
              \"median_ms_slowest_rank\":{median_ms:.4},\"min_ms\":{:.4},\"max_ms\":{:.4},\
              \"median_ms_in_collective\":{collective_ms:.4}}}",
+            a.scatter,
             rayon_threads(),
             a.reps,
             json_opt(a.clipnorm),
