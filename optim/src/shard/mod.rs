@@ -1090,6 +1090,8 @@ impl<C: Collective> ShardedLazyAdam<C> {
             .enumerate()
             .map(|(r, m)| Reader::new(m, r))
             .collect();
+        // Bytes that arrived from every rank: caps each table's reservation.
+        let received: usize = recv.iter().map(Vec::len).sum();
         for i in 0..nv {
             let Kind::Table {
                 dim, start, end, ..
@@ -1149,7 +1151,6 @@ impl<C: Collective> ShardedLazyAdam<C> {
             // At most what the messages and this rank's own rows hold: each
             // received value takes at least two bytes of a message that
             // arrived, so this is not a size an attacker can inflate.
-            let received: usize = recv.iter().map(Vec::len).sum();
             let mut vals = Vec::with_capacity(values.min(own_values.saturating_add(received / 2)));
             for (r, rd) in readers.iter_mut().enumerate() {
                 if r == me {
