@@ -21,13 +21,13 @@ use std::sync::OnceLock;
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
     DType, DynamicLossScale, Gradient, LazyAdam, LazyAdamConfig, LearningRate, NonFinitePolicy,
-    RowIds, Update, VarId, WeightData, WeightTensor,
+    RowIds, Update, VarId, WeightTensor,
 };
 use libfuzzer_sys::fuzz_target;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 mod common;
-use common::{Store, choose};
+use common::{Store, choose, same_stores, same_weights};
 
 /// Thread pools of 1, 2, 3 and 4 threads, built once (their threads never exit).
 fn pools() -> &'static [ThreadPool] {
@@ -127,35 +127,9 @@ impl State {
     /// Whether `self` and `other` hold the same bits everywhere (NaN payloads and the sign
     /// of zero included).
     fn same(&self, other: &State) -> bool {
-        fn eq<T, B: PartialEq>(a: &[T], b: &[T], bits: impl Fn(&T) -> B) -> bool {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| bits(x) == bits(y))
-        }
-        let data = |a: &WeightData, b: &WeightData| match (a, b) {
-            (WeightData::I64(a), WeightData::I64(b)) => a == b,
-            (WeightData::F32(a), WeightData::F32(b)) => eq(a, b, |x| x.to_bits()),
-            (WeightData::F16(a), WeightData::F16(b)) => eq(a, b, |x| x.to_bits()),
-            (WeightData::BF16(a), WeightData::BF16(b)) => eq(a, b, |x| x.to_bits()),
-            _ => false,
-        };
-        let store = |a: &Store, b: &Store| match (a, b) {
-            (Store::F32(a), Store::F32(b)) => eq(a, b, |x| x.to_bits()),
-            (Store::F16(a), Store::F16(b)) => eq(a, b, |x| x.to_bits()),
-            (Store::BF16(a), Store::BF16(b)) => eq(a, b, |x| x.to_bits()),
-            _ => false,
-        };
         self.iterations == other.iterations
-            && self.weights.len() == other.weights.len()
-            && self
-                .weights
-                .iter()
-                .zip(&other.weights)
-                .all(|(a, b)| a.name == b.name && a.shape == b.shape && data(&a.data, &b.data))
-            && self.params.len() == other.params.len()
-            && self
-                .params
-                .iter()
-                .zip(&other.params)
-                .all(|(a, b)| store(a, b))
+            && same_weights(&self.weights, &other.weights)
+            && same_stores(&self.params, &other.params)
     }
 }
 

@@ -4,7 +4,8 @@
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    DType, Extensions, Isa, LazyAdam, NonFinitePolicy, TensorMut, TensorRef, WeightData, bf16, f16,
+    DType, Extensions, Isa, LazyAdam, NonFinitePolicy, TensorMut, TensorRef, WeightData,
+    WeightTensor, bf16, f16,
 };
 
 /// The optimizer's weights as raw bits, so that NaN compares equal to the same NaN: a step
@@ -24,6 +25,34 @@ pub fn weight_bits(opt: &LazyAdam) -> Vec<(String, Vec<usize>, Vec<u64>)> {
             (w.name, w.shape, bits)
         })
         .collect()
+}
+
+/// Whether `a` and `b` have the same length and each pair of elements the same `bits`:
+/// compared in place, without building bit vectors.
+fn same_by<T, B: PartialEq>(a: &[T], b: &[T], bits: impl Fn(&T) -> B) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| bits(x) == bits(y))
+}
+
+/// Whether two lists of [`LazyAdam::get_weights`] hold the same names, shapes, dtypes and
+/// bits (NaN payloads and the sign of zero included): [`weight_bits`]'s comparison, in place.
+/// Building those bit vectors took a third of `parallel_step`'s CPU time.
+pub fn same_weights(a: &[WeightTensor], b: &[WeightTensor]) -> bool {
+    let data = |a: &WeightData, b: &WeightData| match (a, b) {
+        (WeightData::I64(a), WeightData::I64(b)) => a == b,
+        (WeightData::F32(a), WeightData::F32(b)) => same_by(a, b, |x| x.to_bits()),
+        (WeightData::F16(a), WeightData::F16(b)) => same_by(a, b, |x| x.to_bits()),
+        (WeightData::BF16(a), WeightData::BF16(b)) => same_by(a, b, |x| x.to_bits()),
+        _ => false,
+    };
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.name == b.name && a.shape == b.shape && data(&a.data, &b.data))
+}
+
+/// Whether two lists of parameter stores hold the same dtypes and bits ([`Store::same_bits`]).
+pub fn same_stores(a: &[Store], b: &[Store]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_bits(y))
 }
 
 /// Whether every float slot the optimizer holds (`m`, `v`, `vhat`) is finite and at most
@@ -82,6 +111,16 @@ impl Store {
             Store::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
             Store::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
             Store::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+        }
+    }
+    /// Whether `self` and `other` have the same dtype, length and bits: [`Store::bits`]'s
+    /// comparison, in place.
+    pub fn same_bits(&self, other: &Store) -> bool {
+        match (self, other) {
+            (Store::F32(a), Store::F32(b)) => same_by(a, b, |x| x.to_bits()),
+            (Store::F16(a), Store::F16(b)) => same_by(a, b, |x| x.to_bits()),
+            (Store::BF16(a), Store::BF16(b)) => same_by(a, b, |x| x.to_bits()),
+            _ => false,
         }
     }
     pub fn f32s(&self) -> Vec<f32> {
