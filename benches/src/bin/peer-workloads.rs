@@ -3,7 +3,7 @@
 //! against TensorFlow Addons' LazyAdam or torch's SparseAdam can be taken in one sitting.
 //!
 //! ```text
-//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP] [--clipnorm C] [--global-clipnorm C]
+//! cargo run --release -p lazyadam-benches --bin peer-workloads -- [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP] [--clipnorm C] [--global-clipnorm C] [--blocks N]
 //! ```
 //!
 //! `--isa` forces a kernel path (`scalar`, `portable`, `avx2`, `avx512`), to compare paths on one
@@ -14,6 +14,10 @@
 //! leaves take (`LongRowLoop`: `auto`, the default, or `one_pass` or `split`).
 //! `--clipnorm C` and `--global-clipnorm C` set the clipping options of `LazyAdamConfig` (the
 //! default is neither): each is one more pass over the gradient, an exact sum of squares.
+//! `--blocks N` goes on timing the same optimizer after the timed steps, in `N` more blocks of as
+//! many steps, and prints each block's median: whether a slow run is slow from start to end (the
+//! memory it was given) or for a while (the machine), as in `benches/README.md`'s section on
+//! `sparse_100k_d16`'s two speeds.
 //!
 //! Every line on stdout is one JSON object:
 //!
@@ -27,7 +31,8 @@
 //! - `{"workload":...,"impl":...,"median_ms":...,"min_ms":...}`: one line per workload and
 //!   configuration (the same keys as the peers' script);
 //! - `{"kind":"bandwidth",...}`: bytes moved by one step (a model of the minimum traffic, given in
-//!   the line) and the resulting GB/s at the median time.
+//!   the line) and the resulting GB/s at the median time;
+//! - `{"kind":"blocks",...}`: with `--blocks N`, the median of each later block of steps.
 //!
 //! Workloads: `sparse_1m_d64` (f32 table 1,000,000 x 64, the 16,384 row ids of
 //! `data/workload_ids.json`), `sparse_100k_d16` (100,000 x 16, 2,048 ids) and `dense_16m` (one dense
@@ -222,14 +227,19 @@ fn dtype_bytes(d: DType) -> usize {
     d.size_bytes()
 }
 
-/// Times one configuration on one workload: warm-up step, then `reps` timed steps.
+/// The median and fastest step, in ms, then the median of each later block (`--blocks`).
+type Timing = (f64, f64, Vec<f64>);
+
+/// Times one configuration on one workload: warm-up step, then `reps` timed steps, then
+/// `blocks` blocks of `reps` steps.
 fn time_steps<P, G>(
     w: &Workload,
     cfg: &Config,
     ids: &[i64],
     reps: usize,
+    blocks: usize,
     setup: &Setup,
-) -> BoxResult<(f64, f64)>
+) -> BoxResult<Timing>
 where
     P: Element,
     G: Element,
@@ -257,18 +267,29 @@ where
     if outcome != StepOutcome::Applied {
         return Err(format!("{}: warm-up step was {outcome:?}", w.name).into());
     }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        let r = opt.apply_gradients(black_box(&mut updates));
-        let dt = t0.elapsed();
-        if r? != StepOutcome::Applied {
-            return Err(format!("{}: a timed step was not applied", w.name).into());
+    let mut timed = |times: &mut Vec<Duration>| -> BoxResult<()> {
+        times.clear();
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let r = opt.apply_gradients(black_box(&mut updates));
+            let dt = t0.elapsed();
+            if r? != StepOutcome::Applied {
+                return Err(format!("{}: a timed step was not applied", w.name).into());
+            }
+            times.push(dt);
         }
-        times.push(dt);
+        Ok(())
+    };
+    let mut times = Vec::with_capacity(reps);
+    timed(&mut times)?;
+    let (median, min) = median_min_ms(&mut times);
+    let mut block_medians = Vec::with_capacity(blocks);
+    for _ in 0..blocks {
+        timed(&mut times)?;
+        block_medians.push(median_min_ms(&mut times).0);
     }
     black_box(&param);
-    Ok(median_min_ms(&mut times))
+    Ok((median, min, block_medians))
 }
 
 /// Dispatches on the configuration's parameter and gradient storage types.
@@ -277,12 +298,13 @@ fn time_config(
     cfg: &Config,
     ids: &[i64],
     reps: usize,
+    blocks: usize,
     setup: &Setup,
-) -> BoxResult<(f64, f64)> {
+) -> BoxResult<Timing> {
     match (cfg.param, cfg.grad) {
-        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, setup),
-        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, setup),
-        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, setup),
+        (DType::F32, DType::F32) => time_steps::<f32, f32>(w, cfg, ids, reps, blocks, setup),
+        (DType::F16, DType::F16) => time_steps::<f16, f16>(w, cfg, ids, reps, blocks, setup),
+        (DType::BF16, DType::BF16) => time_steps::<bf16, bf16>(w, cfg, ids, reps, blocks, setup),
         (p, g) => Err(format!("no bench instantiation for params {p:?} / grads {g:?}").into()),
     }
 }
@@ -397,10 +419,12 @@ struct Args {
     clipnorm: Option<f32>,
     /// `--global-clipnorm`.
     global_clipnorm: Option<f32>,
+    /// `--blocks`: later blocks of steps timed separately.
+    blocks: usize,
 }
 
 const USAGE: &str = "usage: peer-workloads [--quick] [--workload NAME]... [--config NAME]... [--isa PATH] [--non-finite POLICY] [--long-rows LOOP]\n    \
-    [--clipnorm C] [--global-clipnorm C]\n\
+    [--clipnorm C] [--global-clipnorm C] [--blocks N]\n\
     workloads: sparse_1m_d64 sparse_100k_d16 dense_16m\n\
     configs: lazyadam-f32 lazyadam-f32-1thread lazyadam-f16 lazyadam-f16-f32moments lazyadam-bf16\n    \
     lazyadam-bf16-f32moments lazyadam-bf16moments\n\
@@ -418,6 +442,7 @@ fn parse_args() -> BoxResult<Args> {
         long_rows: LongRowLoop::Auto,
         clipnorm: None,
         global_clipnorm: None,
+        blocks: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -459,6 +484,12 @@ fn parse_args() -> BoxResult<Args> {
                 } else {
                     args.global_clipnorm = Some(c);
                 }
+            }
+            "--blocks" => {
+                args.blocks = it
+                    .next()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .ok_or_else(|| format!("--blocks needs a count\n{USAGE}"))?;
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -559,15 +590,22 @@ fn main() -> BoxResult<()> {
         };
         let reps = if args.quick { w.quick_reps } else { w.reps };
         for cfg in &selected_configs {
-            let (median, min) = if cfg.one_thread {
-                one_pool.install(|| time_config(w, cfg, ids, reps, &setup))?
+            let (median, min, block_medians) = if cfg.one_thread {
+                one_pool.install(|| time_config(w, cfg, ids, reps, args.blocks, &setup))?
             } else {
-                time_config(w, cfg, ids, reps, &setup)?
+                time_config(w, cfg, ids, reps, args.blocks, &setup)?
             };
             print_json(serde_json::json!({
                 "workload": w.name, "impl": cfg.name,
                 "median_ms": round_ms(median), "min_ms": round_ms(min),
             }));
+            if !block_medians.is_empty() {
+                print_json(serde_json::json!({
+                    "kind": "blocks", "workload": w.name, "impl": cfg.name,
+                    "steps_per_block": reps,
+                    "block_median_ms": block_medians.iter().map(|&m| round_ms(m)).collect::<Vec<_>>(),
+                }));
+            }
             let (bytes, model) = bytes_moved(w, cfg, ids);
             print_json(serde_json::json!({
                 "kind": "bandwidth", "workload": w.name, "impl": cfg.name,
