@@ -518,7 +518,6 @@ fn radix_sort(
     let passes = key_bits.div_ceil(max_digit_bits);
     let digit = key_bits.div_ceil(passes);
     let buckets = 1usize << digit;
-    let mask = (buckets - 1) as u64;
     let streams = if n >= MAX_STREAMS * MIN_STREAM_KEYS && MAX_STREAMS * buckets <= MAX_COUNTERS {
         MAX_STREAMS
     } else {
@@ -533,9 +532,9 @@ fn radix_sort(
     for p in 0..passes {
         let s = shift + p * digit;
         let moved = if streams == MAX_STREAMS {
-            radix_pass::<MAX_STREAMS>(keys, tmp, hist, s, mask)
+            radix_pass_streams::<MAX_STREAMS>(keys, tmp, hist, s, digit)
         } else {
-            radix_pass::<1>(keys, tmp, hist, s, mask)
+            radix_pass_streams::<1>(keys, tmp, hist, s, digit)
         };
         if moved {
             std::mem::swap(keys, tmp);
@@ -543,32 +542,62 @@ fn radix_sort(
     }
 }
 
-/// One pass of [`radix_sort`] with `S` streams, on the digit `(x >> s) &
-/// mask`, from `keys` into `tmp` (both `n` long, `hist` `S` times the digit's
-/// values long). Returns `false`, having moved nothing, when every key has
-/// the same digit.
-#[inline(always)]
-fn radix_pass<const S: usize>(
+/// [`radix_pass`] with `S` streams on the `digit` bits of the keys from bit
+/// `s` on, with the digit width a constant for the widths of large sorts.
+///
+/// With the width known at compile time, the masks, the counter offsets and
+/// the prefix-sum loop are fixed: the duplicate detection of the 16,384 ids
+/// of `sparse_1m_d64` (two passes of 10 bits) took a median 0.83x (one
+/// thread) and 0.76x (two) the time it took with the width in a variable, in
+/// four alternated runs of `serial-fraction` (`benches/README.md`). Widths
+/// below 8 (tables of fewer than 256 rows, narrow row ranges of the parallel
+/// build) stay variable: their passes are short.
+fn radix_pass_streams<const S: usize>(
     keys: &[u64],
     tmp: &mut [u64],
     hist: &mut [u32],
     s: u32,
-    mask: u64,
+    digit: u32,
 ) -> bool {
+    match digit {
+        8 => radix_pass::<S, 8>(keys, tmp, hist, s, digit),
+        9 => radix_pass::<S, 9>(keys, tmp, hist, s, digit),
+        10 => radix_pass::<S, 10>(keys, tmp, hist, s, digit),
+        11 => radix_pass::<S, 11>(keys, tmp, hist, s, digit),
+        12 => radix_pass::<S, 12>(keys, tmp, hist, s, digit),
+        _ => radix_pass::<S, 0>(keys, tmp, hist, s, digit),
+    }
+}
+
+/// One pass of [`radix_sort`] with `S` streams, on the `digit` bits of the
+/// keys from bit `s` on (`DIGIT` if it is not 0, which must then equal
+/// `digit`), from `keys` into `tmp` (both `n` long; `hist` at least
+/// `S << digit` long). Returns `false`, having moved nothing, when every key
+/// has the same digit.
+#[inline(always)]
+fn radix_pass<const S: usize, const DIGIT: u32>(
+    keys: &[u64],
+    tmp: &mut [u64],
+    hist: &mut [u32],
+    s: u32,
+    digit: u32,
+) -> bool {
+    debug_assert!(DIGIT == 0 || DIGIT == digit);
     let n = keys.len();
-    let buckets = hist.len() / S;
-    let d = |x: u64| ((x >> s) & mask) as usize;
+    let buckets = 1usize << if DIGIT == 0 { digit } else { DIGIT };
+    let d = |x: u64| ((x >> s) as usize) & (buckets - 1);
     // Streams `0..S` start at `st * len`; the last one also takes the keys
     // after `S * len`.
     let len = n / S;
     let (body, tail) = keys.split_at(S * len);
+    let hist = &mut hist[..S * buckets];
     hist.fill(0);
+    let last = (S - 1) * buckets;
     for j in 0..len {
         for st in 0..S {
             hist[st * buckets + d(body[st * len + j])] += 1;
         }
     }
-    let last = (S - 1) * buckets;
     for &x in tail {
         hist[last + d(x)] += 1;
     }
@@ -889,7 +918,21 @@ mod tests {
 
     #[test]
     fn dedup_matches_reference() {
-        for rows in [1usize, 2, 7, 1237, 2048, 2049, 1 << 20, 1 << 30, usize::MAX] {
+        // Radix digits of 1, 3, 6, 8, 9, 10 and 11 bits (and none: one row, 128-bit keys).
+        for rows in [
+            1usize,
+            2,
+            7,
+            256,
+            1237,
+            2048,
+            2049,
+            100_000,
+            1 << 20,
+            1 << 24,
+            1 << 30,
+            usize::MAX,
+        ] {
             // 2,048 ids and more take the radix sort's four streams; 5,003
             // leaves a tail after them.
             for n in [1usize, 2, 3, 100, 2047, 2048, 5000, 5003] {
@@ -1005,7 +1048,8 @@ mod tests {
         // ranges instead of sampled ones.
         let n_large = MAX_BUCKETS * BUCKET_KEYS + 5;
         let pool = pool(2);
-        for rows in [257usize, 10_000_000, 1 << 40] {
+        // 2^20 rows: ranges of 12 bits, sorted in one pass of 12-bit digits.
+        for rows in [257usize, 1 << 20, 10_000_000, 1 << 40] {
             for (name, f) in patterns
                 .iter()
                 .filter(|(name, _)| ["hashed", "hot row 0", "zipf-like"].contains(name))
