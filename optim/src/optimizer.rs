@@ -106,14 +106,19 @@ pub(crate) struct StepRates {
     pub weight_decay: f32,
 }
 
-fn shape_numel(name: &str, shape: &[usize]) -> Result<usize, Error> {
-    shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::InvalidShape {
-            variable: name.to_string(),
-            reason: format!("the element count of {shape:?} overflows"),
-        })
+/// The element count and the row length (the product of the dimensions after
+/// the first) of `shape`, each checked: with a zero first dimension the
+/// element count is 0 whatever the other dimensions are, but a row still
+/// holds their product, which must fit a `usize` too.
+fn shape_numel(name: &str, shape: &[usize]) -> Result<(usize, usize), Error> {
+    let product = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let invalid = |what: &str| Error::InvalidShape {
+        variable: name.to_string(),
+        reason: format!("the {what} of {shape:?} overflows"),
+    };
+    let numel = product(shape).ok_or_else(|| invalid("element count"))?;
+    let row_len = product(shape.get(1..).unwrap_or(&[])).ok_or_else(|| invalid("row length"))?;
+    Ok((numel, row_len))
 }
 
 impl VarState {
@@ -122,9 +127,8 @@ impl VarState {
         amsgrad: bool,
         ext: &Extensions,
     ) -> Result<VarState, Error> {
-        let numel = shape_numel(&info.name, &info.shape)?;
+        let (numel, row_len) = shape_numel(&info.name, &info.shape)?;
         let rows = info.rows();
-        let row_len = info.row_len();
         let md = info.moment_dtype;
         Ok(VarState {
             m: Store::zeros(md, numel, "m")?,
