@@ -599,9 +599,33 @@ impl LazyAdam {
     /// Sets the step counter (e.g. to resume a schedule). Values above
     /// `i64::MAX` (the reference's int64 `iterations`, and what a checkpoint
     /// stores) are [`Error::IterationsOutOfRange`], and the counter is kept.
+    ///
+    /// With per-row state ([`Extensions::per_row_bias_correction`],
+    /// [`Extensions::catch_up_decay`]), a value below a row's counter (a row
+    /// updated at a step the new counter says has not happened) is
+    /// [`Error::IterationsBelowRowCounter`], and the counter is kept: no
+    /// checkpoint ([`LazyAdam::to_bytes`], [`LazyAdam::get_weights`]) could
+    /// hold that state.
     pub fn set_iterations(&mut self, iterations: u64) -> Result<(), Error> {
         if iterations > MAX_ITERATIONS {
             return Err(Error::IterationsOutOfRange { iterations });
+        }
+        for var in &self.vars {
+            for (what, counts) in [
+                ("row_steps", var.row_steps.as_deref()),
+                ("last_step", var.last_step.as_deref()),
+            ] {
+                if let Some(&counter) = counts.and_then(|c| c.iter().max())
+                    && counter > iterations
+                {
+                    return Err(Error::IterationsBelowRowCounter {
+                        iterations,
+                        variable: var.info.name.clone(),
+                        what,
+                        counter,
+                    });
+                }
+            }
         }
         self.iterations = iterations;
         Ok(())

@@ -2,7 +2,9 @@
 //! not reach. Each test failed (a panic in a debug build, or a state the
 //! optimizer could not read back) before the fix it comes with.
 
-use lazyadam::{DType, Error, LazyAdam, LazyAdamConfig, ThreadCollective};
+use lazyadam::{
+    DType, Error, Extensions, Gradient, LazyAdam, LazyAdamConfig, ThreadCollective, Update,
+};
 
 /// A shape with a zero first dimension has no elements, but the product of its
 /// other dimensions (the row length) may not fit a `usize`: that overflowed
@@ -43,4 +45,71 @@ fn sharded_dense_variables_with_an_overflowing_row_length_are_an_invalid_shape()
         .unwrap_err();
     assert!(matches!(&e, Error::InvalidShape { .. }), "{e}");
     assert_eq!(opt.local().num_variables(), 0);
+}
+/// `set_iterations` below the per-row counters of the extensions (rows
+/// updated at steps the new counter says have not happened) made a state that
+/// saves but does not load: `to_bytes` wrote it, and `from_bytes` and
+/// `set_weights` refused the optimizer's own output ("counter 5 out of range
+/// (0..=0)"). Either the counter is refused, with a typed error and nothing
+/// changed, or the state it leaves must round-trip.
+#[test]
+fn a_step_counter_below_the_per_row_counters_never_makes_an_unloadable_state() {
+    let ext = Extensions::default()
+        .with_per_row_bias_correction(true)
+        .with_catch_up_decay(true);
+    let mut opt = LazyAdam::with_extensions(LazyAdamConfig::new(0.01), ext.clone()).unwrap();
+    let t = opt
+        .add_variable("t", &[4, 2], DType::F32, DType::F32)
+        .unwrap();
+    let mut p = vec![0.5f32; 8];
+    // Rows 1 and 2 at steps 1 to 3, row 3 at steps 4 and 5.
+    for (ids, g) in [([1u32, 2], [0.1f32, -0.2, 0.3, 0.4]); 3]
+        .into_iter()
+        .chain([([3u32, 3], [0.5f32, 0.5, -0.5, 0.25]); 2])
+    {
+        opt.apply_gradients(&mut [Update::new(t, &mut p, Gradient::sparse(&ids, &g))])
+            .unwrap();
+    }
+    assert_eq!(opt.row_steps(t).unwrap(), &[0, 3, 3, 2]);
+    assert_eq!(opt.last_update_steps(t).unwrap(), &[0, 3, 3, 5]);
+
+    for rewind in [0u64, 2, 4] {
+        let before = (opt.iterations(), opt.get_weights(), opt.to_bytes().unwrap());
+        match opt.set_iterations(rewind) {
+            Err(e) => {
+                assert!(
+                    !matches!(e, Error::Kernel(_) | Error::Checkpoint(_)),
+                    "{rewind}: {e}"
+                );
+                assert!(
+                    matches!(e, Error::IterationsBelowRowCounter { iterations, .. } if iterations == rewind),
+                    "{rewind}: {e}"
+                );
+                assert_eq!(
+                    (opt.iterations(), opt.get_weights(), opt.to_bytes().unwrap()),
+                    before
+                );
+            }
+            Ok(()) => {
+                let weights = opt.get_weights();
+                let mut twin =
+                    LazyAdam::with_extensions(LazyAdamConfig::new(0.01), ext.clone()).unwrap();
+                twin.add_variable("t", &[4, 2], DType::F32, DType::F32)
+                    .unwrap();
+                twin.set_weights(&weights).unwrap();
+                let bytes = opt.to_bytes().unwrap();
+                let loaded = LazyAdam::from_bytes(&bytes).unwrap();
+                assert_eq!(loaded.get_weights(), weights);
+                opt.set_iterations(before.0).unwrap();
+            }
+        }
+    }
+
+    // A step counter at or above every per-row counter is fine, and round-trips.
+    opt.set_iterations(9).unwrap();
+    opt.set_iterations(5).unwrap();
+    let bytes = opt.to_bytes().unwrap();
+    let loaded = LazyAdam::from_bytes(&bytes).unwrap();
+    assert_eq!(loaded.get_weights(), opt.get_weights());
+    assert_eq!(loaded.to_bytes().unwrap(), bytes);
 }
