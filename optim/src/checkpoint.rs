@@ -422,9 +422,20 @@ impl LazyAdam {
             fill_store(&mut var.m, tensor_data[k]);
             fill_store(&mut var.v, tensor_data[k + 1]);
             k += 2;
+            // A second moment is never negative (see `Store::first_negative`).
+            let mut second = vec![(&var.v, k - 1)];
             if let Some(vh) = var.vhat.as_mut() {
                 fill_store(vh, tensor_data[k]);
+                second.push((&*vh, k));
                 k += 1;
+            }
+            for (store, at) in second {
+                if let Some((i, x)) = store.first_negative() {
+                    return Err(ck(format!(
+                        "tensor `{}`: element {i} is {x}, but a second moment is never negative",
+                        specs[at].name
+                    )));
+                }
             }
             for counts in [var.row_steps.as_mut(), var.last_step.as_mut()]
                 .into_iter()

@@ -115,7 +115,18 @@ impl LazyAdam {
                     )));
                 }
             }
-            Store::from_weight_data(&w.data).ok_or_else(|| ck("internal: integer slot data"))
+            let store = Store::from_weight_data(&w.data)
+                .ok_or_else(|| ck("internal: integer slot data"))?;
+            if what != "m"
+                && let Some((i, x)) = store.first_negative()
+            {
+                return Err(ck(format!(
+                    "weight {at} (`{}`) for {slot}: element {i} is {x}, but a second moment is \
+                     never negative",
+                    w.name
+                )));
+            }
+            Ok(store)
         };
         let mut ms = Vec::with_capacity(n);
         let mut vs = Vec::with_capacity(n);

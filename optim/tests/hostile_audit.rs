@@ -1,9 +1,11 @@
 //! Hostile inputs found by an audit of the public API that the other tests did
-//! not reach. Each test failed (a panic in a debug build, or a state the
-//! optimizer could not read back) before the fix it comes with.
+//! not reach. Each test failed (a panic in a debug build, a state the
+//! optimizer could not read back, or a corrupt state it accepted) before the
+//! fix it comes with.
 
 use lazyadam::{
     DType, Error, Extensions, Gradient, LazyAdam, LazyAdamConfig, ThreadCollective, Update,
+    WeightData,
 };
 
 /// A shape with a zero first dimension has no elements, but the product of its
@@ -112,4 +114,86 @@ fn a_step_counter_below_the_per_row_counters_never_makes_an_unloadable_state() {
     let loaded = LazyAdam::from_bytes(&bytes).unwrap();
     assert_eq!(loaded.get_weights(), opt.get_weights());
     assert_eq!(loaded.to_bytes().unwrap(), bytes);
+}
+
+/// A second moment is a running average of squares: `v` (and `vhat`, its
+/// running maximum) is never negative in any state a step makes. A negative one
+/// is a corrupt or forged state, and it is not harmless: the next step takes
+/// `sqrt(v)` of it, and a zero gradient already turns the parameter into NaN.
+/// `set_weights` and `from_bytes` (with a checksum that matches) accepted it.
+#[test]
+fn negative_second_moments_are_refused() {
+    let config = LazyAdamConfig::new(0.01).with_amsgrad(true);
+    let mut opt = LazyAdam::new(config.clone()).unwrap();
+    let w = opt.add_variable("w", &[2], DType::F32, DType::F32).unwrap();
+    let mut p = vec![0.5f32, -0.5];
+    opt.apply_gradients(&mut [Update::new(w, &mut p, Gradient::dense(&[1.0f32, 1.0]))])
+        .unwrap();
+
+    // set_weights: iterations, m, v, vhat.
+    let good = opt.get_weights();
+    for (slot, value) in [(2usize, -1.0f32), (3, -1e-30), (2, f32::NEG_INFINITY)] {
+        let mut bad = good.clone();
+        let WeightData::F32(x) = &mut bad[slot].data else {
+            panic!("f32 slot expected")
+        };
+        x[1] = value;
+        let e = opt.set_weights(&bad).unwrap_err();
+        assert!(matches!(e, Error::Checkpoint(_)), "{e}");
+        assert_eq!(opt.get_weights(), good);
+    }
+    // -0.0, +inf and NaN can all come out of steps (NaN gradients, squares that
+    // overflow): they are kept.
+    for value in [-0.0f32, f32::INFINITY, f32::NAN] {
+        let mut ok = good.clone();
+        let WeightData::F32(x) = &mut ok[2].data else {
+            panic!("f32 slot expected")
+        };
+        x[0] = value;
+        opt.set_weights(&ok).unwrap();
+    }
+    opt.set_weights(&good).unwrap();
+
+    // from_bytes: the data ends with the last 4-byte tensor, `w/vhat`, the last
+    // tensor of the checksum too; flipping a bit of the file's last byte changes
+    // the checksum by the CRC-64/XZ table entry of that bit (the CRC is linear,
+    // and no byte follows).
+    let bytes = opt.to_bytes().unwrap();
+    let forge = |bit: u8| -> Vec<u8> {
+        let mut b = bytes.clone();
+        *b.last_mut().unwrap() ^= bit;
+        let mut delta = u64::from(bit);
+        for _ in 0..8 {
+            delta = if delta & 1 == 1 {
+                (delta >> 1) ^ 0xC96C_5795_D787_0F42
+            } else {
+                delta >> 1
+            };
+        }
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&b[8..8 + n]).unwrap().to_string();
+        let at = header.find("\"checksum\":\"").unwrap() + 12;
+        let old = u64::from_str_radix(&header[at..at + 16], 16).unwrap();
+        let header = format!(
+            "{}{:016x}{}",
+            &header[..at],
+            old ^ delta,
+            &header[at + 16..]
+        );
+        b[8..8 + n].copy_from_slice(header.as_bytes());
+        b
+    };
+    // The forgery itself works: a bit of the exponent (a positive `vhat` stays
+    // positive) loads.
+    let twice = LazyAdam::from_bytes(&forge(0x01)).unwrap();
+    let WeightData::F32(vhat) = &twice.get_weights()[3].data else {
+        panic!("f32 slot expected")
+    };
+    assert!(vhat[1] > 0.0);
+    // The sign bit does not.
+    let e = LazyAdam::from_bytes(&forge(0x80)).unwrap_err();
+    assert!(matches!(e, Error::Checkpoint(_)), "{e}");
+    let e = opt.restore_from_bytes(&forge(0x80)).unwrap_err();
+    assert!(matches!(e, Error::Checkpoint(_)), "{e}");
+    assert_eq!(opt.get_weights(), good);
 }
