@@ -4,8 +4,8 @@
 //! fix it comes with.
 
 use lazyadam::{
-    DType, Error, Extensions, Gradient, LazyAdam, LazyAdamConfig, ThreadCollective, Update,
-    WeightData,
+    DType, DynamicLossScale, Error, Extensions, Gradient, LazyAdam, LazyAdamConfig,
+    NonFinitePolicy, ThreadCollective, Update, WeightData,
 };
 
 /// A shape with a zero first dimension has no elements, but the product of its
@@ -196,4 +196,61 @@ fn negative_second_moments_are_refused() {
     let e = opt.restore_from_bytes(&forge(0x80)).unwrap_err();
     assert!(matches!(e, Error::Checkpoint(_)), "{e}");
     assert_eq!(opt.get_weights(), good);
+}
+
+/// `restore_by_name` keeps this optimizer's hyperparameters, the loss scale's
+/// growth interval included, but took the saved count of good steps as it was:
+/// restored from an optimizer with a longer interval, the count could reach
+/// this one's interval, a state `to_bytes` wrote and `from_bytes` refused ("bad
+/// `loss_scale` state"). The restore must give a state that saves and loads,
+/// and the next good step must grow the scale (the saved count is past this
+/// interval already), as a step of the restored state would.
+#[test]
+fn a_restored_loss_scale_saves_and_loads_under_a_shorter_growth_interval() {
+    let ext = |growth_interval| {
+        Extensions::default().with_non_finite(NonFinitePolicy::SkipStep {
+            loss_scale: Some(DynamicLossScale {
+                scale: 1024.0,
+                growth_factor: 2.0,
+                backoff_factor: 0.5,
+                growth_interval,
+            }),
+        })
+    };
+    let build = |growth_interval| {
+        let mut opt =
+            LazyAdam::with_extensions(LazyAdamConfig::new(0.01), ext(growth_interval)).unwrap();
+        let w = opt.add_variable("w", &[2], DType::F32, DType::F32).unwrap();
+        (opt, w)
+    };
+    let step = |opt: &mut LazyAdam, w, p: &mut Vec<f32>| {
+        opt.apply_gradients(&mut [Update::new(w, p, Gradient::dense(&[1.0f32, -1.0]))])
+            .unwrap()
+    };
+    let (mut long, w) = build(10);
+    let mut p = vec![0.5f32, 0.5];
+    for _ in 0..6 {
+        step(&mut long, w, &mut p);
+    }
+    assert_eq!(long.loss_scale(), Some(1024.0));
+
+    let (mut short, ws) = build(4);
+    let before = short.to_bytes().unwrap();
+    match short.restore_from_bytes(&long.to_bytes().unwrap()) {
+        Err(e) => {
+            assert!(matches!(e, Error::StateMismatch { .. }), "{e}");
+            assert_eq!(short.to_bytes().unwrap(), before);
+        }
+        Ok(()) => {
+            assert_eq!(short.loss_scale(), Some(1024.0));
+            let mut loaded = LazyAdam::from_bytes(&short.to_bytes().unwrap()).unwrap();
+            let wl = loaded.variable_id("w").unwrap();
+            let (mut p1, mut p2) = (p.clone(), p.clone());
+            step(&mut short, ws, &mut p1);
+            step(&mut loaded, wl, &mut p2);
+            assert_eq!(short.loss_scale(), Some(2048.0));
+            assert_eq!(loaded.loss_scale(), Some(2048.0));
+            assert_eq!(short.get_weights(), loaded.get_weights());
+        }
+    }
 }
