@@ -254,3 +254,30 @@ fn a_restored_loss_scale_saves_and_loads_under_a_shorter_growth_interval() {
         }
     }
 }
+
+/// `from_bytes` bounds what it parses: at most 64 dimensions a shape, 4 MiB of
+/// configuration, a 100 MiB header. `add_variable`, `with_name` and `to_bytes`
+/// knew none of these limits, so a 65-dimensional variable or an optimizer
+/// named with 5 MiB of text trained and saved, and its checkpoint could not be
+/// loaded. Saving must give bytes that load, or a typed error, not a file
+/// nobody can read.
+#[test]
+fn every_checkpoint_that_saves_loads() {
+    let check = |opt: &LazyAdam| match opt.to_bytes() {
+        Ok(bytes) => {
+            let back = LazyAdam::from_bytes(&bytes).unwrap();
+            assert_eq!(back.get_weights(), opt.get_weights());
+        }
+        Err(e) => assert!(matches!(e, Error::Checkpoint(_)), "{e}"),
+    };
+    let mut deep = LazyAdam::new(LazyAdamConfig::default()).unwrap();
+    if deep
+        .add_variable("deep", &[1; 65], DType::F32, DType::F32)
+        .is_ok()
+    {
+        check(&deep);
+    }
+    let name = "n".repeat(5 << 20);
+    let named = LazyAdam::new(LazyAdamConfig::default().with_name(name)).unwrap();
+    check(&named);
+}
