@@ -197,7 +197,11 @@ impl LazyAdam {
     /// registration order), `loss_scale`, and `checksum` (CRC-64 of all the
     /// rest, verified on load).
     ///
-    /// Fails for a custom learning-rate schedule, which cannot be written.
+    /// Fails for a custom learning-rate schedule, which cannot be written,
+    /// and with [`Error::Checkpoint`] for a state past the limits
+    /// [`LazyAdam::from_bytes`] reads with (a variable of more than 64
+    /// dimensions, a configuration JSON of more than 4 MiB, a header of more
+    /// than 100 MiB), rather than writing bytes that cannot be loaded.
     ///
     /// ```
     /// use lazyadam::{DType, Gradient, LazyAdam, LazyAdamConfig, Update};
@@ -247,6 +251,30 @@ impl LazyAdam {
             variables.as_str(),
         ];
 
+        // What `from_bytes` would refuse is not written: the limits below are
+        // the ones it reads with.
+        let unreadable =
+            |what: String| ck(format!("cannot save: {what}, which no checkpoint reads"));
+        if let Some(info) = infos.iter().find(|i| i.shape.len() > MAX_RANK) {
+            return Err(unreadable(format!(
+                "variable `{}` has {} dimensions, more than {MAX_RANK}",
+                info.name,
+                info.shape.len()
+            )));
+        }
+        for (k, v) in META_KEYS.iter().zip(meta) {
+            let cap = match *k {
+                "config" => MAX_CONFIG,
+                "variables" => usize::MAX,
+                _ => MAX_SMALL,
+            };
+            if v.len() > cap {
+                return Err(unreadable(format!(
+                    "metadata `{k}` is {} bytes, more than {cap}",
+                    v.len()
+                )));
+            }
+        }
         let vhat = self.config.amsgrad;
         let specs = specs(&infos, vhat, &self.ext);
         let mut data: Vec<Cow<'_, [u8]>> = Vec::with_capacity(specs.len());
@@ -293,6 +321,12 @@ impl LazyAdam {
         header.push('}');
         while !header.len().is_multiple_of(8) {
             header.push(' ');
+        }
+        if header.len() as u64 > MAX_HEADER {
+            return Err(unreadable(format!(
+                "a header of {} bytes, more than {MAX_HEADER}",
+                header.len()
+            )));
         }
         let mut out = Vec::new();
         out.try_reserve_exact(8 + header.len() + offset)
@@ -422,9 +456,20 @@ impl LazyAdam {
             fill_store(&mut var.m, tensor_data[k]);
             fill_store(&mut var.v, tensor_data[k + 1]);
             k += 2;
+            // A second moment is never negative (see `Store::first_negative`).
+            let mut second = vec![(&var.v, k - 1)];
             if let Some(vh) = var.vhat.as_mut() {
                 fill_store(vh, tensor_data[k]);
+                second.push((&*vh, k));
                 k += 1;
+            }
+            for (store, at) in second {
+                if let Some((i, x)) = store.first_negative() {
+                    return Err(ck(format!(
+                        "tensor `{}`: element {i} is {x}, but a second moment is never negative",
+                        specs[at].name
+                    )));
+                }
             }
             for counts in [var.row_steps.as_mut(), var.last_step.as_mut()]
                 .into_iter()

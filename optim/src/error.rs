@@ -208,6 +208,23 @@ pub enum Error {
         /// The rejected value.
         iterations: u64,
     },
+    /// [`LazyAdam::set_iterations`](crate::LazyAdam::set_iterations) with a
+    /// step counter below a per-row counter of the extensions (a row's update
+    /// count, or the step of its last update): the state would claim a row
+    /// updated at a step not taken yet, and no checkpoint could hold it.
+    #[error(
+        "step counter {iterations} is below {counter}, the largest `{variable}/{what}` per-row counter; it must be at least that"
+    )]
+    IterationsBelowRowCounter {
+        /// The rejected value.
+        iterations: u64,
+        /// The variable with the larger per-row counter.
+        variable: String,
+        /// Which counter: `"row_steps"` or `"last_step"`.
+        what: &'static str,
+        /// Its largest value.
+        counter: u64,
+    },
     /// The step counter is at `i64::MAX`: one more step cannot be counted.
     #[error("the step counter is at its maximum ({iterations}); no further step can be taken")]
     StepCounterExhausted {

@@ -106,14 +106,19 @@ pub(crate) struct StepRates {
     pub weight_decay: f32,
 }
 
-fn shape_numel(name: &str, shape: &[usize]) -> Result<usize, Error> {
-    shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::InvalidShape {
-            variable: name.to_string(),
-            reason: format!("the element count of {shape:?} overflows"),
-        })
+/// The element count and the row length (the product of the dimensions after
+/// the first) of `shape`, each checked: with a zero first dimension the
+/// element count is 0 whatever the other dimensions are, but a row still
+/// holds their product, which must fit a `usize` too.
+fn shape_numel(name: &str, shape: &[usize]) -> Result<(usize, usize), Error> {
+    let product = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let invalid = |what: &str| Error::InvalidShape {
+        variable: name.to_string(),
+        reason: format!("the {what} of {shape:?} overflows"),
+    };
+    let numel = product(shape).ok_or_else(|| invalid("element count"))?;
+    let row_len = product(shape.get(1..).unwrap_or(&[])).ok_or_else(|| invalid("row length"))?;
+    Ok((numel, row_len))
 }
 
 impl VarState {
@@ -122,9 +127,8 @@ impl VarState {
         amsgrad: bool,
         ext: &Extensions,
     ) -> Result<VarState, Error> {
-        let numel = shape_numel(&info.name, &info.shape)?;
+        let (numel, row_len) = shape_numel(&info.name, &info.shape)?;
         let rows = info.rows();
-        let row_len = info.row_len();
         let md = info.moment_dtype;
         Ok(VarState {
             m: Store::zeros(md, numel, "m")?,
@@ -595,9 +599,33 @@ impl LazyAdam {
     /// Sets the step counter (e.g. to resume a schedule). Values above
     /// `i64::MAX` (the reference's int64 `iterations`, and what a checkpoint
     /// stores) are [`Error::IterationsOutOfRange`], and the counter is kept.
+    ///
+    /// With per-row state ([`Extensions::per_row_bias_correction`],
+    /// [`Extensions::catch_up_decay`]), a value below a row's counter (a row
+    /// updated at a step the new counter says has not happened) is
+    /// [`Error::IterationsBelowRowCounter`], and the counter is kept: no
+    /// checkpoint ([`LazyAdam::to_bytes`], [`LazyAdam::get_weights`]) could
+    /// hold that state.
     pub fn set_iterations(&mut self, iterations: u64) -> Result<(), Error> {
         if iterations > MAX_ITERATIONS {
             return Err(Error::IterationsOutOfRange { iterations });
+        }
+        for var in &self.vars {
+            for (what, counts) in [
+                ("row_steps", var.row_steps.as_deref()),
+                ("last_step", var.last_step.as_deref()),
+            ] {
+                if let Some(&counter) = counts.and_then(|c| c.iter().max())
+                    && counter > iterations
+                {
+                    return Err(Error::IterationsBelowRowCounter {
+                        iterations,
+                        variable: var.info.name.clone(),
+                        what,
+                        counter,
+                    });
+                }
+            }
         }
         self.iterations = iterations;
         Ok(())

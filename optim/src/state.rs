@@ -1,6 +1,7 @@
 //! Weights in the reference's order (`get_weights` / `set_weights`).
 
 use crate::error::Error;
+use crate::extensions::NonFinitePolicy;
 use crate::optimizer::{LazyAdam, VarState};
 use crate::store::Store;
 use crate::tensor::{WeightData, WeightTensor};
@@ -115,7 +116,18 @@ impl LazyAdam {
                     )));
                 }
             }
-            Store::from_weight_data(&w.data).ok_or_else(|| ck("internal: integer slot data"))
+            let store = Store::from_weight_data(&w.data)
+                .ok_or_else(|| ck("internal: integer slot data"))?;
+            if what != "m"
+                && let Some((i, x)) = store.first_negative()
+            {
+                return Err(ck(format!(
+                    "weight {at} (`{}`) for {slot}: element {i} is {x}, but a second moment is \
+                     never negative",
+                    w.name
+                )));
+            }
+            Ok(store)
         };
         let mut ms = Vec::with_capacity(n);
         let mut vs = Vec::with_capacity(n);
@@ -194,7 +206,10 @@ impl LazyAdam {
     /// name**: the step counter, the loss scale, and for every variable its
     /// `m`, `v` (`vhat`) and per-row counters from the variable of the same
     /// name in `saved`. Hyperparameters, extensions and kernels stay this
-    /// optimizer's own.
+    /// optimizer's own; a loss scale's count of good steps at or past this
+    /// optimizer's growth interval (saved under a longer one) is restored as
+    /// one below it, so that the next good step grows the scale, as it would
+    /// from the saved count.
     ///
     /// Unlike the positional [`LazyAdam::set_weights`] (the reference's
     /// semantics), the registration order does not matter, so a model whose
@@ -341,7 +356,23 @@ impl LazyAdam {
             var.last_step = last_step;
         }
         self.iterations = saved.iterations;
-        self.loss_scale = saved.loss_scale;
+        // The growth interval is this optimizer's own: a count of good steps
+        // at or past it (saved under a longer interval) is kept just below it.
+        // The next good step grows the scale either way, and the state stays
+        // one that a checkpoint holds (`from_bytes` refuses a count at or past
+        // the interval).
+        let interval = match &self.ext.non_finite {
+            NonFinitePolicy::SkipStep {
+                loss_scale: Some(cfg),
+            } => Some(cfg.growth_interval),
+            _ => None,
+        };
+        self.loss_scale = saved.loss_scale.map(|mut ls| {
+            if let Some(i) = interval {
+                ls.good_steps = ls.good_steps.min(i.saturating_sub(1));
+            }
+            ls
+        });
         Ok(())
     }
 }

@@ -166,6 +166,25 @@ impl Store {
         }
     }
 
+    /// The first element below zero, with its index. A second moment (`v`,
+    /// `vhat`) never is one: every step keeps it a (maximum of) running
+    /// average(s) of squares, so a negative one is corrupt (and would turn
+    /// the next update's `sqrt(v)` into NaN). `-0.0`, infinities above zero
+    /// and NaN are not below zero.
+    pub(crate) fn first_negative(&self) -> Option<(usize, f32)> {
+        fn find<T: Element>(v: &[T]) -> Option<(usize, f32)> {
+            v.iter()
+                .map(|x| x.to_f32())
+                .enumerate()
+                .find(|&(_, x)| x < 0.0)
+        }
+        match self {
+            Store::F32(v) => find(v),
+            Store::F16(v) => find(v),
+            Store::BF16(v) => find(v),
+        }
+    }
+
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Store::F32(v) => bytemuck::cast_slice(v),
