@@ -338,6 +338,13 @@ impl<'a> Update<'a> {
     }
 }
 
+/// The product of `dims`: exact when it fits a `usize` (a zero anywhere makes
+/// it 0), `usize::MAX` otherwise.
+fn saturating_product(dims: &[usize]) -> usize {
+    // Once saturated, a later zero still gives 0.
+    dims.iter().fold(1usize, |a, &d| a.saturating_mul(d))
+}
+
 /// A registered variable: name, shape and storage types.
 ///
 /// Rows are `shape[0]` (1 for a scalar); a row holds the product of the other
@@ -359,13 +366,32 @@ impl VariableInfo {
     pub fn rows(&self) -> usize {
         self.shape.first().copied().unwrap_or(1)
     }
-    /// Elements per row.
+    /// Elements per row, or `usize::MAX` if the product of the dimensions
+    /// after the first does not fit a `usize` (never for a registered
+    /// variable: registration refuses such shapes).
     pub fn row_len(&self) -> usize {
-        self.shape.iter().skip(1).product()
+        saturating_product(self.shape.get(1..).unwrap_or(&[]))
     }
-    /// Number of elements.
+    /// Number of elements, or `usize::MAX` if the product of the dimensions
+    /// does not fit a `usize` (never for a registered variable).
+    ///
+    /// ```
+    /// use lazyadam::{DType, VariableInfo};
+    ///
+    /// let info = |shape: Vec<usize>| VariableInfo {
+    ///     name: "x".into(),
+    ///     shape,
+    ///     param_dtype: DType::F32,
+    ///     moment_dtype: DType::F32,
+    /// };
+    /// assert_eq!(info(vec![3, 4]).numel(), 12);
+    /// // A hand-built shape too large for memory saturates rather than panics.
+    /// assert_eq!(info(vec![1 << 40, 1 << 40]).numel(), usize::MAX);
+    /// assert_eq!(info(vec![1 << 40, 1 << 40, 0]).numel(), 0);
+    /// assert_eq!(info(vec![0, 1 << 40, 1 << 40]).row_len(), usize::MAX);
+    /// ```
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        saturating_product(&self.shape)
     }
 }
 
