@@ -3,9 +3,11 @@
 //!
 //! Input: the first byte picks the mode.
 //! - `0`: the rest is checkpoint bytes as they are (the seed corpus holds real checkpoints);
-//! - otherwise: a small optimizer is built and stepped from the input, saved with `to_bytes`
-//!   (which must load back to the same state, bit for bit), then the bytes are mutated (flips,
-//!   truncation, insertions, header-length and JSON-header edits) and loaded.
+//! - otherwise: a small optimizer is built and stepped from the input, perhaps edited through
+//!   `set_iterations` and `set_weights` with hostile values (an edit that is refused must change
+//!   nothing), saved with `to_bytes` (which must load back to the same state, bit for bit: every
+//!   state the API accepts must), then the bytes are mutated (flips, truncation, insertions,
+//!   header-length and JSON-header edits) and loaded.
 //!
 //! A checkpoint that loads must be usable: it saves again and reloads to the same state, and a
 //! step with a zero gradient on each variable does not panic.
@@ -13,8 +15,8 @@
 
 use arbitrary::{Result, Unstructured};
 use lazyadam::{
-    DType, Gradient, LazyAdam, LazyAdamConfig, LearningRate, Schedule, TensorMut, TensorRef,
-    Update, bf16, f16,
+    DType, Extensions, Gradient, LazyAdam, LazyAdamConfig, LearningRate, Schedule, TensorMut,
+    TensorRef, Update, WeightData, bf16, f16,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -168,7 +170,13 @@ fn build(u: &mut Unstructured<'_>) -> Result<LazyAdam> {
         clipvalue: if u.arbitrary()? { Some(1.0) } else { None },
         ..LazyAdamConfig::default()
     };
-    let mut opt = LazyAdam::new(config).map_err(|_| arbitrary::Error::IncorrectFormat)?;
+    // Per-row counters (the extensions' state) in some optimizers, so that
+    // `tamper` reaches them.
+    let ext = Extensions::default()
+        .with_per_row_bias_correction(u.arbitrary()?)
+        .with_catch_up_decay(u.arbitrary()?);
+    let mut opt =
+        LazyAdam::with_extensions(config, ext).map_err(|_| arbitrary::Error::IncorrectFormat)?;
     let nvars = u.int_in_range(0usize..=3)?;
     let dtypes = [DType::F32, DType::F16, DType::BF16];
     let mut vars = Vec::new();
@@ -236,7 +244,69 @@ fn build(u: &mut Unstructured<'_>) -> Result<LazyAdam> {
             r.expect("a valid step");
         }
     }
+    tamper(u, &mut opt)?;
     Ok(opt)
+}
+
+/// Hostile edits through the public API: a step counter anywhere (below the
+/// per-row counters included) and one weight element set to a value no step
+/// makes (a negative second moment, a negative counter) or to one a step can
+/// make. An edit that fails must change nothing; one that succeeds must leave
+/// a state that saves and loads back bit for bit (`structured` checks that).
+fn tamper(u: &mut Unstructured<'_>, opt: &mut LazyAdam) -> Result<()> {
+    if u.arbitrary()? {
+        let before = state(opt);
+        let t = match u.int_in_range(0u8..=2)? {
+            0 => u.int_in_range(0..=opt.iterations().saturating_add(2))?,
+            1 => u.arbitrary()?,
+            _ => i64::MAX as u64,
+        };
+        if opt.set_iterations(t).is_err() {
+            assert_eq!(
+                before,
+                state(opt),
+                "a refused set_iterations changed the state"
+            );
+        }
+    }
+    let mut weights = opt.get_weights();
+    if weights.is_empty() || !u.arbitrary::<bool>()? {
+        return Ok(());
+    }
+    let w = u.choose_index(weights.len())?;
+    let len = weights[w].data.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let at = u.choose_index(len)?;
+    let x = [
+        -1.0f32,
+        -1e-30,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3.0e38,
+    ][u.choose_index(7)?];
+    match &mut weights[w].data {
+        WeightData::I64(v) => {
+            v[at] = [-1, 0, i64::MAX, v[at].saturating_add(1)][u.choose_index(4)?]
+        }
+        WeightData::F32(v) => v[at] = x,
+        WeightData::F16(v) => v[at] = f16::from_f32(x),
+        WeightData::BF16(v) => v[at] = bf16::from_f32(x),
+        #[allow(unreachable_patterns)]
+        _ => return Ok(()),
+    }
+    let before = state(opt);
+    if opt.set_weights(&weights).is_err() {
+        assert_eq!(
+            before,
+            state(opt),
+            "a refused set_weights changed the state"
+        );
+    }
+    Ok(())
 }
 
 fn mutate(u: &mut Unstructured<'_>, bytes: &mut Vec<u8>) -> Result<()> {
