@@ -56,6 +56,17 @@ const MAX_CONFIG: usize = 4 << 20;
 /// `checksum`).
 const MAX_SMALL: usize = 64 << 10;
 
+/// The most bytes the metadata value `key` may hold (what
+/// [`LazyAdam::from_bytes`] reads, and so what [`LazyAdam::to_bytes`] writes).
+fn meta_cap(key: &str) -> usize {
+    match key {
+        "config" => MAX_CONFIG,
+        // Bounded by the header itself: it declares what follows.
+        "variables" => usize::MAX,
+        _ => MAX_SMALL,
+    }
+}
+
 /// Most dimensions a tensor shape may have.
 const MAX_RANK: usize = 64;
 
@@ -263,11 +274,7 @@ impl LazyAdam {
             )));
         }
         for (k, v) in META_KEYS.iter().zip(meta) {
-            let cap = match *k {
-                "config" => MAX_CONFIG,
-                "variables" => usize::MAX,
-                _ => MAX_SMALL,
-            };
+            let cap = meta_cap(k);
             if v.len() > cap {
                 return Err(unreadable(format!(
                     "metadata `{k}` is {} bytes, more than {cap}",
@@ -882,14 +889,13 @@ impl<'de> Visitor<'de> for MetaVisitor<'_> {
         let mut meta = Meta::default();
         let mut seen = [false; 6];
         while let Some(k) = map.next_key::<Cow<'de, str>>()? {
-            let (slot, cap, i) = match &*k {
-                "checksum" => (&mut meta.checksum, MAX_SMALL, 0),
-                "config" => (&mut meta.config, MAX_CONFIG, 1),
-                "extensions" => (&mut meta.extensions, MAX_SMALL, 2),
-                "format" => (&mut meta.format, MAX_SMALL, 3),
-                "loss_scale" => (&mut meta.loss_scale, MAX_SMALL, 4),
-                // Bounded by the header itself: it declares what follows.
-                "variables" => (&mut meta.variables, usize::MAX, 5),
+            let (slot, i) = match &*k {
+                "checksum" => (&mut meta.checksum, 0),
+                "config" => (&mut meta.config, 1),
+                "extensions" => (&mut meta.extensions, 2),
+                "format" => (&mut meta.format, 3),
+                "loss_scale" => (&mut meta.loss_scale, 4),
+                "variables" => (&mut meta.variables, 5),
                 other => {
                     return Err(stop(self.0, ck(format!("unknown metadata key `{other}`"))));
                 }
@@ -898,6 +904,7 @@ impl<'de> Visitor<'de> for MetaVisitor<'_> {
                 return Err(stop(self.0, ck(format!("metadata key `{k}` given twice"))));
             }
             let Text(v) = map.next_value()?;
+            let cap = meta_cap(&k);
             if v.len() > cap {
                 return Err(stop(
                     self.0,
